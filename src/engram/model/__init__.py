@@ -1,0 +1,5 @@
+"""Model components."""
+
+from engram.model.engram import Engram, ShortConv
+
+__all__ = ["Engram", "ShortConv"]

@@ -1,0 +1,308 @@
+"""The Engram block: hashed n-gram memory, context-aware gating and a causal short convolution."""
+
+# Shapes: B batch, T time, H hash heads, d row width, E = H*d, M residual branches, D model width,
+# C = M*D conv channels, P = (kernel_size-1)*dilation conv history.
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.memory.table import MultiHeadTable
+
+CONV_INITS = ("zero", "default")
+
+
+class BranchRMSNorm(nn.Module):
+    """RMSNorm over the last dim of ``[..., M, D]`` with a separate learnable weight per branch.
+
+    ``eps=None`` means ``torch.finfo(x.dtype).eps``, matching ``nn.RMSNorm(eps=None)``.
+    """
+
+    def __init__(self, num_branches: int, dim: int, eps: float | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_branches, dim))
+
+    def forward(self, x_BTMD: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x_BTMD, (x_BTMD.shape[-1],), eps=self.eps) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"branches={self.weight.shape[0]}, dim={self.weight.shape[1]}, eps={self.eps}"
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, then a causal depthwise dilated 1-D conv over time, then SiLU.
+
+    Channel ``m*D + c`` of the conv is branch ``m``, feature ``c``. The weight is stored in
+    ``nn.Conv1d`` layout ``[M*D, 1, kernel_size]``; tap ``kernel_size-1`` multiplies the current
+    step and tap ``j`` the step ``(kernel_size-1-j)*dilation`` earlier.
+
+    ``forward`` takes and returns a state (the last ``P`` normalised inputs) so a sequence can
+    be processed in chunks, e.g. one token at a time while decoding.
+
+    Args:
+        hidden_size: ``D``.
+        hc_mult: number of residual branches ``M``.
+        kernel_size: taps per channel.
+        dilation: spacing between taps in time steps.
+        conv_init: ``"zero"`` (block starts as SiLU(0) = 0) or ``"default"`` (``nn.Conv1d``'s init).
+        norm_eps: epsilon of the input RMSNorm.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        hc_mult: int = 1,
+        kernel_size: int = 4,
+        dilation: int = 1,
+        *,
+        conv_init: str = "zero",
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("hc_mult", hc_mult),
+                            ("kernel_size", kernel_size), ("dilation", dilation)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"unknown conv_init {conv_init!r}; expected one of {CONV_INITS}")
+        self.hidden_size = int(hidden_size)
+        self.hc_mult = int(hc_mult)
+        self.kernel_size = int(kernel_size)
+        self.dilation = int(dilation)
+        self.conv_init = conv_init
+        channels = self.hc_mult * self.hidden_size
+        self.norm = BranchRMSNorm(self.hc_mult, self.hidden_size, eps=norm_eps)
+        self.weight = nn.Parameter(torch.empty(channels, 1, self.kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.conv_init == "zero":
+                self.weight.zero_()
+            else:
+                # Same call nn.Conv1d.reset_parameters makes, so seeds reproduce nn.Conv1d exactly.
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def state_len(self) -> int:
+        """``P``: how many past normalised inputs the conv needs."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def forward(
+        self, x_BTMD: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y_BTMD, new_state_BPC)``; ``state=None`` means an all-zero history."""
+        B, T, M, D = x_BTMD.shape
+        C, P = M * D, self.state_len
+        xn_BTC = self.norm(x_BTMD).reshape(B, T, C)
+        if state is None:
+            state_BPC = xn_BTC.new_zeros(B, P, C)
+        else:
+            if tuple(state.shape) != (B, P, C):
+                raise ValueError(f"conv state must have shape {(B, P, C)}, got {tuple(state.shape)}")
+            state_BPC = state.to(xn_BTC.dtype)
+        full_BLC = torch.cat([state_BPC, xn_BTC], dim=1)  # L = P + T
+
+        # Explicit sum of shifted products instead of F.conv1d(groups=C): activations stay
+        # channel-last, avoiding two transposes, and on CPU this measured ~1.1-4x faster than
+        # the depthwise conv kernel across training and single-token decode shapes.
+        w_kC = self.weight[:, 0, :].t().to(xn_BTC.dtype)
+        y_BTC = full_BLC[:, 0:T] * w_kC[0]
+        for j in range(1, self.kernel_size):
+            s = j * self.dilation
+            y_BTC = y_BTC.addcmul_(full_BLC[:, s : s + T], w_kC[j])
+        new_state = full_BLC[:, full_BLC.shape[1] - P :]
+        return F.silu(y_BTC).view(B, T, M, D), new_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, conv_init={self.conv_init!r}"
+        )
+
+
+class Engram(nn.Module):
+    """Conditional memory: look up hashed n-gram embeddings and gate them into the residual stream.
+
+    With ``e`` the ``[B, T, E]`` gathered embeddings and ``h`` the ``[B, T, M, D]`` hidden state,
+    for each branch ``m``::
+
+        k_m = RMSNorm_m(W_K,m e + b_K,m);  q_m = RMSNorm_m(h_m);  s = <k_m, q_m> / sqrt(D)
+        gate_m = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))
+        u_m = gate_m * (W_V e + b_V)              # value projection shared by all branches
+        out = u + ShortConv(u)                    # ShortConv dilated by max_ngram_size
+
+    The module returns only the increment; the caller does ``h = h + engram(h, rows)``.
+
+    Args:
+        hidden_size: ``D``.
+        head_sizes: table rows per hash head, ``(max_ngram_size-1) * n_head_per_ngram`` of them.
+        max_ngram_size: ``N``; n-gram orders 2..N each get ``n_head_per_ngram`` heads.
+        n_head_per_ngram: ``K``.
+        n_embed_per_ngram: embedding width per n-gram order; each head gets ``d = n_embed / K``.
+        hc_mult: residual branches ``M`` (hyper-connections); 1 for a plain residual stream.
+        kernel_size: ShortConv taps.
+        conv_init: ``"zero"`` (paper; output starts exactly ``u``) or ``"default"``.
+        table_dtype: storage dtype of the table (float32 or bfloat16).
+        sparse: sparse gradients for the table.
+        init_std: std of the table's initial rows.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_sizes: Sequence[int],
+        *,
+        max_ngram_size: int,
+        n_head_per_ngram: int,
+        n_embed_per_ngram: int,
+        hc_mult: int = 1,
+        kernel_size: int = 4,
+        conv_init: str = "zero",
+        table_dtype: torch.dtype = torch.float32,
+        sparse: bool = True,
+        init_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        head_sizes = [int(s) for s in head_sizes]
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        if max_ngram_size < 2:
+            raise ValueError(f"max_ngram_size must be >= 2 (bigrams and up), got {max_ngram_size}")
+        if n_head_per_ngram < 1:
+            raise ValueError(f"n_head_per_ngram must be >= 1, got {n_head_per_ngram}")
+        if n_embed_per_ngram < 1 or n_embed_per_ngram % n_head_per_ngram != 0:
+            raise ValueError(
+                f"n_embed_per_ngram ({n_embed_per_ngram}) must be a positive multiple of "
+                f"n_head_per_ngram ({n_head_per_ngram})"
+            )
+        expected_heads = (max_ngram_size - 1) * n_head_per_ngram
+        if len(head_sizes) != expected_heads:
+            raise ValueError(
+                f"expected len(head_sizes) == (max_ngram_size-1)*n_head_per_ngram = {expected_heads}, "
+                f"got {len(head_sizes)}"
+            )
+        for h, s in enumerate(head_sizes):
+            if s < 1:
+                raise ValueError(f"head_sizes[{h}] must be >= 1, got {s}")
+        if hc_mult < 1:
+            raise ValueError(f"hc_mult must be >= 1, got {hc_mult}")
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"unknown conv_init {conv_init!r}; expected one of {CONV_INITS}")
+
+        self.hidden_size = int(hidden_size)
+        self.max_ngram_size = int(max_ngram_size)
+        self.n_head_per_ngram = int(n_head_per_ngram)
+        self.n_embed_per_ngram = int(n_embed_per_ngram)
+        self.hc_mult = int(hc_mult)
+        self.num_heads = expected_heads
+        self.head_dim = self.n_embed_per_ngram // self.n_head_per_ngram
+        self.embed_dim = self.num_heads * self.head_dim
+        D, M, E = self.hidden_size, self.hc_mult, self.embed_dim
+
+        self.table = MultiHeadTable(
+            head_sizes, self.head_dim, dtype=table_dtype, sparse=sparse, init_std=init_std
+        )
+        self.value_proj = nn.Linear(E, D, bias=True)
+        # All M key projections in one matmul; the output is viewed as [B, T, M, D].
+        self.key_proj = nn.Linear(E, M * D, bias=True)
+        self.key_norm = BranchRMSNorm(M, D, eps=None)
+        self.query_norm = BranchRMSNorm(M, D, eps=None)
+        self.short_conv = ShortConv(
+            D, M, kernel_size, dilation=self.max_ngram_size, conv_init=conv_init, norm_eps=1e-5
+        )
+
+    def _check_inputs(
+        self, h: torch.Tensor, rows_BTH: torch.Tensor | None, emb: torch.Tensor | None
+    ) -> None:
+        if h.dim() not in (3, 4):
+            raise ValueError(f"h must be [B, T, D] or [B, T, M, D], got shape {tuple(h.shape)}")
+        if h.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden size mismatch: expected D={self.hidden_size}, got {h.shape[-1]}")
+        M = h.shape[2] if h.dim() == 4 else 1
+        if M != self.hc_mult:
+            raise ValueError(f"branch count mismatch: expected M=hc_mult={self.hc_mult}, got {M}")
+        B, T = h.shape[0], h.shape[1]
+        if B == 0 or T == 0:
+            raise ValueError(f"empty batch: h has shape {tuple(h.shape)}")
+        if (rows_BTH is None) == (emb is None):
+            raise ValueError("pass exactly one of rows_BTH (table lookup) or emb (pre-gathered)")
+        if rows_BTH is not None:
+            if rows_BTH.dim() != 3 or tuple(rows_BTH.shape[:2]) != (B, T):
+                raise ValueError(
+                    f"rows_BTH must have shape [B, T, H] = [{B}, {T}, {self.num_heads}], "
+                    f"got {tuple(rows_BTH.shape)}"
+                )
+        else:
+            ok = tuple(emb.shape) in ((B, T, self.num_heads, self.head_dim), (B, T, self.embed_dim))
+            if not ok:
+                raise ValueError(
+                    f"emb must have shape [B, T, H, d] = [{B}, {T}, {self.num_heads}, {self.head_dim}] "
+                    f"or [B, T, E] = [{B}, {T}, {self.embed_dim}], got {tuple(emb.shape)}"
+                )
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rows_BTH: torch.Tensor | None = None,
+        *,
+        emb: torch.Tensor | None = None,
+        conv_state: torch.Tensor | None = None,
+        return_state: bool = False,
+        return_gates: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute the Engram increment for ``h`` (``[B, T, D]`` or ``[B, T, M, D]``).
+
+        Give either ``rows_BTH`` (per-head row ids, looked up in ``self.table``) or ``emb``
+        (already gathered, ``[B, T, H, d]`` or ``[B, T, E]``). ``conv_state`` continues a
+        previous chunk (see :class:`ShortConv`).
+
+        Returns the increment, same shape as ``h``. If ``return_state`` or ``return_gates``,
+        returns ``(increment, aux)`` where ``aux`` holds ``"conv_state"`` (``[B, P, M*D]``)
+        and/or ``"gates"`` (``[B, T, M]``, also for 3-D ``h``).
+        """
+        self._check_inputs(h, rows_BTH, emb)
+        squeeze = h.dim() == 3
+        h_BTMD = h.unsqueeze(2) if squeeze else h
+        B, T, M, D = h_BTMD.shape
+        if rows_BTH is not None:
+            emb = self.table(rows_BTH)
+        # A bf16 table feeds fp32 projections (and vice versa) at the hidden state's precision.
+        e_BTE = emb.reshape(B, T, self.embed_dim).to(h.dtype)
+
+        k_BTMD = self.key_norm(self.key_proj(e_BTE).view(B, T, M, D))
+        q_BTMD = self.query_norm(h_BTMD)
+        s_BTM = (k_BTMD * q_BTMD).sum(-1) / math.sqrt(D)
+        # Signed square root tames the dot product's scale before the sigmoid; the clamp keeps
+        # sqrt's gradient finite at s = 0.
+        s_BTM = torch.sign(s_BTM) * torch.sqrt(s_BTM.abs().clamp_min(1e-6))
+        gate_BTM = torch.sigmoid(s_BTM)
+
+        v_BTD = self.value_proj(e_BTE)
+        u_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
+        conv_BTMD, new_state = self.short_conv(u_BTMD, conv_state)
+        out = u_BTMD + conv_BTMD
+        if squeeze:
+            out = out.squeeze(2)
+        if not (return_state or return_gates):
+            return out
+        aux: dict[str, torch.Tensor] = {}
+        if return_state:
+            aux["conv_state"] = new_state
+        if return_gates:
+            aux["gates"] = gate_BTM
+        return out, aux
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, max_ngram_size={self.max_ngram_size}, "
+            f"heads={self.num_heads}, head_dim={self.head_dim}"
+        )
