@@ -192,6 +192,10 @@ def test_conv_state_shape_checked():
     sc = ShortConv(D, 2, kernel_size=4, dilation=3)
     with pytest.raises(ValueError, match="conv state must have shape"):
         sc(torch.randn(2, 3, 2, D), torch.zeros(2, 8, 2 * D))
+    with pytest.raises(ValueError, match="ShortConv input must be"):
+        sc(torch.randn(2, 3, 3, D))
+    with pytest.raises(ValueError, match="dilation must be >= 1, got 0"):
+        ShortConv(D, 2, dilation=0)
 
 
 # ---------------------------------------------------------------- inputs, dtypes, gradients

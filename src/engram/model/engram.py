@@ -98,6 +98,11 @@ class ShortConv(nn.Module):
         self, x_BTMD: torch.Tensor, state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y_BTMD, new_state_BPC)``; ``state=None`` means an all-zero history."""
+        if x_BTMD.dim() != 4 or tuple(x_BTMD.shape[2:]) != (self.hc_mult, self.hidden_size):
+            raise ValueError(
+                f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], "
+                f"got {tuple(x_BTMD.shape)}"
+            )
         B, T, M, D = x_BTMD.shape
         C, P = M * D, self.state_len
         xn_BTC = self.norm(x_BTMD).reshape(B, T, C)
