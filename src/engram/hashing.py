@@ -173,8 +173,9 @@ class NgramHasher:
             # Shift the product, not the ids: positions t < k see pad_id * m[k].
             prod_BT = ids_BT * m[k]
             shifted_BT = torch.empty_like(prod_BT)
-            shifted_BT[:, :k] = self.pad_id * int(self._mult_LN[li, k])
-            shifted_BT[:, k:] = prod_BT[:, : T - k]
+            kk = min(k, T)  # a sequence shorter than the order sees only padding there
+            shifted_BT[:, :kk] = self.pad_id * int(self._mult_LN[li, k])
+            shifted_BT[:, kk:] = prod_BT[:, : T - kk]
             mix_BT = mix_BT ^ shifted_BT
             # torch.remainder is floored modulo, like numpy's %: rows are non-negative.
             torch.remainder(mix_BT.unsqueeze(-1), primes_OK[k - 1], out=rows_BTOK[:, :, k - 1, :])

@@ -1,0 +1,63 @@
+"""Shared helpers for the benchmark scripts: machine info and JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU, cores, memory, library versions, git SHA."""
+    import numpy as np
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        mem_gib = round(pages * page / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": mem_gib,
+        "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+        "platform": platform.platform(), "git_sha": sha, "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def emit(result: dict, out: str | None = None) -> None:
+    """Print the result as JSON (and write it to `out` when given)."""
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+def timeit(fn, *, repeat: int = 5, warmup: int = 1) -> dict:
+    """Median and best wall time of `fn()` over `repeat` runs, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "best_s": times[0], "repeat": repeat}
