@@ -1,0 +1,11 @@
+"""Engram: conditional memory via scalable n-gram lookup (DeepSeek, arXiv 2601.07372)."""
+
+from engram.config import EngramConfig, engram_preset
+from engram.hashing import NgramHasher
+from engram.memory import MultiHeadTable
+from engram.model import Engram, ShortConv
+from engram.tokenizer import CompressedVocab
+
+__all__ = ["CompressedVocab", "Engram", "EngramConfig", "MultiHeadTable", "NgramHasher", "ShortConv",
+           "engram_preset"]
+__version__ = "0.1.0"

@@ -112,6 +112,14 @@ class NgramHasher:
         self._primes_LOK = np.array([self.table_sizes[lay] for lay in layer_ids], dtype=np.int64)
         self._torch_cache: dict = {}
 
+    @classmethod
+    def from_config(cls, cfg, vocab) -> NgramHasher:
+        """Build from an `EngramConfig` and a `CompressedVocab` (pad id compressed here)."""
+        if not 0 <= cfg.pad_id < vocab.original_size:
+            raise ValueError(f"pad_id {cfg.pad_id} is not an id of the tokenizer (size {vocab.original_size})")
+        return cls(len(vocab), cfg.engram_vocab_size, cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.layer_ids,
+                   pad_id=int(vocab.lookup[cfg.pad_id]), seed=cfg.seed)
+
     # -- introspection -----------------------------------------------------------------------
     @property
     def num_heads(self) -> int:

@@ -1,0 +1,100 @@
+"""Configuration dataclasses with named presets.
+
+`EngramConfig` describes the memory (hashing + module); later issues add the backbone and
+training configs next to it. Every preset is a plain function of no arguments, so a run can
+record `preset name + overrides` and rebuild the exact config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class EngramConfig:
+    """Engram memory settings (the reference demo's defaults, minus the tokenizer).
+
+    engram_vocab_size: target rows per head for each n-gram order 2..N (heads get the next
+        distinct primes at or above it).
+    pad_id: padding id in the *original* tokenizer's id space (compressed at build time).
+    """
+
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    pad_id: int = 2
+    seed: int = 0
+    kernel_size: int = 4
+    conv_init: str = "zero"
+    table_dtype: str = "float32"
+    sparse: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting."""
+        if self.max_ngram_size < 2:
+            raise ValueError(f"max_ngram_size must be >= 2, got {self.max_ngram_size}")
+        if len(self.engram_vocab_size) != self.max_ngram_size - 1:
+            raise ValueError(
+                f"engram_vocab_size needs {self.max_ngram_size - 1} sizes (orders 2..{self.max_ngram_size}), "
+                f"got {len(self.engram_vocab_size)}"
+            )
+        if self.n_head_per_ngram < 1:
+            raise ValueError(f"n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
+        for n, s in enumerate(self.engram_vocab_size, start=2):
+            if s < self.n_head_per_ngram:
+                raise ValueError(
+                    f"engram_vocab_size for order {n} ({s}) is smaller than n_head_per_ngram "
+                    f"({self.n_head_per_ngram}); each head needs a table of its own"
+                )
+        if self.n_embed_per_ngram % self.n_head_per_ngram:
+            raise ValueError(
+                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by n_head_per_ngram "
+                f"({self.n_head_per_ngram})"
+            )
+        if not self.layer_ids or len(set(self.layer_ids)) != len(self.layer_ids):
+            raise ValueError(f"layer_ids must be non-empty and distinct, got {self.layer_ids}")
+        if self.table_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"table_dtype must be 'float32' or 'bfloat16', got {self.table_dtype!r}")
+        if self.conv_init not in ("zero", "default"):
+            raise ValueError(f"conv_init must be 'zero' or 'default', got {self.conv_init!r}")
+
+    @property
+    def torch_table_dtype(self) -> torch.dtype:
+        return getattr(torch, self.table_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngramConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown EngramConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+ENGRAM_PRESETS = {
+    # The reference demo's memory: 2 layers x 2 orders x 8 heads of ~646k rows, d = 64.
+    "reference": lambda: EngramConfig(),
+    # Small enough to build and run in a second on a laptop.
+    "debug": lambda: EngramConfig(engram_vocab_size=[4099, 4099], n_embed_per_ngram=64, n_head_per_ngram=4,
+                                  layer_ids=[1]),
+    # The demo's module: reference layout, tables of ~50k rows per head.
+    "demo": lambda: EngramConfig(engram_vocab_size=[50021, 50021], n_embed_per_ngram=256, layer_ids=[1, 3]),
+}
+
+
+def engram_preset(name: str) -> EngramConfig:
+    """A fresh EngramConfig from a named preset."""
+    if name not in ENGRAM_PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(ENGRAM_PRESETS)}")
+    return ENGRAM_PRESETS[name]()
