@@ -18,9 +18,10 @@ import time
 
 import numpy as np
 import torch
-from common import emit, machine_info, timeit
 
 from engram.hashing import NgramHasher
+
+from common import emit, machine_info, timeit
 
 
 def numpy_reference_form(h: NgramHasher, ids_BT: np.ndarray) -> dict:

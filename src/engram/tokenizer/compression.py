@@ -11,6 +11,7 @@ Shapes: ids of any shape; `lookup_V` has one entry per original id (V = original
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -182,8 +183,9 @@ class CompressedVocab:
             if counts[c] <= 1:
                 break
             ids = members[c]
+            # Without the tokenizer (a map loaded from disk) the members are shown by id.
             toks = ([self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
-                    if self.tokenizer is not None else [])
+                    if self.tokenizer is not None else [f"#{i}" for i in ids])
             key = self.keys[c] if self.keys is not None else ""
             out.append(MergedGroup(c, key, ids, toks))
         return out
@@ -223,6 +225,8 @@ class CompressedVocab:
             "original_size": str(self.original_size), "compressed_size": str(self.num_compressed),
             "sha256": self.fingerprint(),
         }
+        if self.keys is not None:  # canonical texts, so stats work without the tokenizer
+            meta["keys"] = json.dumps(self.keys, ensure_ascii=False)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"lookup": self.lookup.astype(np.int32)}, str(tmp), metadata=meta)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under `path`
@@ -246,8 +250,10 @@ class CompressedVocab:
             raise ValueError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r})")
         if meta.get("version") != VERSION:
             raise ValueError(f"{path} has version {meta.get('version')!r}; this code reads {VERSION!r}")
-        vocab = cls(lookup, source=meta.get("source", ""))
-        if str(vocab.original_size) != meta.get("original_size") or vocab.fingerprint() != meta.get("sha256"):
+        keys = json.loads(meta["keys"]) if "keys" in meta else None
+        vocab = cls(lookup, source=meta.get("source", ""), keys=keys)
+        if (str(vocab.original_size) != meta.get("original_size") or vocab.fingerprint() != meta.get("sha256")
+                or (keys is not None and len(keys) != len(vocab))):
             raise ValueError(f"{path} is corrupted: its checksum or size does not match its header")
         return vocab
 

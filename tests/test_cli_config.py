@@ -1,0 +1,76 @@
+"""The `engram` command, config presets/validation, the demo, and benchmark smoke runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engram.cli import main
+from engram.config import ENGRAM_PRESETS, EngramConfig, engram_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vocab_stats_json_and_save(capsys, tmp_path):
+    out = tmp_path / "sp.safetensors"
+    assert main(["vocab-stats", "mistral-sp", "--top", "2", "--json", "--save", str(out)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["original_size"] == 32768 and s["compressed_size"] == 21831 and len(s["top_groups"]) == 2
+    assert main(["vocab-stats", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compressed_size"] == 21831
+
+
+def test_cli_errors_are_clear(capsys, tmp_path):
+    assert main(["vocab-stats", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["hash", "x", "--tokenizer", "mistral-sp", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_hash_command(capsys):
+    assert main(["hash", "Hello world", "--tokenizer", "mistral-sp", "--preset", "debug"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]["1"]) == len(out["ids"]) and len(out["rows"]["1"][0]) == 2 * 4
+
+
+def test_presets_valid_and_roundtrip():
+    for name in ENGRAM_PRESETS:
+        cfg = engram_preset(name)
+        assert EngramConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(KeyError, match="unknown preset"):
+        engram_preset("nope")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_ngram_size=1, engram_vocab_size=[]), ">= 2"),
+    (dict(engram_vocab_size=[100]), "needs 2 sizes"),
+    (dict(engram_vocab_size=[4, 100]), "smaller than n_head_per_ngram"),
+    (dict(n_embed_per_ngram=100), "divisible"),
+    (dict(layer_ids=[1, 1]), "distinct"),
+    (dict(table_dtype="float16"), "table_dtype"),
+    (dict(conv_init="xavier"), "conv_init"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EngramConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown EngramConfig fields"):
+        EngramConfig.from_dict({"bogus": 1})
+
+
+def test_demo_runs(capsys):
+    from engram.demo import run
+
+    res = run("mistral-sp")
+    assert res["compressed_size"] == 21831
+    assert res["decode_err"] < 1e-4  # token-by-token decode matches the full forward
+
+
+@pytest.mark.parametrize("script", ["bench_hashing.py"])
+def test_benchmark_smoke(script):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT / "benchmarks")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(res.stdout)
+    assert data["machine"]["cores"] >= 1
