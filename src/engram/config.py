@@ -93,6 +93,76 @@ ENGRAM_PRESETS = {
 }
 
 
+@dataclass
+class ModelConfig:
+    """Decoder-only LM: RMSNorm, RoPE, SDPA attention, SwiGLU or MoE, optional hyper-connections
+    (``hc_mult`` residual branches) and Engram memory at ``engram.layer_ids``.
+
+    MoE: layers ``>= first_dense_layers`` use ``n_shared_experts`` always-on experts plus
+    ``moe_top_k`` of ``n_routed_experts`` routed ones (all of width ``expert_hidden``); with
+    ``n_routed_experts == 0`` every layer is a dense SwiGLU of width ``mlp_hidden``.
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    mlp_hidden: int = 768
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    n_routed_experts: int = 0
+    n_shared_experts: int = 1
+    moe_top_k: int = 2
+    expert_hidden: int = 256
+    first_dense_layers: int = 1
+    router_aux_coef: float = 0.01
+    hc_mult: int = 1
+    engram: EngramConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engram, dict):
+            self.engram = EngramConfig.from_dict(self.engram)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len", "hc_mult"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or self.head_dim % 2:
+            raise ValueError(f"d_model ({self.d_model}) must split into {self.n_heads} heads of even width")
+        if self.n_routed_experts < 0 or self.n_shared_experts < 0:
+            raise ValueError("expert counts must be >= 0")
+        if self.is_moe and not 1 <= self.moe_top_k <= self.n_routed_experts:
+            raise ValueError(f"moe_top_k must be in [1, n_routed_experts={self.n_routed_experts}], "
+                             f"got {self.moe_top_k}")
+        if self.engram is not None:
+            bad = [i for i in self.engram.layer_ids if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"engram.layer_ids {bad} are not layers of a {self.n_layers}-layer model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
 def engram_preset(name: str) -> EngramConfig:
     """A fresh EngramConfig from a named preset."""
     if name not in ENGRAM_PRESETS:
