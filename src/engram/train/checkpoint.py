@@ -1,0 +1,159 @@
+"""Atomic, checksummed training checkpoints.
+
+Layout inside a run directory::
+
+    ckpt/step-0000200.pt     torch.save of {model, optimizers, schedule, data, rng, step, config}
+    ckpt/step-0000200.json   manifest: size, sha256, step, config fingerprint (written after the .pt)
+    ckpt/latest.json         pointer to the newest complete checkpoint (written last)
+
+Every file is written to a temporary name, flushed, fsynced and renamed, so a crash at any
+moment leaves either the previous checkpoint or the new one, never a torn file that loads.
+A checkpoint is only trusted when its manifest exists and its size and sha256 match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, or belongs to another configuration."""
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """File wrapper that hashes bytes as torch.save writes them (no second read pass)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_fingerprint(cfg_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict, cfg_dict: dict, keep: int = 2) -> Path:
+    """Write `state` for `step` atomically with a manifest; keep the newest `keep` checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    final, tmp = ckpt_dir / f"{name}.pt", ckpt_dir / f"{name}.pt.tmp"
+    payload = {**state, "step": step, "config": cfg_dict}
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        torch.save(payload, w)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    manifest = {"file": final.name, "step": step, "size": w.n, "sha256": w.h.hexdigest(),
+                "config_fingerprint": config_fingerprint(cfg_dict), "format": "engram-ckpt-1"}
+    _fsync_write(ckpt_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())
+    _fsync_write(ckpt_dir / "latest.json", json.dumps({"name": name, "step": step}).encode())
+    for old in sorted(ckpt_dir.glob("step-*.json"))[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".pt").unlink(missing_ok=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """Manifest of the newest complete checkpoint, or None when there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    ptr = ckpt_dir / "latest.json"
+    if ptr.is_file():
+        try:
+            name = json.loads(ptr.read_text())["name"]
+            if (ckpt_dir / f"{name}.json").is_file():
+                return ckpt_dir / f"{name}.json"
+        except (json.JSONDecodeError, KeyError):
+            pass  # fall back to scanning manifests
+    manifests = sorted(ckpt_dir.glob("step-*.json"))
+    return manifests[-1] if manifests else None
+
+
+def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = None,
+                    compare_keys: tuple[str, ...] = ("model",)) -> dict:
+    """Verify and load a checkpoint by its manifest (or .pt path).
+
+    With `cfg_dict`, the sections in `compare_keys` must equal the checkpoint's; otherwise a
+    CheckpointError lists the fields that differ.
+    """
+    p = Path(manifest_path)
+    if p.suffix == ".pt":
+        p = p.with_suffix(".json")
+    if not p.is_file():
+        raise CheckpointError(f"no checkpoint manifest at {p} (an unfinished or foreign checkpoint?)")
+    try:
+        man = json.loads(p.read_text())
+        pt = p.with_name(man["file"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint manifest {p} is damaged ({e})") from None
+    if not pt.is_file():
+        raise CheckpointError(f"checkpoint file {pt} is missing")
+    size = pt.stat().st_size
+    if size != man["size"]:
+        raise CheckpointError(f"checkpoint {pt} is truncated or altered: {size} bytes, manifest says {man['size']}")
+    if sha256_file(pt) != man["sha256"]:
+        raise CheckpointError(f"checkpoint {pt} is corrupted: sha256 does not match its manifest")
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {pt} cannot be read ({e})") from None
+    if cfg_dict is not None:
+        diffs = []
+        for key in compare_keys:
+            diffs += _diff(state["config"].get(key), cfg_dict.get(key), key)
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {pt} was made with another configuration; differing fields: " + "; ".join(diffs[:10])
+            )
+    return state
+
+
+def _diff(a, b, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}")
+        return out
+    return [] if a == b else [f"{prefix}: checkpoint {a!r} vs now {b!r}"]

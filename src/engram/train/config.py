@@ -1,0 +1,138 @@
+"""Training configuration and named run presets (model + training together).
+
+A run is fully described by `RunConfig` (model, training, data); presets are functions so a
+run directory can record `preset + overrides` and the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from engram.config import EngramConfig, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Token budget = steps * batch_size * seq_len."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    engram_lr_mult: float = 5.0  # the paper: 5x learning rate, no weight decay for the tables
+    engram_optimizer: str = "sparse_row_adam"  # | "dense_adamw" | "torch_sparse_adam"
+    dtype: str = "bfloat16"  # autocast dtype on CPU/GPU: "bfloat16" or "float32"
+    seed: int = 0
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    ckpt_every: int = 200
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"train.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.engram_optimizer not in ("sparse_row_adam", "dense_adamw", "torch_sparse_adam"):
+            raise ValueError(f"unknown train.engram_optimizer {self.engram_optimizer!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: None = the Python standard library source, BPE 8192."""
+
+    data: list[str] | None = None
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    val_permille: int = 50
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = ""
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len {self.train.seq_len} > model.max_seq_len {self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(model=ModelConfig.from_dict(dict(d["model"])), train=TrainConfig(**d["train"]),
+                   data=DataConfig(**d["data"]), preset=d.get("preset", ""))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.field=value` strings (values parsed as Python literals when possible)."""
+    import ast
+
+    d = cfg.to_dict()
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like section.field=value")
+        key, raw = ov.split("=", 1)
+        try:
+            val = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            val = raw
+        node, parts = d, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise ValueError(f"override {ov!r}: no config section {p!r}")
+            if node[p] is None and p == "engram":
+                node[p] = EngramConfig().to_dict()
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ValueError(f"override {ov!r}: no config field {key!r}")
+        node[parts[-1]] = val
+    out = RunConfig.from_dict(d)
+    out.validate()
+    return out
+
+
+# ---------------------------------------------------------------------------------- presets
+
+def _debug() -> RunConfig:
+    """Seconds on a laptop: a 2-layer model with a small memory, 30 steps."""
+    eng = EngramConfig(engram_vocab_size=[2003, 2003], n_embed_per_ngram=32, n_head_per_ngram=4, layer_ids=[0],
+                       conv_init="zero")
+    model = ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, max_seq_len=64,
+                        engram=eng)
+    train = TrainConfig(steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=10,
+                        eval_tokens=2048, ckpt_every=10, log_every=5)
+    return RunConfig(model=model, train=train, preset="debug")
+
+
+PRESETS = {"debug": _debug}
+
+
+def run_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg.validate()
+    return cfg

@@ -1,0 +1,266 @@
+"""The training loop: AdamW for the backbone, a sparse-row optimizer for the memory tables.
+
+Resumable to the bit: batches are a pure function of (seed, step), and a checkpoint carries
+model, both optimizers, the sampler position and the RNG state, so a run killed at any step
+and resumed from its last checkpoint logs exactly the losses of an uninterrupted run.
+
+Legend: B batch, T time (sequence length).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.train.config import RunConfig
+from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics, write_json_atomic
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+_PEAK_FLOPS: dict = {}
+
+
+def peak_flops(dtype: torch.dtype) -> float:
+    """Measured matmul FLOP/s of this machine for `dtype` (the MFU denominator), cached."""
+    if dtype not in _PEAK_FLOPS:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        reps = 4
+        for _ in range(reps):
+            a @ b
+        _PEAK_FLOPS[dtype] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return _PEAK_FLOPS[dtype]
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "interrupted"
+    step: int
+    tokens: int
+    val_loss: float | None
+    tokens_per_s: float
+    run_dir: Path
+    params: dict
+    mfu: float | None
+
+
+class Trainer:
+    """Train one model described by a `RunConfig` into `run_dir`.
+
+    `data` is a prepared `engram.data.DataBundle` (built from `cfg.data` when None).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data=None,
+                 progress: bool = True, device: str | torch.device = "cpu", cache_dir: str | None = None):
+        from engram.data import prepare_data
+        from engram.model import EngramLM
+        from engram.tokenizer import CompressedVocab
+
+        cfg.validate()
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.device = torch.device(device)
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.data = data or prepare_data(cfg.data.data, cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
+                                         cache_dir=cache_dir, val_permille=cfg.data.val_permille)
+        # Resolve what the data decides: vocabulary size and the pad id the hashing pads with.
+        cfg.model.vocab_size = self.data.vocab_size
+        if cfg.model.engram is not None:
+            cfg.model.engram.pad_id = self.data.pad_id
+        cfg.validate()
+        self.cfg_dict = cfg.to_dict()
+        ckpt_dir = self.run_dir / "ckpt"
+        manifest = latest_checkpoint(ckpt_dir) if resume else None
+        if not resume and manifest is None and latest_checkpoint(ckpt_dir) is not None:
+            raise CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume or use a new run dir")
+        init_run_dir(self.run_dir, self.cfg_dict)
+
+        vocab = CompressedVocab.from_pretrained(self.data.tokenizer_spec) if cfg.model.engram else None
+        torch.manual_seed(tc.seed)
+        self.model = EngramLM(cfg.model, vocab).to(self.device)
+        self.opt, self.table_opt = self._build_optimizers()
+        from engram.data import BatchSampler, val_batches
+
+        self.sampler = BatchSampler(self.data.train, tc.batch_size, tc.seq_len, seed=tc.seed)
+        self.val = [(x.to(self.device), y.to(self.device))
+                    for x, y in val_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_tokens)]
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        if manifest is not None:
+            self._load(load_checkpoint(manifest, self.cfg_dict, compare_keys=("model", "data")))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if manifest else None)
+        self._stop = False
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _build_optimizers(self):
+        from engram.memory.optim import SparseRowAdam
+
+        tc = self.cfg.train
+        tables = list(self.model.engram_parameters())
+        table_ids = {id(p) for p in tables}
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if id(p) in table_ids or not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        table_lr = tc.lr * tc.engram_lr_mult
+        table_opt = None
+        if tables and tc.engram_optimizer == "dense_adamw":
+            groups.append({"params": tables, "weight_decay": 0.0, "lr_mult": tc.engram_lr_mult})
+        elif tables and tc.engram_optimizer == "torch_sparse_adam":
+            table_opt = torch.optim.SparseAdam(tables, lr=table_lr, betas=(tc.beta1, tc.beta2))
+        elif tables:
+            table_opt = SparseRowAdam(tables, lr=table_lr, betas=(tc.beta1, tc.beta2), weight_decay=0.0)
+        for g in groups:
+            g.setdefault("lr_mult", 1.0)
+        opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=False)
+        if table_opt is not None:
+            for g in table_opt.param_groups:
+                g["lr_mult"] = tc.engram_lr_mult
+        return opt, table_opt
+
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "table_opt": self.table_opt.state_dict() if self.table_opt else None,
+                "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "tokens": self.tokens, "elapsed": self.elapsed}
+
+    def _load(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        if self.table_opt is not None:
+            if st["table_opt"] is None:
+                raise CheckpointError("checkpoint has no memory-table optimizer state")
+            self.table_opt.load_state_dict(st["table_opt"])
+        self.sampler.load_state_dict(st["sampler"])
+        torch.set_rng_state(st["torch_rng"])
+        self.step, self.tokens, self.elapsed = int(st["step"]), int(st["tokens"]), float(st["elapsed"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / "ckpt", self.step, self._state(), self.cfg_dict)
+
+    # -- loop ------------------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.cfg.train.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, n = 0.0, 0
+        with self._autocast():
+            for x, y in self.val:
+                out = self.model(x, y)
+                total += float(out.loss) * y.numel()
+                n += y.numel()
+        self.model.train()
+        return total / max(1, n)
+
+    def _train_step(self, x_BT, y_BT) -> tuple[float, float]:
+        from engram.memory.optim import clip_grad_norm_
+
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for opt in (self.opt, self.table_opt):
+            if opt is not None:
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
+        # Row ids depend only on token ids: computed before the forward (a prefetcher's hook).
+        rows = self.model.engram_rows(x_BT) if self.model.hasher is not None else None
+        with self._autocast():
+            out = self.model(x_BT, y_BT, engram_rows=rows)
+            loss = out.loss + self.cfg.model.router_aux_coef * out.aux_loss
+        loss.backward()
+        gnorm = float(clip_grad_norm_(list(self.model.parameters()), tc.grad_clip)) if tc.grad_clip > 0 else 0.0
+        self.opt.step()
+        if self.table_opt is not None:
+            self.table_opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return float(out.loss), gnorm
+
+    def _on_sigint(self, signum, frame):
+        if self._stop:  # second Ctrl-C: stop right now
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def train(self) -> TrainResult:
+        tc = self.cfg.train
+        from tqdm import tqdm
+
+        from engram.model.params import count_params
+
+        params = count_params(self.model)
+        # PaLM-style estimate: 6 FLOPs per activated parameter + attention over the context.
+        mc = self.cfg.model
+        flops_per_token = 6 * params["activated_per_token"] + 12 * mc.n_layers * mc.d_model * tc.seq_len
+        prev = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
+                   mininterval=1.0)
+        status, val_loss, last_good = "finished", None, None
+        try:
+            while self.step < tc.steps:
+                x, y = self.sampler.next()
+                x, y = x.to(self.device), y.to(self.device)
+                t0 = time.perf_counter()
+                loss, gnorm = self._train_step(x, y)
+                dt = time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(self.run_dir / "ckpt")
+                    raise TrainingDiverged(
+                        f"loss became {loss} at step {self.step + 1}; stopped without saving. "
+                        f"Last good checkpoint: {last if last else 'none'}"
+                    )
+                self.step += 1
+                self.tokens += x.numel()
+                self.elapsed += dt
+                tok_s = self.tokens / max(self.elapsed, 1e-9)
+                self.metrics.log(kind="train", step=self.step, tokens=self.tokens, loss=loss,
+                                 lr=lr_at(self.step - 1, tc), grad_norm=gnorm, step_s=dt)
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    val_loss = self.evaluate()
+                    self.metrics.log(kind="eval", step=self.step, tokens=self.tokens, val_loss=val_loss)
+                    bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
+                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or self._stop:
+                    last_good = self.save()
+                if self._stop:
+                    status = "interrupted"
+                    bar.write(f"interrupted: saved {last_good}; resume with --resume")
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, prev)
+            self.metrics.close()
+        tok_s = self.tokens / max(self.elapsed, 1e-9)
+        peak = peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32)
+        mfu = flops_per_token * tok_s / peak if self.device.type == "cpu" else None
+        if status == "finished":
+            self.model.save_pretrained(self.run_dir / "model")
+        recs = read_metrics(self.run_dir / "metrics.jsonl")
+        plot_losses({self.cfg.preset or "run": recs}, self.run_dir / "loss.png")
+        res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params, mfu)
+        write_json_atomic(self.run_dir / "summary.json", {**res.__dict__, "run_dir": str(self.run_dir)})
+        return res
