@@ -58,6 +58,80 @@ def _demo(args) -> int:
     return 0
 
 
+def _resolve_run_config(args):
+    from engram.train.config import apply_overrides, run_preset
+
+    cfg = run_preset(args.preset)
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.data={list(args.data)!r}")
+    if args.tokenizer:
+        overrides.append(f"data.tokenizer={args.tokenizer!r}")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _train(args) -> int:
+    import time
+    from pathlib import Path
+
+    from engram.train.trainer import Trainer, TrainingDiverged
+
+    cfg = _resolve_run_config(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        res = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress).train()
+    except TrainingDiverged as e:
+        print(f"engram train: {e}", file=sys.stderr)
+        return 3
+    val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
+    print(f"{res.status} at step {res.step}: {res.tokens:,} tokens, val loss {val}, "
+          f"{res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}" if res.mfu else "")
+    print(f"run directory: {run_dir}")
+    return 0 if res.status == "finished" else 130
+
+
+def _compare(args) -> int:
+    import time
+    from pathlib import Path
+
+    from engram.train.compare import run_compare
+
+    cfg = _resolve_run_config(args)
+    out = Path(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
+                progress=not args.no_progress)
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from engram.model import EngramLM
+    from engram.model.generation import generate
+    from engram.tokenizer import load_tokenizer
+
+    model = EngramLM.from_pretrained(args.model).eval()
+    tok = load_tokenizer(args.tokenizer or f"{args.model}/tokenizer")
+    ids = tok(args.prompt, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, generator=g)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def _add_run_args(s) -> None:
+    s.add_argument("--preset", default="debug", help="run preset (debug, demo, ...)")
+    s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set train.steps=200 (repeatable)")
+    s.add_argument("--data", nargs="+", help="corpus files/folders (text or JSONL); default: the Python stdlib")
+    s.add_argument("--tokenizer", help="tokenizer instead of the locally trained BPE")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engram", description="Engram: conditional memory via n-gram lookup")
     sub = p.add_subparsers(dest="command", required=True)
@@ -76,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", default="mistral-tekken")
     s.add_argument("--preset", default="reference", help="EngramConfig preset (reference, demo, debug)")
     s.set_defaults(func=_hash)
+
+    s = sub.add_parser("train", help="train a model (see --preset and --set)")
+    _add_run_args(s)
+    s.add_argument("--run-dir", help="run directory (default runs/PRESET-TIMESTAMP)")
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("compare", help="train an MoE baseline and its iso-parameter Engram variant")
+    _add_run_args(s)
+    s.set_defaults(preset="demo")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--experts-moved", type=int, default=4, help="routed experts per MoE layer moved into memory")
+    s.add_argument("--out", help="output directory (default runs/compare-PRESET-TIMESTAMP)")
+    s.set_defaults(func=_compare)
+
+    s = sub.add_parser("generate", help="sample from a trained model (KV cache + incremental hashing)")
+    s.add_argument("--model", required=True, help="a model directory written by training (run_dir/model)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")
+    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_generate)
 
     s = sub.add_parser("demo", help="compress a bundled tokenizer, hash a sentence, run the module")
     s.add_argument("--tokenizer", default="mistral-tekken")
