@@ -84,8 +84,9 @@ def _train(args) -> int:
         print(f"engram train: {e}", file=sys.stderr)
         return 3
     val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
+    mfu = f", MFU {res.mfu:.1%}" if res.mfu else ""
     print(f"{res.status} at step {res.step}: {res.tokens:,} tokens, val loss {val}, "
-          f"{res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}" if res.mfu else "")
+          f"{res.tokens_per_s:,.0f} tokens/s{mfu}")
     print(f"run directory: {run_dir}")
     return 0 if res.status == "finished" else 130
 

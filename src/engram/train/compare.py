@@ -78,8 +78,9 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         vl = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['seed']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
-                     f"{r['memory_params'] / 1e6:.2f}M | {r['tokens'] / 1e6:.2f}M | {vl} | {r['tokens_per_s']:,.0f} |")
+        m = {k: f"{r[k] / 1e6:.2f}M" for k in ("total_params", "active_params", "memory_params", "tokens")}
+        lines.append(f"| {r['model']} | {r['seed']} | {m['total_params']} | {m['active_params']} | "
+                     f"{m['memory_params']} | {m['tokens']} | {vl} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
