@@ -101,6 +101,10 @@ class ModelConfig:
     MoE: layers ``>= first_dense_layers`` use ``n_shared_experts`` always-on experts plus
     ``moe_top_k`` of ``n_routed_experts`` routed ones (all of width ``expert_hidden``); with
     ``n_routed_experts == 0`` every layer is a dense SwiGLU of width ``mlp_hidden``.
+    ``router_aux_coef`` weights the load-balancing loss (mean over MoE layers) in the objective.
+
+    Hyper-connections: ``hc_mult > 1`` keeps that many residual branches with learned static
+    mixing weights; ``hc_dynamic`` adds the paper's input-dependent part (zero-initialised).
     """
 
     vocab_size: int = 8192
@@ -119,6 +123,7 @@ class ModelConfig:
     first_dense_layers: int = 1
     router_aux_coef: float = 0.01
     hc_mult: int = 1
+    hc_dynamic: bool = False
     engram: EngramConfig | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +151,12 @@ class ModelConfig:
         if self.is_moe and not 1 <= self.moe_top_k <= self.n_routed_experts:
             raise ValueError(f"moe_top_k must be in [1, n_routed_experts={self.n_routed_experts}], "
                              f"got {self.moe_top_k}")
+        if self.is_moe and self.expert_hidden < 1:
+            raise ValueError(f"expert_hidden must be >= 1, got {self.expert_hidden}")
+        if self.first_dense_layers < 0:
+            raise ValueError(f"first_dense_layers must be >= 0, got {self.first_dense_layers}")
+        if self.router_aux_coef < 0:
+            raise ValueError(f"router_aux_coef must be >= 0, got {self.router_aux_coef}")
         if self.engram is not None:
             bad = [i for i in self.engram.layer_ids if not 0 <= i < self.n_layers]
             if bad:

@@ -197,7 +197,7 @@ class Trainer:
         if self.table_opt is not None:
             self.table_opt.step()
         self.model.zero_grad(set_to_none=True)
-        return float(out.loss), gnorm
+        return out.loss.item(), gnorm
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # second Ctrl-C: stop right now

@@ -1,0 +1,136 @@
+"""Parameter accounting (total / memory / activated per token) and iso-parameter MoE -> Engram configs."""
+
+# Shapes: D model width, V vocabulary, E routed experts, K top-k, Hid expert hidden width,
+# H hash heads per Engram layer, d table row width.
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+
+from engram.config import EngramConfig, ModelConfig
+from engram.hashing import NgramHasher
+from engram.tokenizer.compression import CompressedVocab
+
+
+def _meta_model(cfg: ModelConfig):
+    """The model built on the meta device: exact shapes, no memory (tables of any size are free)."""
+    from engram.model.transformer import EngramLM
+
+    vocab = None
+    if cfg.engram is not None:
+        # Parameter shapes do not depend on the compression map (table sizes come from the
+        # hash primes), so an identity map of the right size will do.
+        vocab = CompressedVocab(np.arange(cfg.vocab_size))
+    with torch.device("meta"):
+        return EngramLM(cfg, vocab)
+
+
+def count_params(model_or_cfg) -> dict[str, int]:
+    """Parameter counts of an ``EngramLM`` or of the model a ``ModelConfig`` describes.
+
+    Returns a dict with:
+        total: unique parameters (tied embeddings counted once).
+        memory: Engram table entries (rows * d over all layers).
+        backbone: total - memory.
+        experts_routed_total: routed-expert weights over all MoE layers.
+        activated_per_token: what one token touches: one embedding row, everything dense
+            (attention, norms, dense MLPs, shared experts, routers, hyper-connections, Engram
+            projections/norms/conv), top_k routed experts per MoE layer, the H gathered table
+            rows per Engram layer, and the full LM head (V*D, even when tied).
+    A config is counted by building the model on the meta device, so no table is allocated.
+    """
+    from engram.model.moe import MoE
+
+    model = _meta_model(model_or_cfg) if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
+    cfg: ModelConfig = model.cfg
+    total = sum(p.numel() for p in model.parameters())
+    memory = sum(p.numel() for p in model.engram_parameters())
+    routed_total = routed_active = 0
+    for mod in model.modules():
+        if isinstance(mod, MoE):
+            n = mod.w_gate_up.numel() + mod.w_down.numel()
+            routed_total += n
+            routed_active += n * mod.top_k // mod.n_experts
+    gathered = sum(blk.engram.num_heads * blk.engram.head_dim for blk in model.blocks if blk.engram is not None)
+    VD = model.tok_emb.weight.numel()
+    head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
+    dense = total - memory - routed_total - VD - head  # everything every token uses in full
+    activated = dense + cfg.d_model + VD + routed_active + gathered
+    return {"total": total, "memory": memory, "backbone": total - memory,
+            "activated_per_token": activated, "experts_routed_total": routed_total}
+
+
+def _n_moe_layers(cfg: ModelConfig) -> int:
+    return max(0, cfg.n_layers - cfg.first_dense_layers) if cfg.is_moe else 0
+
+
+def iso_engram_config(moe_cfg: ModelConfig, n_experts_moved: int, engram_template: EngramConfig, *,
+                      match_total: bool = False) -> ModelConfig:
+    """An Engram variant of ``moe_cfg`` with about the same total and activated parameters.
+
+    Removes ``n_experts_moved`` routed experts from every MoE layer (top-k unchanged, so the
+    activated expert parameters stay equal) and spends the freed parameters on Engram memory
+    laid out as ``engram_template`` (layers, orders, heads, widths): one ``engram_vocab_size``
+    shared by all orders, chosen so that ``memory ~= removed expert parameters``. Engram's dense
+    part (projections, norms, conv: small) comes on top, so the total grows by that much; with
+    ``match_total=True`` the memory is shrunk by it instead, making the totals equal. Table sizes
+    are primes, so either match is within a fraction of a percent, not exact.
+    Computed from configs alone (primes via :class:`NgramHasher`; nothing is allocated).
+    """
+    if not moe_cfg.is_moe:
+        raise ValueError("iso_engram_config needs an MoE baseline (n_routed_experts > 0)")
+    if moe_cfg.engram is not None:
+        raise ValueError("the MoE baseline already has Engram memory; pass a config without it")
+    n_moved = int(n_experts_moved)
+    E_left = moe_cfg.n_routed_experts - n_moved
+    if n_moved < 1 or E_left < moe_cfg.moe_top_k:
+        raise ValueError(f"n_experts_moved must be in [1, n_routed_experts - moe_top_k = "
+                         f"{moe_cfg.n_routed_experts - moe_cfg.moe_top_k}], got {n_experts_moved}")
+    n_moe = _n_moe_layers(moe_cfg)
+    if n_moe == 0:
+        raise ValueError("the baseline has no MoE layers (first_dense_layers >= n_layers)")
+
+    base_total = count_params(moe_cfg)["total"]
+    out = dataclasses.replace(moe_cfg, n_routed_experts=E_left, engram=None)
+    no_mem_total = count_params(out)["total"]  # experts removed, no Engram yet
+
+    tmpl = copy.deepcopy(engram_template)
+    bad = [i for i in tmpl.layer_ids if not 0 <= i < moe_cfg.n_layers]
+    if bad:
+        raise ValueError(f"engram_template.layer_ids {bad} are not layers of a {moe_cfg.n_layers}-layer model")
+    d = tmpl.n_embed_per_ngram // tmpl.n_head_per_ngram
+    n_tables = len(tmpl.layer_ids) * (tmpl.max_ngram_size - 1) * tmpl.n_head_per_ngram
+
+    def with_size(size: int) -> ModelConfig:
+        eng = dataclasses.replace(tmpl, engram_vocab_size=[int(size)] * (tmpl.max_ngram_size - 1))
+        return dataclasses.replace(out, engram=eng)
+
+    # Engram's dense overhead does not depend on the table size: measure it with tiny tables.
+    probe = with_size(max(tmpl.n_head_per_ngram, 2))
+    overhead = count_params(probe)["backbone"] - no_mem_total
+    budget = base_total - no_mem_total - (overhead if match_total else 0)  # memory entries to spend
+    if budget < n_tables * d * max(tmpl.n_head_per_ngram, 2):
+        raise ValueError(f"moving {n_moved} experts frees too few parameters ({base_total - no_mem_total}) "
+                         f"for an Engram memory of {n_tables} tables of width {d}")
+    size = budget // (n_tables * d)
+    # Heads take the next distinct primes above `size`, overshooting a little; correct once or twice.
+    for _ in range(3):
+        rows = _table_rows(with_size(size))
+        excess = rows * d - budget
+        step = round(excess / (n_tables * d))
+        if step == 0:
+            break
+        size = max(tmpl.n_head_per_ngram, 2, size - step)
+    return with_size(size)
+
+
+def _table_rows(cfg: ModelConfig) -> int:
+    """Total table rows of ``cfg``'s Engram memory (primes from the hasher, no tables built)."""
+    e = cfg.engram
+    hasher = NgramHasher(max(2, e.pad_id + 1), e.engram_vocab_size, e.max_ngram_size, e.n_head_per_ngram,
+                         e.layer_ids, pad_id=e.pad_id, seed=e.seed)
+    return sum(sum(hasher.head_sizes(lay)) for lay in e.layer_ids)

@@ -1,0 +1,399 @@
+"""EngramLM: a decoder-only transformer (RoPE, SwiGLU/MoE, hyper-connections) with Engram memory."""
+
+# Shapes: B batch, T time, M residual branches, D model width, V vocabulary, H hash heads.
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import ModelConfig
+from engram.hashing import NgramHasher
+from engram.model.engram import Engram
+from engram.model.generation import DecodeState
+from engram.model.hyper import HyperConnection
+from engram.model.layers import CausalSelfAttention, KVCache, RMSNorm, Rotary, SwiGLU
+from engram.model.moe import MoE
+from engram.tokenizer.compression import CompressedVocab
+
+WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.safetensors"
+_FORMAT = "engram-lm"
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`EngramLM.forward` returns.
+
+    logits: ``[B, T, V]`` (autocast dtype under autocast).
+    loss: mean next-token cross-entropy over targets != -100 (fp32), or None without targets.
+    aux_loss: router load-balancing loss averaged over MoE layers (fp32 scalar; 0 when dense).
+    total_loss: the training objective ``loss + cfg.router_aux_coef * aux_loss`` (None without targets).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    total_loss: torch.Tensor | None
+
+
+class Block(nn.Module):
+    """[Engram] -> pre-norm attention -> pre-norm MLP or MoE, on an ``[B, T, M, D]`` residual state.
+
+    With ``hc_mult > 1`` each sublayer is wrapped in a :class:`HyperConnection`; otherwise
+    ``attn_hc``/``mlp_hc`` are None and the sublayers read branch 0 with a plain residual add.
+    Engram, when present, adds its increment to the whole state (all branches), as in the reference.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary, engram: Engram | None) -> None:
+        super().__init__()
+        D = cfg.d_model
+        self.layer = layer
+        self.engram = engram
+        self.attn_norm = RMSNorm(D, cfg.norm_eps)
+        self.attn = CausalSelfAttention(D, cfg.n_heads, rotary)
+        self.mlp_norm = RMSNorm(D, cfg.norm_eps)
+        self.is_moe = cfg.is_moe and layer >= cfg.first_dense_layers
+        if self.is_moe:
+            self.mlp: nn.Module = MoE(D, cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_top_k,
+                                      cfg.expert_hidden)
+        else:
+            self.mlp = SwiGLU(D, cfg.mlp_hidden)
+        use_hc = cfg.hc_mult > 1
+        self.attn_hc = HyperConnection(D, cfg.hc_mult, 2 * layer, dynamic=cfg.hc_dynamic) if use_hc else None
+        self.mlp_hc = HyperConnection(D, cfg.hc_mult, 2 * layer + 1, dynamic=cfg.hc_dynamic) if use_hc else None
+
+    def _sublayer(self, h_BTMD: torch.Tensor, hc: HyperConnection | None, fn) -> torch.Tensor:
+        if hc is None:
+            return h_BTMD + fn(h_BTMD[:, :, 0]).unsqueeze(2)
+        x_BTD, coeffs = hc.width(h_BTMD)
+        return hc.depth(h_BTMD, fn(x_BTD), coeffs)
+
+    def forward(self, h_BTMD: torch.Tensor, rows_BTH: torch.Tensor | None = None, *,
+                kv: KVCache | None = None, conv_state: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Return ``(h_BTMD, aux_loss or None, new Engram conv state or None)``."""
+        new_conv = None
+        if self.engram is not None:
+            if kv is None:
+                h_BTMD = h_BTMD + self.engram(h_BTMD, rows_BTH)
+            else:  # decoding: carry the ShortConv history across chunks
+                inc, st = self.engram(h_BTMD, rows_BTH, conv_state=conv_state, return_state=True)
+                h_BTMD, new_conv = h_BTMD + inc, st["conv_state"]
+        h_BTMD = self._sublayer(h_BTMD, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv, self.layer))
+        aux: list[torch.Tensor] = []
+
+        def mlp(x: torch.Tensor) -> torch.Tensor:
+            if not self.is_moe:
+                return self.mlp(self.mlp_norm(x))
+            y, a = self.mlp(self.mlp_norm(x))
+            aux.append(a)
+            return y
+
+        h_BTMD = self._sublayer(h_BTMD, self.mlp_hc, mlp)
+        return h_BTMD, (aux[0] if aux else None), new_conv
+
+
+class EngramLM(nn.Module):
+    """Decoder-only LM with optional Engram memory at ``cfg.engram.layer_ids``.
+
+    Args:
+        cfg: the model configuration.
+        vocab: the tokenizer's compression map; required when ``cfg.engram`` is set (its
+            original size must equal ``cfg.vocab_size``).
+
+    Attributes:
+        hasher: :class:`NgramHasher` (plain attribute) or None without Engram.
+        vocab: the :class:`CompressedVocab` or None.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab: CompressedVocab | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.vocab_size
+        self.hasher: NgramHasher | None = None
+        self.vocab: CompressedVocab | None = None
+        if cfg.engram is not None:
+            if vocab is None:
+                raise ValueError("cfg.engram is set, so EngramLM needs the tokenizer's CompressedVocab "
+                                 "(vocab=CompressedVocab.from_pretrained(...)) to hash n-grams")
+            if vocab.original_size != V:
+                raise ValueError(f"vocab maps {vocab.original_size} token ids but cfg.vocab_size is {V}")
+            self.vocab = vocab
+            self.hasher = NgramHasher.from_config(cfg.engram, vocab)
+            # Non-persistent: rebuilt from vocab.safetensors, and follows .to(device).
+            self.register_buffer("vocab_lookup", torch.from_numpy(vocab.lookup.astype(np.int64)), persistent=False)
+        self.tok_emb = nn.Embedding(V, D)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        blocks = []
+        for i in range(cfg.n_layers):
+            eng = None
+            if cfg.engram is not None and i in cfg.engram.layer_ids:
+                e = cfg.engram
+                eng = Engram(D, self.hasher.head_sizes(i), max_ngram_size=e.max_ngram_size,
+                             n_head_per_ngram=e.n_head_per_ngram, n_embed_per_ngram=e.n_embed_per_ngram,
+                             hc_mult=cfg.hc_mult, kernel_size=e.kernel_size, conv_init=e.conv_init,
+                             table_dtype=e.torch_table_dtype, sparse=e.sparse)
+            blocks.append(Block(cfg, i, self.rotary, eng))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.lm_head = nn.Linear(D, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    # -- init / parameter groups ---------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) for linears and embeddings; residual output projections get
+        0.02/sqrt(2*n_layers) (GPT-2), so the residual stream's variance does not grow with depth.
+        Engram tables keep their own N(0, 1) init (the reference's); norms start at ones,
+        hyper-connections at their static init and the Engram conv at its ``conv_init``."""
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, nn.Linear):
+                    nn.init.normal_(mod.weight, 0.0, std)
+                    if mod.bias is not None:
+                        mod.bias.zero_()
+                elif isinstance(mod, nn.Embedding):
+                    nn.init.normal_(mod.weight, 0.0, std)
+                elif isinstance(mod, MoE):
+                    mod.reset_parameters(std, out_std)
+                elif isinstance(mod, HyperConnection):
+                    mod.reset_parameters()
+                elif isinstance(mod, RMSNorm):
+                    mod.weight.fill_(1.0)
+            for blk in self.blocks:
+                outs = [blk.attn.out_proj]
+                if isinstance(blk.mlp, SwiGLU):
+                    outs.append(blk.mlp.down)
+                elif blk.mlp.shared is not None:
+                    outs.append(blk.mlp.shared.down)
+                if blk.engram is not None:
+                    outs.append(blk.engram.value_proj)  # also writes into the residual stream
+                for lin in outs:
+                    nn.init.normal_(lin.weight, 0.0, out_std)
+
+    def engram_parameters(self) -> list[nn.Parameter]:
+        """The memory tables' weights (for a sparse-row optimizer: ~5x lr, no weight decay)."""
+        return [blk.engram.table.weight for blk in self.blocks if blk.engram is not None]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (tied weights once); with :meth:`engram_parameters` a partition of ``parameters()``."""
+        mem = {id(p) for p in self.engram_parameters()}
+        return [p for p in self.parameters() if id(p) not in mem]
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _check_ids(self, idx_BT: torch.Tensor, offset: int = 0) -> None:
+        if not isinstance(idx_BT, torch.Tensor):
+            raise TypeError(f"token ids must be a torch.Tensor, got {type(idx_BT).__name__}")
+        if idx_BT.is_floating_point() or idx_BT.is_complex() or idx_BT.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got {idx_BT.dtype}")
+        if idx_BT.dim() != 2:
+            raise ValueError(f"token ids must be 2-D [batch, time], got shape {tuple(idx_BT.shape)}")
+        B, T = idx_BT.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"empty input: token ids have shape {tuple(idx_BT.shape)}")
+        if offset + T > self.cfg.max_seq_len:
+            what = f"{T} tokens" if offset == 0 else f"{offset} cached + {T} new tokens"
+            raise ValueError(f"sequence too long: {what} > max_seq_len={self.cfg.max_seq_len}")
+        lo, hi = (int(v) for v in torch.aminmax(idx_BT))
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.cfg.vocab_size})")
+
+    @torch.no_grad()
+    def engram_rows(self, idx_BT: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per-layer table row ids ``{layer: [B, T, H]}`` for token ids ``idx_BT`` (compress, then hash).
+
+        Depends only on token ids, so a data loader can call it ahead of the forward pass.
+        Empty dict for a model without Engram.
+        """
+        if self.hasher is None:
+            return {}
+        self._check_ids(idx_BT)
+        comp_BT = self.vocab_lookup[idx_BT.to(self.vocab_lookup.device).long()]
+        return self.hasher.hash(comp_BT, validate=False)
+
+    def _decode_rows(self, idx_BT: torch.Tensor, state: DecodeState, need_rows: bool) -> dict[int, torch.Tensor]:
+        """Rows for a chunk that continues ``state``; slides the hashing window over the chunk."""
+        comp_BT = self.vocab_lookup[idx_BT.long()]
+        comp_np = comp_BT.cpu().numpy()
+        window = state.window
+        T = comp_np.shape[1]
+        rows: dict[int, torch.Tensor] = {}
+        if T == 1:  # the decode fast path: numpy over all layers at once
+            self.hasher.push(window, comp_np[:, 0])
+            if need_rows:
+                rows = {lay: torch.from_numpy(r).to(idx_BT.device).unsqueeze(1)
+                        for lay, r in self.hasher.hash_step(window).items()}
+            return rows
+        if need_rows:
+            prefix = torch.from_numpy(window[:, 1:].copy()).to(idx_BT.device)
+            rows = self.hasher.hash(comp_BT, prefix_BP=prefix, validate=False)
+        N = window.shape[1]
+        window[:] = np.concatenate([window, comp_np], axis=1)[:, -N:]
+        return rows
+
+    def _check_rows(self, rows: dict, B: int, T: int) -> None:
+        want = sorted(self.hasher.layer_ids) if self.hasher is not None else []
+        if sorted(rows) != want:
+            raise ValueError(f"engram_rows must hold the Engram layers {want}, got keys {sorted(rows)}")
+        for lay, r in rows.items():
+            if not isinstance(r, torch.Tensor) or r.dim() != 3 or tuple(r.shape[:2]) != (B, T):
+                shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(f"engram_rows[{lay}] must be a [B={B}, T={T}, H] tensor, got {shape}")
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
+                engram_rows: dict[int, torch.Tensor] | None = None, cache: DecodeState | None = None,
+                ) -> ModelOutput:
+        """Logits for ``idx_BT`` (``[B, T]`` int), the loss against ``targets_BT`` (-100 = ignore).
+
+        engram_rows: precomputed :meth:`engram_rows` (computed here when None).
+        cache: a :class:`DecodeState` (see :meth:`new_decode_state`): the chunk continues the
+            cached sequence and the cache is advanced past it.
+        """
+        offset = 0 if cache is None else cache.kv.length
+        self._check_ids(idx_BT, offset)
+        B, T = idx_BT.shape
+        if cache is not None and cache.kv.batch_size != B:
+            raise ValueError(f"decode state is for batch size {cache.kv.batch_size}, got {B} sequences")
+        if self.hasher is not None:
+            if cache is not None:
+                computed = self._decode_rows(idx_BT, cache, need_rows=engram_rows is None)
+                engram_rows = computed if engram_rows is None else engram_rows
+            elif engram_rows is None:
+                engram_rows = self.engram_rows(idx_BT)
+            self._check_rows(engram_rows, B, T)
+        elif engram_rows:
+            raise ValueError("engram_rows given to a model without Engram layers")
+
+        M = self.cfg.hc_mult
+        x_BTD = self.tok_emb(idx_BT)
+        h_BTMD = x_BTD.unsqueeze(2).expand(B, T, M, x_BTD.shape[-1])  # the embedding feeds every branch
+        aux_terms = []
+        for blk in self.blocks:
+            rows = engram_rows.get(blk.layer) if engram_rows else None
+            conv = cache.conv.get(blk.layer) if cache is not None else None
+            h_BTMD, aux, new_conv = blk(h_BTMD, rows, kv=None if cache is None else cache.kv, conv_state=conv)
+            if aux is not None:
+                aux_terms.append(aux)
+            if cache is not None and new_conv is not None:
+                cache.conv[blk.layer] = new_conv
+        if cache is not None:
+            cache.kv.advance(T)
+        logits_BTV = self.lm_head(self.norm(h_BTMD.sum(dim=2)))
+        aux_loss = torch.stack(aux_terms).mean() if aux_terms else torch.zeros((), device=logits_BTV.device)
+
+        loss = total = None
+        if targets_BT is not None:
+            self._check_targets(targets_BT, B, T)
+            loss = F.cross_entropy(logits_BTV.float().reshape(B * T, -1), targets_BT.reshape(-1).long(),
+                                   ignore_index=-100)
+            total = loss + self.cfg.router_aux_coef * aux_loss
+        return ModelOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, total_loss=total)
+
+    def _check_targets(self, targets_BT: torch.Tensor, B: int, T: int) -> None:
+        if not isinstance(targets_BT, torch.Tensor) or targets_BT.is_floating_point() or targets_BT.is_complex():
+            raise TypeError("targets must be an integer tensor")
+        if tuple(targets_BT.shape) != (B, T):
+            raise ValueError(f"targets must have the ids' shape {(B, T)}, got {tuple(targets_BT.shape)}")
+        valid = targets_BT[targets_BT != -100]
+        if valid.numel():
+            lo, hi = (int(v) for v in torch.aminmax(valid))
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"target id {lo if lo < 0 else hi} is out of range [0, {self.cfg.vocab_size}) "
+                                 f"(use -100 to ignore a position)")
+
+    # -- decoding --------------------------------------------------------------------------------
+    def new_decode_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
+        """An empty :class:`DecodeState` for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        max_len = self.cfg.max_seq_len if max_len is None else int(max_len)
+        if not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={self.cfg.max_seq_len}], got {max_len}")
+        kv = KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim)
+        window = self.hasher.new_window(batch_size) if self.hasher is not None else None
+        return DecodeState(kv=kv, conv={}, window=window)
+
+    def forward_step(self, idx_B1: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one token per sequence (``[B]`` or ``[B, 1]``) and return its next-token logits ``[B, V]``."""
+        if isinstance(idx_B1, torch.Tensor) and idx_B1.dim() == 1:
+            idx_B1 = idx_B1.unsqueeze(1)
+        if isinstance(idx_B1, torch.Tensor) and idx_B1.dim() == 2 and idx_B1.shape[1] != 1:
+            raise ValueError(f"forward_step takes one token per sequence, got shape {tuple(idx_B1.shape)}")
+        return self.forward(idx_B1, cache=state).logits[:, -1]
+
+    # -- persistence -----------------------------------------------------------------------------
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        sd = self.state_dict()
+        if self.cfg.tie_embeddings:  # safetensors refuses aliased tensors; the tie is rebuilt on load
+            sd.pop("lm_head.weight", None)
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.safetensors``, ``config.json`` (and ``vocab.safetensors`` with Engram).
+
+        Every file goes to a temporary name first and is then renamed over the target, so an
+        interrupted save never leaves a half-written file under a final name.
+        """
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.vocab is not None:
+            self.vocab.save(d / VOCAB_FILE)  # atomic on its own
+        tmp = d / (WEIGHTS_FILE + ".tmp")
+        save_file(self._weights_to_save(), str(tmp), metadata={"format": _FORMAT})
+        os.replace(tmp, d / WEIGHTS_FILE)
+        tmp = d / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        os.replace(tmp, d / CONFIG_FILE)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> EngramLM:
+        """Load a model written by :meth:`save_pretrained`.
+
+        Raises FileNotFoundError for a missing file and ValueError for a corrupt file or
+        weights that do not fit the saved config.
+        """
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"no {p.name} in {d} (expected a directory written by save_pretrained)")
+        try:
+            cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise ValueError(f"{cfg_path} is not a valid model config ({e})") from None
+        vocab = None
+        if cfg.engram is not None:
+            if not (d / VOCAB_FILE).is_file():
+                raise FileNotFoundError(f"no {VOCAB_FILE} in {d}: the config has Engram layers, which need it")
+            vocab = CompressedVocab.load(d / VOCAB_FILE)
+        try:
+            state = load_file(str(w_path), device=str(map_location))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise ValueError(f"{w_path} is not a readable safetensors file ({e})") from None
+        model = cls(cfg, vocab)
+        expected = model.state_dict()
+        if cfg.tie_embeddings:
+            expected.pop("lm_head.weight", None)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad = [f"{k}: file {tuple(state[k].shape)} {state[k].dtype} vs config {tuple(v.shape)} {v.dtype}"
+               for k, v in expected.items() if k in state and (state[k].shape, state[k].dtype) != (v.shape, v.dtype)]
+        if missing or unexpected or bad:
+            raise ValueError(f"{w_path} does not match {cfg_path}: missing={missing[:5]} "
+                             f"unexpected={unexpected[:5]} shape mismatches={bad[:5]}")
+        model.load_state_dict(state, strict=not cfg.tie_embeddings)
+        return model.to(map_location)
