@@ -105,6 +105,8 @@ def _compare(args) -> int:
 
 
 def _generate(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from engram.model import EngramLM
@@ -112,7 +114,11 @@ def _generate(args) -> int:
     from engram.tokenizer import load_tokenizer
 
     model = EngramLM.from_pretrained(args.model).eval()
-    tok = load_tokenizer(args.tokenizer or f"{args.model}/tokenizer")
+    spec = args.tokenizer
+    if spec is None:
+        saved = Path(args.model) / "tokenizer"
+        spec = str(saved) if saved.is_dir() else (Path(args.model) / "tokenizer.txt").read_text().strip()
+    tok = load_tokenizer(spec)
     ids = tok(args.prompt, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens")

@@ -160,6 +160,22 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / "ckpt", self.step, self._state(), self.cfg_dict)
 
+    def save_model(self, directory: Path) -> Path:
+        """The trained model plus its tokenizer, so `engram generate --model DIR` needs nothing else."""
+        import shutil
+
+        self.model.save_pretrained(directory)
+        spec = Path(self.data.tokenizer_spec)
+        if spec.is_dir():
+            dst = directory / "tokenizer"
+            dst.mkdir(exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (spec / name).is_file():
+                    shutil.copyfile(spec / name, dst / name)
+        else:  # a bundled name or a single file: record where it came from
+            (directory / "tokenizer.txt").write_text(str(self.data.tokenizer_spec) + "\n")
+        return directory
+
     # -- loop ------------------------------------------------------------------------------------
     def _autocast(self):
         enabled = self.cfg.train.dtype == "bfloat16"
@@ -258,7 +274,7 @@ class Trainer:
         peak = peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32)
         mfu = flops_per_token * tok_s / peak if self.device.type == "cpu" else None
         if status == "finished":
-            self.model.save_pretrained(self.run_dir / "model")
+            self.save_model(self.run_dir / "model")
         recs = read_metrics(self.run_dir / "metrics.jsonl")
         plot_losses({self.cfg.preset or "run": recs}, self.run_dir / "loss.png")
         res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params, mfu)

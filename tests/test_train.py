@@ -1,0 +1,203 @@
+"""Trainer: golden loss curve, exact resume after kill -9 and Ctrl-C, damaged checkpoints, NaN stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from engram.train.config import apply_overrides, run_preset
+from engram.train.run import read_metrics
+from engram.train.trainer import Trainer, TrainingDiverged, lr_at
+
+WORDS = ("def class return self import from for while if else elif try except with as lambda yield "
+         "value index count total items result data node tree list dict open read write close print "
+         "the a of to and in is it for not on with").split()
+
+# The debug preset, made deterministic and small: fp32, one thread, a 512-token BPE.
+OVERRIDES = ["train.steps=24", "train.ckpt_every=8", "train.eval_every=8", "train.dtype='float32'",
+             "train.threads=1", "data.vocab_size=512"]
+
+
+def make_corpus(root: Path, n_files: int = 40, seed: int = 0) -> Path:
+    """Deterministic pseudo-code text: numpy's Generator streams are stable across versions."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = []
+        for _ in range(60):
+            n = int(rng.integers(3, 10))
+            indent = "    " * int(rng.integers(0, 3))
+            lines.append(indent + " ".join(WORDS[j] for j in rng.integers(0, len(WORDS), n)))
+        (root / f"doc{i:03d}.py").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    corpus = make_corpus(base / "corpus")
+    cache = base / "cache"
+    from engram.data import prepare_data
+
+    data = prepare_data([str(corpus)], None, vocab_size=512, cache_dir=cache, progress=False)
+    return {"base": base, "corpus": corpus, "cache": cache, "data": data}
+
+
+def cfg_for(env, extra=()):
+    return apply_overrides(run_preset("debug"), OVERRIDES + [f"data.data={[str(env['corpus'])]!r}", *extra])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_schedule():
+    tc = run_preset("debug").train
+    assert lr_at(0, tc) == pytest.approx(tc.lr / tc.warmup_steps)
+    assert lr_at(tc.warmup_steps, tc) == pytest.approx(tc.lr)
+    assert lr_at(tc.steps, tc) == pytest.approx(tc.lr * tc.min_lr_ratio)
+
+
+
+
+def test_golden_loss_curve(env, tmp_path):
+    torch.set_num_threads(1)
+    res = Trainer(cfg_for(env, ["train.steps=12"]), tmp_path / "run", data=env["data"], progress=False).train()
+    losses = [train_losses(tmp_path / "run")[s] for s in range(1, 13)]
+    assert res.status == "finished" and res.step == 12
+    golden = json.loads((Path(__file__).parent / "golden" / "debug_loss_curve.json").read_text())
+    np.testing.assert_allclose(losses, golden["losses"], atol=2e-3)
+    assert losses[-1] < losses[0] - 0.5  # it learns
+    # the run directory records what produced it
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert "torch" in meta["versions"] and "git_sha" in meta
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["train"]["steps"] == 12 and cfg["model"]["vocab_size"] == env["data"].vocab_size
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def _cli(env, run_dir, *extra):
+    cmd = [sys.executable, "-m", "engram", "train", "--preset", "debug", "--run-dir", str(run_dir), "--no-progress",
+           "--data", str(env["corpus"])]
+    for ov in OVERRIDES:
+        cmd += ["--set", ov]
+    return cmd + list(extra)
+
+
+def _subenv(env):
+    return dict(os.environ, ENGRAM_CACHE=str(env["cache"]), PYTHONHASHSEED="0")
+
+
+def _run_until(cmd, sub_env, metrics: Path, step: int, sig) -> int:
+    """Start training, send `sig` once the metrics show `step`, return the exit code."""
+    p = subprocess.Popen(cmd, env=sub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and p.poll() is None:
+            if metrics.is_file():
+                steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines() if ln.strip()]
+                if steps and max(steps) >= step:
+                    p.send_signal(sig)
+                    break
+            time.sleep(0.01)
+        return p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_resume_after_kill9_and_ctrl_c_is_exact(env):
+    base = env["base"]
+    sub_env = _subenv(env)
+    ref = base / "uninterrupted"
+    subprocess.run(_cli(env, ref), env=sub_env, check=True, timeout=300, capture_output=True)
+    want = train_losses(ref)
+    assert len(want) == 24
+
+    # kill -9 somewhere between checkpoints, then resume
+    killed = base / "killed"
+    kill_step = int(np.random.default_rng().integers(9, 15))
+    rc = _run_until(_cli(env, killed), sub_env, killed / "metrics.jsonl", kill_step, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    ck = latest_checkpoint(killed / "ckpt")
+    assert ck is not None and json.loads(ck.read_text())["step"] % 8 == 0
+    subprocess.run(_cli(env, killed, "--resume"), env=sub_env, check=True, timeout=300, capture_output=True)
+    assert train_losses(killed) == want  # bit-identical losses, every step
+
+    # Ctrl-C saves at the current step and exits cleanly; resuming finishes identically
+    inter = base / "ctrlc"
+    rc = _run_until(_cli(env, inter), sub_env, inter / "metrics.jsonl", 5, signal.SIGINT)
+    assert rc == 130
+    step = json.loads(latest_checkpoint(inter / "ckpt").read_text())["step"]
+    assert 5 <= step < 24
+    subprocess.run(_cli(env, inter, "--resume"), env=sub_env, check=True, timeout=300, capture_output=True)
+    assert train_losses(inter) == want
+
+
+def test_damaged_or_foreign_checkpoints_fail_clearly(env, tmp_path):
+    run = tmp_path / "run"
+    Trainer(cfg_for(env, ["train.steps=8"]), run, data=env["data"], progress=False).train()
+    man = latest_checkpoint(run / "ckpt")
+    pt = man.with_suffix(".pt")
+    good = pt.read_bytes()
+
+    # another config
+    with pytest.raises(CheckpointError, match="another configuration"):
+        Trainer(cfg_for(env, ["train.steps=16", "model.d_model=32"]), run, resume=True, data=env["data"],
+                progress=False)
+    # a fresh start over existing checkpoints is refused (nothing is overwritten)
+    with pytest.raises(CheckpointError, match="--resume"):
+        Trainer(cfg_for(env, ["train.steps=16"]), run, data=env["data"], progress=False)
+    # corrupted (same size, one byte flipped)
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    pt.write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(man)
+    # truncated
+    pt.write_bytes(good[: len(good) // 3])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Trainer(cfg_for(env, ["train.steps=16"]), run, resume=True, data=env["data"], progress=False)
+    pt.write_bytes(good)
+    assert load_checkpoint(man)["step"] == 8
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    tr = Trainer(cfg_for(env, ["train.steps=20"]), run, data=env["data"], progress=False)
+    real = tr.model.forward
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
+        calls["n"] += 1
+        if tr.model.training and tr.step >= 10:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(tr.model, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 11"):
+        tr.train()
+    man = latest_checkpoint(run / "ckpt")
+    assert json.loads(man.read_text())["step"] == 8
+    state = load_checkpoint(man)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_generate_cli_on_trained_model(env, tmp_path):
+    run = tmp_path / "run"
+    Trainer(cfg_for(env, ["train.steps=4"]), run, data=env["data"], progress=False).train()
+    res = subprocess.run([sys.executable, "-m", "engram", "generate", "--model", str(run / "model"), "--prompt",
+                          "def value", "--max-new-tokens", "8", "--temperature", "0"], capture_output=True, text=True,
+                         timeout=120, env=_subenv(env))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def value")
