@@ -33,6 +33,7 @@ class EngramConfig:
     conv_init: str = "zero"
     table_dtype: str = "float32"
     sparse: bool = True
+    init_std: float = 1.0  # table rows start N(0, init_std^2); 1.0 is nn.Embedding's (the reference's)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +64,8 @@ class EngramConfig:
             raise ValueError(f"layer_ids must be non-empty and distinct, got {self.layer_ids}")
         if self.table_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"table_dtype must be 'float32' or 'bfloat16', got {self.table_dtype!r}")
+        if not self.init_std >= 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
         if self.conv_init not in ("zero", "default"):
             raise ValueError(f"conv_init must be 'zero' or 'default', got {self.conv_init!r}")
 

@@ -141,7 +141,7 @@ class EngramLM(nn.Module):
                 eng = Engram(D, self.hasher.head_sizes(i), max_ngram_size=e.max_ngram_size,
                              n_head_per_ngram=e.n_head_per_ngram, n_embed_per_ngram=e.n_embed_per_ngram,
                              hc_mult=cfg.hc_mult, kernel_size=e.kernel_size, conv_init=e.conv_init,
-                             table_dtype=e.torch_table_dtype, sparse=e.sparse)
+                             table_dtype=e.torch_table_dtype, sparse=e.sparse, init_std=e.init_std)
             blocks.append(Block(cfg, i, self.rotary, eng))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(D, cfg.norm_eps)

@@ -26,7 +26,7 @@ def variants(base: RunConfig, n_experts_moved: int) -> dict[str, RunConfig]:
         raise ValueError("the compare preset needs an engram template in model.engram")
     moe.model.engram = None
     eng = copy.deepcopy(base)
-    eng.model = iso_engram_config(moe.model, n_experts_moved, template)
+    eng.model = iso_engram_config(moe.model, n_experts_moved, template, match_total=True)
     return {"moe": moe, "engram": eng}
 
 

@@ -1,0 +1,99 @@
+"""Training-step cost of Engram memory: table size, Engram overhead, and the largest memory.
+
+Measures (issue targets in brackets), all on the real stdlib corpus with the trainer's own step
+(bf16 autocast, AdamW backbone, sparse-row Adam on the tables, gradient clipping):
+  * rows_ratio: step time with a memory of 64M rows / with 1M rows, same row width (d=16)
+    [<= 1.10; a dense optimizer would touch every row every step];
+  * overhead: tokens/s of the backbone + Engram / tokens/s of the same backbone alone [>= 0.95];
+  * largest: the 64M-row memory is 1.07 billion parameters (4 GiB fp32 + 8 GiB Adam state)
+    next to a backbone of ~12M parameters [>= 1B at unchanged step time]; peak RSS is reported.
+
+Run: .venv/bin/python benchmarks/bench_train_speed.py [--quick] [--out results.json]
+"""
+
+# Legend: B batch, T time; rows = table rows per Engram layer (all heads), d = row width.
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+from engram.config import EngramConfig, ModelConfig
+from engram.train.config import RunConfig, TrainConfig
+
+from common import emit, machine_info
+
+
+def backbone(engram: EngramConfig | None) -> ModelConfig:
+    return ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, mlp_hidden=768, max_seq_len=256,
+                       engram=engram)
+
+
+def memory(rows_total: int, d: int = 16, heads: int = 8) -> EngramConfig:
+    """One Engram layer (layer 1), orders 2..3, `heads` heads per order, ~rows_total rows in all."""
+    per_head = rows_total // (2 * heads)
+    return EngramConfig(engram_vocab_size=[per_head, per_head], n_embed_per_ngram=d * heads, n_head_per_ngram=heads,
+                        layer_ids=[1])
+
+
+def measure(model_cfg: ModelConfig, data, steps: int, warmup: int) -> dict:
+    from engram.train.trainer import Trainer
+
+    cfg = RunConfig(model=copy.deepcopy(model_cfg),
+                    train=TrainConfig(steps=warmup + steps, batch_size=16, seq_len=256, warmup_steps=5,
+                                      eval_every=10**9, ckpt_every=10**9, eval_tokens=4096))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, d, data=data, progress=False)
+        build_s = time.perf_counter() - t0
+        times = []
+        for i in range(warmup + steps):
+            x, y = tr.sampler.next()
+            t = time.perf_counter()
+            tr._train_step(x, y)
+            tr.step += 1
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        mem_params = sum(p.numel() for p in tr.model.engram_parameters())
+        total = sum(p.numel() for p in tr.model.parameters())
+        del tr
+    gc.collect()
+    med = float(np.median(times))
+    return {"memory_params": mem_params, "backbone_params": total - mem_params, "median_step_s": round(med, 4),
+            "tokens_per_s": round(16 * 256 / med, 1), "build_s": round(build_s, 1),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1M vs 4M rows, few steps (smoke test)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from engram.data import prepare_data
+
+    data = prepare_data(progress=False)
+    steps, warmup = (3, 1) if args.quick else (args.steps, 3)
+    big = 4 * 2**20 if args.quick else 64 * 2**20
+    res = {"benchmark": "train_speed", "machine": machine_info(), "batch": [16, 256], "dtype": "bfloat16"}
+    plain = measure(backbone(None), data, steps, warmup)
+    small = measure(backbone(memory(2**20)), data, steps, warmup)
+    large = measure(backbone(memory(big)), data, steps, warmup)
+    res["no_engram"], res["rows_1M"], res[f"rows_{big >> 20}M"] = plain, small, large
+    res["rows_ratio"] = round(large["median_step_s"] / small["median_step_s"], 3)
+    res["rows_ratio_target_met"] = res["rows_ratio"] <= 1.10
+    res["overhead_ratio"] = round(small["tokens_per_s"] / plain["tokens_per_s"], 3)
+    res["overhead_target_met"] = res["overhead_ratio"] >= 0.95
+    res["largest_memory_params"] = large["memory_params"]
+    res["largest_target_met"] = large["memory_params"] >= 1e9 and res["rows_ratio_target_met"]
+    emit(res, args.out)
+
+
+if __name__ == "__main__":
+    main()
