@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/engram demo
+	$(BIN)/engram compare --preset demo --experts-moved 8
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

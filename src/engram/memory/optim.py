@@ -51,6 +51,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from engram.memory.hugepages import advise_hugepages
+
 __all__ = ["SparseRowAdam", "clip_grad_norm_", "coalesce_", "sparse_rows"]
 
 BIAS_CORRECTIONS = ("row", "global", "none")
@@ -161,13 +163,13 @@ class SparseRowAdam(torch.optim.Optimizer):
         state = self.state[p]
         R, D = p.shape[0], p[0].numel() if p.shape[0] else 0
         state["step"] = torch.tensor(0, dtype=torch.int64)
-        state["exp_avg"] = torch.zeros(R, D, dtype=torch.float32, device=p.device)
+        state["exp_avg"] = _zeros((R, D), torch.float32, p.device)
         shape = (R,) if group["rowwise"] else (R, D)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = _zeros(shape, torch.float32, p.device)
         if group["bias_correction"] == "row":
-            state["row_step"] = torch.zeros(R, dtype=torch.int32, device=p.device)
+            state["row_step"] = _zeros((R,), torch.int32, p.device)
         if group["catch_up"] != "none":
-            state["last_step"] = torch.zeros(R, dtype=torch.int32, device=p.device)
+            state["last_step"] = _zeros((R,), torch.int32, p.device)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -325,6 +327,13 @@ class SparseRowAdam(torch.optim.Optimizer):
             table.index_copy_(0, rows, _stochastic_bf16(w_UD, rows, t))
         else:
             table.index_copy_(0, rows, w_UD.to(table.dtype))
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros backed by huge pages where possible: the state is gathered at random rows like the table."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    advise_hugepages(t)  # before the first touch (zero_ below faults the pages in)
+    return t.zero_()
 
 
 def _check_group(group: dict) -> None:

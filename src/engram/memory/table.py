@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram.memory.hugepages import advise_hugepages
+
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -72,7 +74,10 @@ class MultiHeadTable(nn.Module):
         self.register_buffer("offsets", offsets_H, persistent=False)
         self.register_buffer("head_sizes", sizes_H, persistent=False)
 
-        self.weight = nn.Parameter(torch.empty(sum(sizes), self._dim, dtype=dtype, device=device))
+        weight = torch.empty(sum(sizes), self._dim, dtype=dtype, device=device)
+        # Before the first touch: huge pages only back pages faulted in after the advice.
+        self.hugepage_bytes = advise_hugepages(weight)
+        self.weight = nn.Parameter(weight)
         # Reused by gather_into(); a plain attribute (not a buffer) so it never lands in
         # state_dict and is simply reallocated if the device or shape changes.
         self._idx_buf: torch.Tensor | None = None
