@@ -1,6 +1,26 @@
-"""Engram memory: multi-head hashed embedding tables and their sparse-row optimizer."""
+"""Engram memory: hashed n-gram tables, their sparse-row optimizer, and tiered row stores."""
 
 from engram.memory.optim import SparseRowAdam, clip_grad_norm_
+from engram.memory.store import (
+    DiskStore,
+    RamStore,
+    RowStore,
+    StoreFormatError,
+    TierStats,
+    check_rows,
+    write_store,
+)
 from engram.memory.table import MultiHeadTable
 
-__all__ = ["MultiHeadTable", "SparseRowAdam", "clip_grad_norm_"]
+__all__ = [
+    "DiskStore",
+    "MultiHeadTable",
+    "RamStore",
+    "RowStore",
+    "SparseRowAdam",
+    "StoreFormatError",
+    "TierStats",
+    "check_rows",
+    "clip_grad_norm_",
+    "write_store",
+]

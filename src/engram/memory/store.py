@@ -1,0 +1,382 @@
+"""Row stores: one Engram table served from RAM or from a memory-mapped file, with per-tier statistics.
+
+Every store answers ``gather(rows_N) -> [N, d]``, bit-identical to ``table[rows_N]``; callers do not need
+to know where the rows live. :class:`RamStore` wraps an in-memory tensor, :class:`DiskStore` maps a file
+written by :func:`write_store` (layout in :mod:`engram.memory.disk_format`).
+
+Disk reads, and how the page cache is made cold for measurements:
+
+* The data region is mapped read-only and advised ``MADV_RANDOM``: Engram rows are hashed, so neighbours
+  are useless and the kernel's default read-around (128 KiB per fault) would read ~500x the bytes needed.
+* A gather de-duplicates its ids and reads the distinct rows in ascending file order, then expands them
+  with the inverse index; ``bytes_read`` counts ``unique * row_bytes`` (logical bytes; the device reads
+  whole 4 KiB pages).
+* :meth:`DiskStore.drop_page_cache` first drops this process's mappings of the file's pages
+  (``madvise(MADV_DONTNEED)``; the kernel never evicts pages that are still mapped) and then calls
+  ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``, which evicts the file's clean pages from the page
+  cache. Dirty pages are not dropped, which is one reason the writer fsyncs. Other processes mapping the
+  same file keep their pages. :meth:`DiskStore.page_cache_bytes` (``mincore``) shows the effect.
+"""
+
+# Shapes: N requested row ids, U distinct ids among them, R rows in the table, d row width (``dim``).
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram.memory.disk_format import (
+    DTYPE_NAMES,
+    RAW_NUMPY,
+    RAW_TORCH,
+    StoreFormatError,
+    StoreHeader,
+    check_expected,
+    read_header,
+    verify_chunks,
+    write_store,
+)
+
+__all__ = ["DiskStore", "RamStore", "RowStore", "StoreFormatError", "TierStats", "check_rows", "write_store"]
+
+
+@dataclass
+class TierStats:
+    """Cumulative counters of one tier; invariant: ``hits + misses == unique``."""
+
+    requested: int = 0  # row ids asked for (with duplicates)
+    unique: int = 0  # distinct row ids among them (per gather call, summed over calls)
+    hits: int = 0  # unique rows served by this tier
+    misses: int = 0  # unique rows passed on to the next tier
+    bytes_read: int = 0  # bytes this tier read from its own storage
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def reset(self) -> None:
+        self.requested = self.unique = self.hits = self.misses = self.bytes_read = 0
+
+
+def check_rows(rows_N, num_rows: int) -> torch.Tensor:
+    """Validate row ids and return them as a 1-D int64 CPU tensor (no copy when already one).
+
+    Accepts a 1-D integer torch tensor or numpy array; raises ValueError for any other type, a float
+    or bool dtype, another rank, or an id outside ``[0, num_rows)`` (naming the first bad id).
+    """
+    if isinstance(rows_N, np.ndarray):
+        if rows_N.dtype.kind not in "iu":
+            raise ValueError(f"row ids must have an integer dtype, got numpy {rows_N.dtype}")
+        if rows_N.ndim != 1:
+            raise ValueError(f"row ids must be 1-D (flatten [B, T, H] first), got shape {list(rows_N.shape)}")
+        if rows_N.size and (rows_N.min() < 0 or rows_N.max() >= num_rows):
+            bad = int(np.flatnonzero((rows_N < 0) | (rows_N >= num_rows))[0])
+            raise ValueError(f"row id {rows_N[bad]} at position {bad} is out of range [0, {num_rows})")
+        rows_N = np.ascontiguousarray(rows_N, dtype=np.int64)
+        return torch.from_numpy(rows_N if rows_N.flags.writeable else rows_N.copy())  # torch warns on read-only
+    if not isinstance(rows_N, torch.Tensor):
+        raise ValueError(f"row ids must be a 1-D integer torch.Tensor or numpy array, got {type(rows_N).__name__}")
+    if rows_N.dtype.is_floating_point or rows_N.dtype.is_complex or rows_N.dtype == torch.bool:
+        raise ValueError(f"row ids must have an integer dtype, got {rows_N.dtype}")
+    if rows_N.dim() != 1:
+        raise ValueError(f"row ids must be 1-D (flatten [B, T, H] first), got shape {list(rows_N.shape)}")
+    rows_N = rows_N.detach().to("cpu", torch.int64).contiguous()
+    if rows_N.numel():
+        lo, hi = torch.aminmax(rows_N)
+        if lo < 0 or hi >= num_rows:
+            bad = int(torch.nonzero((rows_N < 0) | (rows_N >= num_rows))[0, 0])
+            raise ValueError(f"row id {int(rows_N[bad])} at position {bad} is out of range [0, {num_rows})")
+    return rows_N
+
+
+class RowStore:
+    """A read-only ``[num_rows, dim]`` table that serves row gathers; see the module docstring.
+
+    Subclasses call ``super().__init__()`` (it sets up the statistics), set ``tier`` to the name their
+    counters are reported under, and implement ``num_rows``, ``dim``, ``dtype`` and ``gather``. In
+    ``gather``, ``_prepare`` validates ids and ``out_Nd`` (allocating it when None) and ``_record`` adds
+    to the counters under the stats lock.
+    """
+
+    tier = "store"
+
+    def __init__(self) -> None:
+        self._stats = TierStats()
+        self._stats_lock = threading.Lock()
+
+    num_rows: int
+    dim: int
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * RAW_NUMPY[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_rows * self.row_bytes
+
+    def gather(self, rows_N, out_Nd: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``rows_N`` (1-D int flat ids into ``[0, num_rows)``, any order, duplicates allowed) -> ``[N, d]``.
+
+        The result is a CPU tensor of ``self.dtype``, bit-identical to ``table[rows_N]``. If ``out_Nd`` is
+        given (CPU, contiguous, ``[N, d]``, ``self.dtype``) it is filled and returned, nothing is allocated for
+        the result. Raises ValueError for bad ids (see :func:`check_rows`) or a bad ``out_Nd``. Thread-safe.
+        """
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, dict]:
+        """``{tier_name: TierStats.as_dict()}`` for every tier of this store (a snapshot)."""
+        with self._stats_lock:
+            return {self.tier: self._stats.as_dict()}
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats.reset()
+
+    def close(self) -> None:
+        """Release the store's resources; idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _record(self, requested: int, unique: int, hits: int, misses: int, bytes_read: int) -> None:
+        with self._stats_lock:
+            s = self._stats
+            s.requested += requested
+            s.unique += unique
+            s.hits += hits
+            s.misses += misses
+            s.bytes_read += bytes_read
+
+    def _prepare(self, rows_N, out_Nd: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``(rows_N int64, out_Nd)``; allocates ``out_Nd`` when not given."""
+        rows_N = check_rows(rows_N, self.num_rows)
+        shape = (rows_N.numel(), self.dim)
+        if out_Nd is None:
+            return rows_N, torch.empty(shape, dtype=self.dtype)
+        if not isinstance(out_Nd, torch.Tensor):
+            raise ValueError(f"out_Nd must be a torch.Tensor, got {type(out_Nd).__name__}")
+        if tuple(out_Nd.shape) != shape or out_Nd.dtype != self.dtype or out_Nd.device.type != "cpu":
+            raise ValueError(f"out_Nd must be a CPU {self.dtype} tensor of shape {list(shape)}, "
+                             f"got {out_Nd.device.type} {out_Nd.dtype} {list(out_Nd.shape)}")
+        if not out_Nd.is_contiguous():
+            raise ValueError("out_Nd must be contiguous")
+        return rows_N, out_Nd
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_rows={self.num_rows}, dim={self.dim}, "
+                f"dtype={DTYPE_NAMES.get(self.dtype, self.dtype)})")
+
+
+class RamStore(RowStore):
+    """Serves rows from an in-memory ``[R, d]`` CPU tensor, which is wrapped, not copied.
+
+    Args:
+        table_Rd: float32/bfloat16/float16 CPU tensor (e.g. ``MultiHeadTable.weight``; it is detached).
+        pin: page-lock the table (one copy) so GPU copies of gathered rows can be asynchronous; only done
+            when CUDA is available, otherwise ignored (``self.pinned`` says which).
+        count_unique: count distinct ids per gather for the statistics (a sort); with False, ``unique`` and
+            ``hits`` count every requested id, which keeps an all-in-RAM baseline free of that cost.
+
+    ``bytes_read`` counts every requested row (``index_select`` reads duplicates again).
+    """
+
+    tier = "ram"
+
+    def __init__(self, table_Rd: torch.Tensor, *, pin: bool = False, count_unique: bool = True) -> None:
+        super().__init__()
+        if not isinstance(table_Rd, torch.Tensor) or table_Rd.dim() != 2 or min(table_Rd.shape) < 1:
+            raise ValueError(f"table must be a non-empty [num_rows, dim] tensor, got "
+                             f"{list(table_Rd.shape) if isinstance(table_Rd, torch.Tensor) else type(table_Rd)}")
+        if table_Rd.dtype not in RAW_TORCH:
+            raise ValueError(f"table dtype must be float32, bfloat16 or float16, got {table_Rd.dtype}")
+        if table_Rd.device.type != "cpu":
+            raise ValueError(f"table must live on the CPU, got device {table_Rd.device}")
+        table_Rd = table_Rd.detach()
+        self.pinned = bool(pin and torch.cuda.is_available())
+        if self.pinned:
+            table_Rd = table_Rd.pin_memory()
+        self.table = table_Rd
+        # index_select on an integer view copies bits: NaN payloads survive, whatever the kernel does.
+        self._raw_Rd = table_Rd.view(RAW_TORCH[table_Rd.dtype])
+        self.count_unique = count_unique
+
+    num_rows = property(lambda self: self.table.shape[0])
+    dim = property(lambda self: self.table.shape[1])
+    dtype = property(lambda self: self.table.dtype)
+
+    def gather(self, rows_N, out_Nd: torch.Tensor | None = None) -> torch.Tensor:
+        rows_N, out_Nd = self._prepare(rows_N, out_Nd)
+        n = rows_N.numel()
+        if n:
+            torch.index_select(self._raw_Rd, 0, rows_N, out=out_Nd.detach().view(self._raw_Rd.dtype))
+        u = torch.unique(rows_N).numel() if self.count_unique and n else n
+        self._record(n, u, u, 0, n * self.row_bytes)
+        return out_Nd
+
+
+_libc = None
+
+
+def _mincore():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc.mincore
+
+
+class DiskStore(RowStore):
+    """Serves rows from a store file through a read-only memory mapping (see the module docstring).
+
+    Open with ``DiskStore.open(path, verify=..., expect=...)`` (or the constructor, same arguments).
+
+    Args:
+        verify: ``"header"`` checks magic, version, header checksum, fields and exact file size (cheap);
+            ``"full"`` also recomputes every chunk checksum (reads the whole file).
+        expect: fields the file must have, e.g. ``{"num_rows": R, "dim": d, "dtype": torch.bfloat16,
+            "meta": {"layer": 2}}``; a mismatch raises StoreFormatError listing every difference.
+
+    All format problems raise :class:`StoreFormatError` (a ValueError) naming the file.
+    """
+
+    tier = "disk"
+
+    def __init__(self, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None) -> None:
+        super().__init__()
+        if verify not in ("header", "full"):
+            raise ValueError(f"verify must be 'header' or 'full', got {verify!r}")
+        self.path = Path(path)
+        self._fd = -1
+        self._mmap = None
+        self._rows_Rd = None
+        self._close_lock = threading.Lock()
+        # The header is read through the descriptor that is mapped, so a concurrent os.replace of the
+        # path cannot pair one file's header with another file's data.
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.header: StoreHeader = read_header(self.path, self._fd)
+            check_expected(self.header, expect)
+            h = self.header
+            self._mmap = mmap.mmap(self._fd, h.file_bytes, access=mmap.ACCESS_READ)
+            if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                self._mmap.madvise(mmap.MADV_RANDOM)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+            raw = RAW_NUMPY[h.dtype]
+            self._rows_Rd = np.frombuffer(self._mmap, dtype=raw, count=h.num_rows * h.dim,
+                                          offset=h.data_offset).reshape(h.num_rows, h.dim)
+            if verify == "full":
+                self.verify_chunks()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None) -> DiskStore:
+        """Open and check the store file at ``path``; see the class docstring."""
+        return cls(path, verify=verify, expect=expect)
+
+    num_rows = property(lambda self: self.header.num_rows)
+    dim = property(lambda self: self.header.dim)
+    dtype = property(lambda self: self.header.dtype)
+    chunk_rows = property(lambda self: self.header.chunk_rows)
+    num_chunks = property(lambda self: self.header.num_chunks)
+    meta = property(lambda self: dict(self.header.meta))
+
+    def _table(self) -> np.ndarray:
+        table = self._rows_Rd
+        if table is None:
+            raise ValueError(f"{self.path}: store is closed")
+        return table
+
+    def gather(self, rows_N, out_Nd: torch.Tensor | None = None) -> torch.Tensor:
+        rows_N, out_Nd = self._prepare(rows_N, out_Nd)
+        table_Rd = self._table()
+        n = rows_N.numel()
+        if n == 0:
+            self._record(0, 0, 0, 0, 0)
+            return out_Nd
+        out_raw = out_Nd.detach().view(RAW_TORCH[self.dtype]).numpy()
+        rows = rows_N.numpy()
+        uniq_U, inv_N = np.unique(rows, return_inverse=True)  # sorted: reads walk the file forwards
+        u = uniq_U.size
+        # mode="clip": ids are already checked, and the default mode="raise" copies `out` through a temp buffer.
+        if u == n and (n == 1 or bool((rows[1:] > rows[:-1]).all())):
+            np.take(table_Rd, uniq_U, axis=0, out=out_raw, mode="clip")  # already distinct and ascending
+        else:
+            buf_Ud = np.empty((u, self.dim), dtype=table_Rd.dtype)  # per call: no shared scratch
+            np.take(table_Rd, uniq_U, axis=0, out=buf_Ud, mode="clip")
+            np.take(buf_Ud, inv_N.reshape(-1), axis=0, out=out_raw, mode="clip")
+        self._record(n, u, u, 0, u * self.row_bytes)
+        return out_Nd
+
+    def chunks_of(self, rows_N) -> np.ndarray:
+        """Sorted distinct chunk ids holding the given row ids (for :meth:`verify_chunks`)."""
+        return np.unique(check_rows(rows_N, self.num_rows).numpy() // self.chunk_rows)
+
+    def verify_chunks(self, chunk_ids=None) -> int:
+        """Recompute the crc32 of the given chunks (all if None); raise StoreFormatError on a mismatch.
+
+        Returns the number of chunks checked. Reads through the file descriptor (it warms the page cache:
+        call :meth:`drop_page_cache` afterwards for a cold start).
+        """
+        self._table()
+        return verify_chunks(self._fd, self.header, None if chunk_ids is None else np.asarray(chunk_ids).ravel())
+
+    def drop_page_cache(self) -> None:
+        """Evict this file's pages from the page cache so the next reads come from the device.
+
+        ``madvise(MADV_DONTNEED)`` on our mapping, then ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``;
+        see the module docstring for what this can and cannot drop.
+        """
+        self._table()
+        if hasattr(mmap, "MADV_DONTNEED") and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def page_cache_bytes(self) -> int | None:
+        """Bytes of the data region now in the page cache (Linux ``mincore``), or None where unavailable."""
+        table_Rd = self._table()
+        page = mmap.PAGESIZE
+        start = table_Rd.ctypes.data // page * page
+        length = table_Rd.ctypes.data + table_Rd.nbytes - start
+        vec = np.zeros(-(-length // page), dtype=np.uint8)
+        try:
+            rc = _mincore()(ctypes.c_void_p(start), ctypes.c_size_t(length), vec.ctypes.data_as(ctypes.c_void_p))
+        except (OSError, AttributeError):
+            return None
+        return int(np.count_nonzero(vec & 1)) * page if rc == 0 else None
+
+    def close(self) -> None:
+        with self._close_lock:
+            self._rows_Rd = None
+            if self._mmap is not None:
+                try:
+                    self._mmap.close()
+                except BufferError:
+                    pass  # a gather in flight still holds a view; the mapping goes when it finishes
+                self._mmap = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, path={str(self.path)!r})"
