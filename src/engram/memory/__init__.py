@@ -1,5 +1,6 @@
 """Engram memory: hashed n-gram tables, their sparse-row optimizer, and tiered row stores."""
 
+from engram.memory.cache import POLICIES, CachedStore, access_profile, coverage_curve, simulate_hit_rate
 from engram.memory.optim import SparseRowAdam, clip_grad_norm_
 from engram.memory.store import (
     DiskStore,
@@ -13,6 +14,11 @@ from engram.memory.store import (
 from engram.memory.table import MultiHeadTable
 
 __all__ = [
+    "POLICIES",
+    "CachedStore",
+    "access_profile",
+    "coverage_curve",
+    "simulate_hit_rate",
     "DiskStore",
     "MultiHeadTable",
     "RamStore",
