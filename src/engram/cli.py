@@ -104,30 +104,137 @@ def _compare(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
+def _tokenizer_spec(model_dir: str, override: str | None) -> str:
     from pathlib import Path
 
+    if override is not None:
+        return override
+    saved = Path(model_dir) / "tokenizer"
+    return str(saved) if saved.is_dir() else (Path(model_dir) / "tokenizer.txt").read_text().strip()
+
+
+def _open_memory(args, profile_batches=None):
+    """The OffloadedLM the --memory/--store/--cache-mb/--policy options describe."""
+    from engram.serve import access_profiles, open_memory
+
+    profile = None
+    if args.policy == "static" and args.cache_mb > 0:
+        from engram.model import EngramLM
+
+        # Rank rows by their counts on the train split, never on what is evaluated.
+        profile = access_profiles(EngramLM.from_pretrained(args.model, tables=False), profile_batches())
+    return open_memory(args.model, args.memory, args.store, cache_bytes=int(args.cache_mb * 2**20),
+                       policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers)
+
+
+def _print_memory_stats(lm, file) -> None:
+    import logging
+
+    from engram.serve import format_tier_stats
+
+    tiers = lm.tier_stats()
+    logging.getLogger("engram.serve").info("memory tier stats: %s", tiers)
+    print(format_tier_stats(tiers), file=file)
+
+
+def _train_windows(args, seq_len: int):
+    """Token-id windows of the data's train split (for the static cache's access profile)."""
+    from engram.data import BatchSampler, prepare_data
+
+    data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
+    n = max(1, args.profile_tokens // (8 * seq_len))
+    sampler = BatchSampler(data.train, 8, seq_len, seed=0)
+    return [sampler.batch_at(i)[0] for i in range(n)]
+
+
+def _generate(args) -> int:
     import torch
 
     from engram.model import EngramLM
     from engram.model.generation import generate
     from engram.tokenizer import load_tokenizer
 
-    model = EngramLM.from_pretrained(args.model).eval()
-    spec = args.tokenizer
-    if spec is None:
-        saved = Path(args.model) / "tokenizer"
-        spec = str(saved) if saved.is_dir() else (Path(args.model) / "tokenizer.txt").read_text().strip()
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(_tokenizer_spec(args.model, args.tokenizer))
     ids = tok(args.prompt, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, generator=g)
-    print(tok.decode(out[0].tolist()))
+    if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
+        raise ValueError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
+    if args.memory is None:
+        model = EngramLM.from_pretrained(args.model).eval()
+        with torch.no_grad():
+            out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, generator=g)
+        print(tok.decode(out[0].tolist()))
+        return 0
+    with _open_memory(args, lambda: _train_windows(args, 64)) as lm:
+        out = lm.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, generator=g)
+        print(tok.decode(out[0].tolist()))
+        _print_memory_stats(lm, sys.stderr)
     return 0
+
+
+def _export_memory(args) -> int:
+    from engram.serve import export_tables, read_manifest
+
+    out = export_tables(args.model, args.out)
+    m = read_manifest(out)
+    for lay, spec in sorted(m["layers"].items(), key=lambda kv: int(kv[0])):
+        size = (out / spec["file"]).stat().st_size
+        print(f"layer {lay}: {out / spec['file']}  {spec['num_rows']:,} rows x {m['dim']} {m['dtype']}  "
+              f"{size / 2**20:,.1f} MiB")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+def _eval(args) -> int:
+    import time
+
+    from engram.data import prepare_data, val_batches
+    from engram.model import EngramLM
+
+    cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
+    seq_len = args.seq_len or min(cfg.max_seq_len, 128)
+    # The memory first: a bad store fails before the corpus is read (and tokenised, on a first run).
+    with _open_memory(args, lambda: _train_windows(args, seq_len)) as lm:
+        data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
+        if data.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
+        batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
+        if args.cold and lm.drop_page_cache() == 0:
+            print("engram eval: --cold has no effect with --memory ram", file=sys.stderr)
+        t0 = time.perf_counter()
+        loss = lm.evaluate(batches)
+        seconds = time.perf_counter() - t0
+        tokens = sum(x.numel() for x, _ in batches)
+        tiers = lm.tier_stats()
+        if args.json:
+            print(json.dumps({"val_loss": loss, "tokens": tokens, "seconds": seconds,
+                              "tokens_per_s": tokens / seconds, "memory": args.memory, "cache_mb": args.cache_mb,
+                              "policy": args.policy, "prefetch": not args.no_prefetch, "tiers": tiers}))
+            return 0
+        cache = f", cache {args.cache_mb:g} MiB {args.policy}" if args.cache_mb > 0 else ""
+        print(f"val loss  {loss:.4f}  ({tokens:,} tokens in {len(batches)} batches of {seq_len})")
+        print(f"tokens/s  {tokens / seconds:,.0f}  (memory {args.memory}{cache}, "
+              f"prefetch {'off' if args.no_prefetch else 'on'})")
+        _print_memory_stats(lm, sys.stdout)
+    return 0
+
+
+def _add_memory_args(s, default: str | None) -> None:
+    s.add_argument("--memory", choices=["ram", "disk"], default=default,
+                   help="where the Engram tables live: ram, or disk (a store directory, see export-memory)")
+    s.add_argument("--store", help="store directory written by `engram export-memory` (for --memory disk)")
+    s.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0: no cache)")
+    s.add_argument("--policy", choices=["lru", "lfu", "static"], default="lru",
+                   help="cache policy; static keeps the rows most used on the train split")
+    s.add_argument("--profile-tokens", type=int, default=1 << 18,
+                   help="train tokens counted for the static policy's access profile")
+    s.add_argument("--data", nargs="+", help="corpus files/folders (default: the Python stdlib)")
+    s.add_argument("--no-prefetch", action="store_true", help="fetch rows synchronously (no worker threads)")
+    s.add_argument("--workers", type=int, default=2, help="prefetch threads")
 
 
 def _add_run_args(s) -> None:
@@ -180,7 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
+    _add_memory_args(s, default=None)
     s.set_defaults(func=_generate)
+
+    s = sub.add_parser("export-memory", help="write a model's Engram tables to a store directory (for --memory disk)")
+    s.add_argument("--model", required=True, help="a model directory (save_pretrained)")
+    s.add_argument("--out", required=True, help="store directory to write (one file per layer + manifest.json)")
+    s.set_defaults(func=_export_memory)
+
+    s = sub.add_parser("eval", help="validation loss and throughput with the tables in RAM or on disk")
+    s.add_argument("--model", required=True, help="a model directory written by training (run_dir/model)")
+    s.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")
+    _add_memory_args(s, default="ram")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(max_seq_len, 128))")
+    s.add_argument("--eval-tokens", type=int, default=1 << 15, help="validation tokens to evaluate")
+    s.add_argument("--cold", action="store_true", help="drop the store files from the page cache first")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_eval)
 
     s = sub.add_parser("demo", help="compress a bundled tokenizer, hash a sentence, run the module")
     s.add_argument("--tokenizer", default="mistral-tekken")

@@ -2,6 +2,7 @@
 
 from engram.memory.cache import POLICIES, CachedStore, access_profile, coverage_curve, simulate_hit_rate
 from engram.memory.optim import SparseRowAdam, clip_grad_norm_
+from engram.memory.prefetch import Pending, Prefetcher
 from engram.memory.store import (
     DiskStore,
     RamStore,
@@ -21,6 +22,8 @@ __all__ = [
     "simulate_hit_rate",
     "DiskStore",
     "MultiHeadTable",
+    "Pending",
+    "Prefetcher",
     "RamStore",
     "RowStore",
     "SparseRowAdam",

@@ -157,6 +157,8 @@ class Engram(nn.Module):
         table_dtype: storage dtype of the table (float32 or bfloat16).
         sparse: sparse gradients for the table.
         init_std: std of the table's initial rows.
+        with_table: False builds the module without its table (``self.table`` is None), for serving
+            the rows from a store: ``forward`` then needs ``emb`` (see :meth:`flat_rows`).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class Engram(nn.Module):
         table_dtype: torch.dtype = torch.float32,
         sparse: bool = True,
         init_std: float = 1.0,
+        with_table: bool = True,
     ) -> None:
         super().__init__()
         head_sizes = [int(s) for s in head_sizes]
@@ -213,9 +216,17 @@ class Engram(nn.Module):
         self.embed_dim = self.num_heads * self.head_dim
         D, M, E = self.hidden_size, self.hc_mult, self.embed_dim
 
-        self.table = MultiHeadTable(
-            head_sizes, self.head_dim, dtype=table_dtype, sparse=sparse, init_std=init_std
-        )
+        self.head_sizes = tuple(head_sizes)
+        self.num_rows = sum(head_sizes)
+        self.table_dtype = table_dtype
+        # Plain attribute (not a buffer): derived from head_sizes, moved to the ids' device on use.
+        sizes_H = torch.tensor(head_sizes, dtype=torch.int64)
+        self._offsets_H = torch.cumsum(sizes_H, 0) - sizes_H
+        self.table: MultiHeadTable | None = None
+        if with_table:
+            self.table = MultiHeadTable(
+                head_sizes, self.head_dim, dtype=table_dtype, sparse=sparse, init_std=init_std
+            )
         self.value_proj = nn.Linear(E, D, bias=True)
         # All M key projections in one matmul; the output is viewed as [B, T, M, D].
         self.key_proj = nn.Linear(E, M * D, bias=True)
@@ -241,6 +252,9 @@ class Engram(nn.Module):
         if (rows_BTH is None) == (emb is None):
             raise ValueError("pass exactly one of rows_BTH (table lookup) or emb (pre-gathered)")
         if rows_BTH is not None:
+            if self.table is None:
+                raise ValueError("this Engram module has no table (built with with_table=False): pass emb= "
+                                 "(rows gathered from a store) instead of rows_BTH")
             if rows_BTH.dim() != 3 or tuple(rows_BTH.shape[:2]) != (B, T):
                 raise ValueError(
                     f"rows_BTH must have shape [B, T, H] = [{B}, {T}, {self.num_heads}], "
@@ -280,8 +294,9 @@ class Engram(nn.Module):
         B, T, M, D = h_BTMD.shape
         if rows_BTH is not None:
             emb = self.table(rows_BTH)
-        # A bf16 table feeds fp32 projections (and vice versa) at the hidden state's precision.
-        e_BTE = emb.reshape(B, T, self.embed_dim).to(h.dtype)
+        # A bf16 table feeds fp32 projections (and vice versa) at the hidden state's precision;
+        # rows gathered from a host-side store may also still need to move to h's device.
+        e_BTE = emb.reshape(B, T, self.embed_dim).to(h.device, h.dtype)
 
         k_BTMD = self.key_norm(self.key_proj(e_BTE).view(B, T, M, D))
         q_BTMD = self.query_norm(h_BTMD)
@@ -305,6 +320,16 @@ class Engram(nn.Module):
         if return_gates:
             aux["gates"] = gate_BTM
         return out, aux
+
+    def flat_rows(self, rows_BTH: torch.Tensor) -> torch.Tensor:
+        """Per-head row ids ``[..., H]`` -> int64 ids into the flat ``[num_rows, d]`` table (head offsets added).
+
+        These are the ids a row store serves; ``store.gather(flat.reshape(-1))`` equals
+        ``self.table(rows_BTH)`` flattened, bit for bit. Ids are not range-checked here (the store checks them).
+        """
+        if rows_BTH.dim() == 0 or rows_BTH.shape[-1] != self.num_heads:
+            raise ValueError(f"row ids must have last dimension H={self.num_heads}, got shape {tuple(rows_BTH.shape)}")
+        return rows_BTH.to(torch.int64) + self._offsets_H.to(rows_BTH.device)
 
     def extra_repr(self) -> str:
         return (

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,11 +60,17 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 1.0, top_k: int
 
 @torch.no_grad()
 def generate(model: EngramLM, prompt_idx_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             fetch: Callable[[dict[int, torch.Tensor]], dict] | None = None) -> torch.Tensor:
     """Continue ``prompt_idx_BT`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
 
     The prompt is processed in one pass (prefill), then one token per step reuses the KV cache,
     the Engram hashing window and the ShortConv state. ``temperature == 0`` is greedy decoding.
+
+    ``fetch``: serve the Engram rows from outside the model. Before each forward pass (the prefill,
+    then every new token) the chunk's row ids ``{layer: [B, T, H]}`` are computed from the token
+    ids alone and passed to ``fetch``, which returns ``{layer: rows or handle}`` for the model's
+    ``engram_emb`` (see ``engram.serve.OffloadedLM``).
     """
     if not isinstance(prompt_idx_BT, torch.Tensor):
         raise TypeError(f"prompt must be a torch.Tensor of token ids, got {type(prompt_idx_BT).__name__}")
@@ -89,11 +96,18 @@ def generate(model: EngramLM, prompt_idx_BT: torch.Tensor, max_new_tokens: int, 
     device = next(model.parameters()).device
     prompt_idx_BT = prompt_idx_BT.to(device)
     state = model.new_decode_state(B, max_len=T + max_new_tokens)
-    logits_BV = model(prompt_idx_BT, cache=state).logits[:, -1]
+
+    def step(idx_BT: torch.Tensor) -> torch.Tensor:
+        if fetch is None:
+            return model(idx_BT, cache=state).logits[:, -1]
+        emb = fetch(model.engram_rows(idx_BT, state=state))  # rows from token ids only, before the pass
+        return model(idx_BT, cache=state, engram_emb=emb).logits[:, -1]
+
+    logits_BV = step(prompt_idx_BT)
     out = [prompt_idx_BT]
     for i in range(max_new_tokens):
         nxt_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, generator=generator)
         out.append(nxt_B.unsqueeze(1))
         if i + 1 < max_new_tokens:
-            logits_BV = model.forward_step(nxt_B, state)
+            logits_BV = step(nxt_B.unsqueeze(1))
     return torch.cat(out, dim=1)

@@ -26,6 +26,12 @@ from engram.tokenizer.compression import CompressedVocab
 
 WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.safetensors"
 _FORMAT = "engram-lm"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def engram_table_key(layer: int) -> str:
+    """The state-dict / safetensors key of Engram layer ``layer``'s table."""
+    return f"blocks.{layer}.engram.table.weight"
 
 
 @dataclass
@@ -77,15 +83,21 @@ class Block(nn.Module):
         return hc.depth(h_BTMD, fn(x_BTD), coeffs)
 
     def forward(self, h_BTMD: torch.Tensor, rows_BTH: torch.Tensor | None = None, *,
-                kv: KVCache | None = None, conv_state: torch.Tensor | None = None,
+                emb=None, kv: KVCache | None = None, conv_state: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Return ``(h_BTMD, aux_loss or None, new Engram conv state or None)``."""
+        """Return ``(h_BTMD, aux_loss or None, new Engram conv state or None)``.
+
+        ``emb``: this layer's gathered rows instead of ``rows_BTH``, a tensor or a handle with
+        ``.result()`` (e.g. a prefetch ``Pending``), resolved only here, right before the Engram runs.
+        """
         new_conv = None
         if self.engram is not None:
+            if emb is not None and not isinstance(emb, torch.Tensor):
+                emb = emb.result()  # blocks until this layer's rows have arrived (re-raises fetch errors)
             if kv is None:
-                h_BTMD = h_BTMD + self.engram(h_BTMD, rows_BTH)
+                h_BTMD = h_BTMD + self.engram(h_BTMD, rows_BTH, emb=emb)
             else:  # decoding: carry the ShortConv history across chunks
-                inc, st = self.engram(h_BTMD, rows_BTH, conv_state=conv_state, return_state=True)
+                inc, st = self.engram(h_BTMD, rows_BTH, emb=emb, conv_state=conv_state, return_state=True)
                 h_BTMD, new_conv = h_BTMD + inc, st["conv_state"]
         h_BTMD = self._sublayer(h_BTMD, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv, self.layer))
         aux: list[torch.Tensor] = []
@@ -108,16 +120,19 @@ class EngramLM(nn.Module):
         cfg: the model configuration.
         vocab: the tokenizer's compression map; required when ``cfg.engram`` is set (its
             original size must equal ``cfg.vocab_size``).
+        tables: False builds the Engram layers without their tables (nothing allocated for them);
+            such a model needs ``engram_emb=`` in :meth:`forward` (rows served from a store).
 
     Attributes:
         hasher: :class:`NgramHasher` (plain attribute) or None without Engram.
         vocab: the :class:`CompressedVocab` or None.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab: CompressedVocab | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, vocab: CompressedVocab | None = None, *, tables: bool = True) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.has_tables = bool(tables) and cfg.engram is not None
         D, V = cfg.d_model, cfg.vocab_size
         self.hasher: NgramHasher | None = None
         self.vocab: CompressedVocab | None = None
@@ -141,7 +156,8 @@ class EngramLM(nn.Module):
                 eng = Engram(D, self.hasher.head_sizes(i), max_ngram_size=e.max_ngram_size,
                              n_head_per_ngram=e.n_head_per_ngram, n_embed_per_ngram=e.n_embed_per_ngram,
                              hc_mult=cfg.hc_mult, kernel_size=e.kernel_size, conv_init=e.conv_init,
-                             table_dtype=e.torch_table_dtype, sparse=e.sparse, init_std=e.init_std)
+                             table_dtype=e.torch_table_dtype, sparse=e.sparse, init_std=e.init_std,
+                             with_table=tables)
             blocks.append(Block(cfg, i, self.rotary, eng))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(D, cfg.norm_eps)
@@ -184,7 +200,8 @@ class EngramLM(nn.Module):
 
     def engram_parameters(self) -> list[nn.Parameter]:
         """The memory tables' weights (for a sparse-row optimizer: ~5x lr, no weight decay)."""
-        return [blk.engram.table.weight for blk in self.blocks if blk.engram is not None]
+        return [blk.engram.table.weight for blk in self.blocks
+                if blk.engram is not None and blk.engram.table is not None]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Every other parameter (tied weights once); with :meth:`engram_parameters` a partition of ``parameters()``."""
@@ -210,17 +227,25 @@ class EngramLM(nn.Module):
             raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.cfg.vocab_size})")
 
     @torch.no_grad()
-    def engram_rows(self, idx_BT: torch.Tensor) -> dict[int, torch.Tensor]:
+    def engram_rows(self, idx_BT: torch.Tensor, state: DecodeState | None = None) -> dict[int, torch.Tensor]:
         """Per-layer table row ids ``{layer: [B, T, H]}`` for token ids ``idx_BT`` (compress, then hash).
 
         Depends only on token ids, so a data loader can call it ahead of the forward pass.
-        Empty dict for a model without Engram.
+        With ``state``, the ids of a chunk that continues that decode state (read, not advanced:
+        the forward pass with ``cache=state`` advances it). Empty dict for a model without Engram.
         """
         if self.hasher is None:
             return {}
-        self._check_ids(idx_BT)
+        self._check_ids(idx_BT, 0 if state is None else state.length)
         comp_BT = self.vocab_lookup[idx_BT.to(self.vocab_lookup.device).long()]
-        return self.hasher.hash(comp_BT, validate=False)
+        if state is None:
+            return self.hasher.hash(comp_BT, validate=False)
+        if idx_BT.shape[1] == 1:  # the decode fast path, on a copy of the window
+            window = self.hasher.push(state.window.copy(), comp_BT[:, 0].cpu().numpy())
+            return {lay: torch.from_numpy(r).to(idx_BT.device).unsqueeze(1)
+                    for lay, r in self.hasher.hash_step(window).items()}
+        prefix = torch.from_numpy(state.window[:, 1:].copy()).to(comp_BT.device)
+        return self.hasher.hash(comp_BT, prefix_BP=prefix, validate=False)
 
     def _decode_rows(self, idx_BT: torch.Tensor, state: DecodeState, need_rows: bool) -> dict[int, torch.Tensor]:
         """Rows for a chunk that continues ``state``; slides the hashing window over the chunk."""
@@ -254,10 +279,14 @@ class EngramLM(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 engram_rows: dict[int, torch.Tensor] | None = None, cache: DecodeState | None = None,
-                ) -> ModelOutput:
+                engram_emb: dict | None = None) -> ModelOutput:
         """Logits for ``idx_BT`` (``[B, T]`` int), the loss against ``targets_BT`` (-100 = ignore).
 
         engram_rows: precomputed :meth:`engram_rows` (computed here when None).
+        engram_emb: instead of row ids, each Engram layer's gathered rows ``{layer: [B, T, H, d]}``
+            as tensors or handles with ``.result()`` (a prefetch ``Pending``); a handle is resolved
+            only when its layer runs, so a layer waits for its own rows only. Required by a model
+            built with ``tables=False``.
         cache: a :class:`DecodeState` (see :meth:`new_decode_state`): the chunk continues the
             cached sequence and the cache is advanced past it.
         """
@@ -266,15 +295,26 @@ class EngramLM(nn.Module):
         B, T = idx_BT.shape
         if cache is not None and cache.kv.batch_size != B:
             raise ValueError(f"decode state is for batch size {cache.kv.batch_size}, got {B} sequences")
-        if self.hasher is not None:
+        if self.hasher is not None and engram_emb is not None:
+            if engram_rows is not None:
+                raise ValueError("pass engram_rows or engram_emb, not both")
+            want = sorted(self.hasher.layer_ids)
+            if sorted(engram_emb) != want:
+                raise ValueError(f"engram_emb must hold the Engram layers {want}, got keys {sorted(engram_emb)}")
+            if cache is not None:
+                self._decode_rows(idx_BT, cache, need_rows=False)  # only slides the hashing window
+        elif self.hasher is not None:
+            if not self.has_tables:
+                raise ValueError("this model was built without its Engram tables (tables=False): pass "
+                                 "engram_emb= (rows from a store, see engram.serve.OffloadedLM)")
             if cache is not None:
                 computed = self._decode_rows(idx_BT, cache, need_rows=engram_rows is None)
                 engram_rows = computed if engram_rows is None else engram_rows
             elif engram_rows is None:
                 engram_rows = self.engram_rows(idx_BT)
             self._check_rows(engram_rows, B, T)
-        elif engram_rows:
-            raise ValueError("engram_rows given to a model without Engram layers")
+        elif engram_rows or engram_emb:
+            raise ValueError("engram_rows/engram_emb given to a model without Engram layers")
 
         M = self.cfg.hc_mult
         x_BTD = self.tok_emb(idx_BT)
@@ -282,8 +322,10 @@ class EngramLM(nn.Module):
         aux_terms = []
         for blk in self.blocks:
             rows = engram_rows.get(blk.layer) if engram_rows else None
+            emb = engram_emb.get(blk.layer) if engram_emb else None
             conv = cache.conv.get(blk.layer) if cache is not None else None
-            h_BTMD, aux, new_conv = blk(h_BTMD, rows, kv=None if cache is None else cache.kv, conv_state=conv)
+            h_BTMD, aux, new_conv = blk(h_BTMD, rows, emb=emb, kv=None if cache is None else cache.kv,
+                                        conv_state=conv)
             if aux is not None:
                 aux_terms.append(aux)
             if cache is not None and new_conv is not None:
@@ -343,6 +385,7 @@ class EngramLM(nn.Module):
 
         Every file goes to a temporary name first and is then renamed over the target, so an
         interrupted save never leaves a half-written file under a final name.
+        A model built with ``tables=False`` is saved without tables (load it back with ``tables=False``).
         """
         from safetensors.torch import save_file
 
@@ -359,12 +402,19 @@ class EngramLM(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> EngramLM:
+    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                        tables: bool = True) -> EngramLM:
         """Load a model written by :meth:`save_pretrained`.
+
+        ``tables=False`` loads everything but the Engram tables (see ``EngramLM(tables=False)``):
+        the file is opened lazily and the table tensors are never read, so a table larger than RAM
+        costs nothing; only their shapes and dtypes are checked. A directory saved from such a model
+        (no tables in the file) loads only this way.
 
         Raises FileNotFoundError for a missing file and ValueError for a corrupt file or
         weights that do not fit the saved config.
         """
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -381,14 +431,35 @@ class EngramLM(nn.Module):
             if not (d / VOCAB_FILE).is_file():
                 raise FileNotFoundError(f"no {VOCAB_FILE} in {d}: the config has Engram layers, which need it")
             vocab = CompressedVocab.load(d / VOCAB_FILE)
+        table_keys = {engram_table_key(i): i for i in (cfg.engram.layer_ids if cfg.engram is not None else [])}
+        skipped: dict[str, tuple] = {}
         try:
-            state = load_file(str(w_path), device=str(map_location))
+            if tables:
+                state = load_file(str(w_path), device=str(map_location))
+            else:
+                with safe_open(str(w_path), framework="pt", device=str(map_location)) as f:
+                    names = set(f.keys())
+                    state = {k: f.get_tensor(k) for k in names if k not in table_keys}
+                    for k in table_keys:
+                        if k in names:
+                            sl = f.get_slice(k)
+                            dt = sl.get_dtype()
+                            skipped[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(dt, dt))
         except Exception as e:  # safetensors raises several types for damaged files
             raise ValueError(f"{w_path} is not a readable safetensors file ({e})") from None
-        model = cls(cfg, vocab)
+        if tables and table_keys and not any(k in state for k in table_keys):
+            raise ValueError(f"{w_path} holds no Engram tables (saved from a model built with tables=False): "
+                             f"load it with tables=False and serve the tables from a store (engram.serve)")
+        model = cls(cfg, vocab, tables=tables)
         expected = model.state_dict()
         if cfg.tie_embeddings:
             expected.pop("lm_head.weight", None)
+        for k, (shape, dtype) in skipped.items():
+            eng = model.blocks[table_keys[k]].engram
+            want = ((eng.num_rows, eng.head_dim), eng.table_dtype)
+            if (shape, dtype) != want:
+                raise ValueError(f"{w_path} does not match {cfg_path}: {k}: file {shape} {dtype} "
+                                 f"vs config {want[0]} {want[1]}")
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         bad = [f"{k}: file {tuple(state[k].shape)} {state[k].dtype} vs config {tuple(v.shape)} {v.dtype}"
                for k, v in expected.items() if k in state and (state[k].shape, state[k].dtype) != (v.shape, v.dtype)]

@@ -1,0 +1,258 @@
+"""Export a model's Engram tables to a store directory, and open such a directory for serving.
+
+A store directory holds::
+
+    layer_<i>.engram   one row store per Engram layer i (layout: engram.memory.disk_format), the layer's
+                       flat [num_rows, d] table with every hash head side by side (MultiHeadTable order)
+    manifest.json      what the directory holds and for which model; written last, atomically
+
+The manifest records the model config (and its sha256), a hash of the tokenizer's compression map (row
+ids depend on both), the layers with their head sizes, the row width and dtype, and a random export id
+that every layer file also carries in its header. Opening checks all of it against the model, so a store
+of another model, of another tokenizer or a mix of files from two exports gives a clear error instead of
+wrong rows. Exporting removes an old manifest first and writes the new one only after every layer file is
+durable (each is written crash-safely by :func:`write_store`), so an interrupted export never leaves a
+directory that opens as valid.
+"""
+
+# Shapes: R rows of one layer's table, d row width, n rows of one streamed piece.
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram.memory.disk_format import DTYPE_NAMES, fsync_dir
+from engram.memory.store import DiskStore, write_store
+from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
+
+__all__ = ["MANIFEST", "check_manifest", "config_hash", "export_tables", "layer_file", "layer_meta", "open_store_dir",
+           "read_manifest", "verify_against_weights", "vocab_hash", "write_manifest"]
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "engram-memory", 1
+_PIECE_BYTES = 64 << 20  # rows streamed per piece when exporting from a weights file
+
+
+def layer_file(layer: int) -> str:
+    """File name of layer ``layer``'s store inside a store directory."""
+    return f"layer_{int(layer)}.engram"
+
+
+def config_hash(cfg) -> str:
+    """sha256 of a ModelConfig's canonical JSON."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def vocab_hash(vocab) -> str:
+    """sha256 of a CompressedVocab's id map (the hashing depends on it)."""
+    return hashlib.sha256(np.ascontiguousarray(vocab.lookup, dtype="<i8").tobytes()).hexdigest()
+
+
+def _engrams(model: EngramLM) -> dict:
+    if model.hasher is None:
+        raise ValueError("the model has no Engram layers: there are no tables to export or serve")
+    return {blk.layer: blk.engram for blk in model.blocks if blk.engram is not None}
+
+
+def _layout(model: EngramLM) -> dict:
+    """The manifest fields that describe a model's tables (everything except the export id)."""
+    engrams = _engrams(model)
+    first = next(iter(engrams.values()))
+    return {"format": FORMAT, "version": VERSION, "config_hash": config_hash(model.cfg),
+            "vocab_hash": vocab_hash(model.vocab), "dim": first.head_dim, "dtype": DTYPE_NAMES[first.table_dtype],
+            "layers": {str(lay): {"file": layer_file(lay), "num_rows": e.num_rows, "head_sizes": list(e.head_sizes)}
+                       for lay, e in sorted(engrams.items())},
+            "model_config": model.cfg.to_dict()}
+
+
+def layer_meta(model: EngramLM, layer: int, export_id: str) -> dict:
+    """Header meta of layer ``layer``'s store file (what :func:`open_store_dir` expects to find)."""
+    return {"layer": int(layer), "export_id": export_id, "config_hash": config_hash(model.cfg)}
+
+
+def write_manifest(out_dir: str | os.PathLike, model: EngramLM, export_id: str) -> Path:
+    """Write ``manifest.json`` for ``model`` atomically (temp file, fsync, rename, fsync of the directory).
+
+    For writers that produce the layer files themselves (e.g. a synthetic table far larger than RAM):
+    write every ``layer_file(i)`` with ``meta=layer_meta(model, i, export_id)`` first, then call this.
+    """
+    out = Path(out_dir)
+    manifest = {**_layout(model), "export_id": export_id}
+    tmp = out / f"{MANIFEST}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(out)
+    return out / MANIFEST
+
+
+def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLike, *,
+                  chunk_rows: int | None = None) -> Path:
+    """Write every Engram table of ``model`` to the store directory ``out_dir``; returns ``out_dir``.
+
+    ``model`` is an :class:`EngramLM` with its tables, or a model directory (``save_pretrained``), whose
+    tables are streamed from the weights file in pieces, so a table larger than RAM is never loaded.
+    ``chunk_rows`` sets the rows per checksummed chunk of the store files (default: ~4 MiB).
+    """
+    out = Path(out_dir)
+    if isinstance(model, EngramLM):
+        if not model.has_tables:
+            raise ValueError("the model was built without its tables (tables=False): export from the model "
+                             "directory, or from a model that holds them")
+        src_model, weights = model, None
+    else:
+        src_model, weights = EngramLM.from_pretrained(model, tables=False), Path(model) / WEIGHTS_FILE
+    engrams = _engrams(src_model)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():  # from here on the directory is not a valid store until the end
+        (out / MANIFEST).unlink()
+        fsync_dir(out)
+    export_id = uuid.uuid4().hex
+    if weights is None:
+        for lay, eng in sorted(engrams.items()):
+            write_store(out / layer_file(lay), eng.table.weight.detach().cpu(), chunk_rows=chunk_rows,
+                        meta=layer_meta(src_model, lay, export_id))
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            for lay, eng in sorted(engrams.items()):
+                key = engram_table_key(lay)
+                if key not in names:
+                    raise ValueError(f"{weights} holds no table for Engram layer {lay} (no {key!r}); "
+                                     f"it was saved without its tables")
+                sl = f.get_slice(key)
+                R, d = eng.num_rows, eng.head_dim
+                step = max(1, _PIECE_BYTES // (d * torch.finfo(eng.table_dtype).bits // 8))
+                pieces = (sl[a:min(a + step, R)] for a in range(0, R, step))
+                write_store(out / layer_file(lay), pieces, num_rows=R, dim=d, dtype=eng.table_dtype,
+                            chunk_rows=chunk_rows, meta=layer_meta(src_model, lay, export_id))
+    write_manifest(out, src_model, export_id)
+    return out
+
+
+def read_manifest(store_dir: str | os.PathLike) -> dict:
+    """The parsed ``manifest.json`` of a store directory; FileNotFoundError / ValueError say what is wrong."""
+    d = Path(store_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"store directory {d} does not exist (write one with `engram export-memory`)")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {d}: not a store directory, or an export that did not finish")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ValueError(f"{path} is not an Engram store manifest (format {got!r}, expected {FORMAT!r})")
+    if m.get("version") != VERSION:
+        raise ValueError(f"{path} has manifest version {m.get('version')}, this code reads version {VERSION}")
+    missing = {"config_hash", "vocab_hash", "dim", "dtype", "layers", "export_id"} - set(m)
+    if missing:
+        raise ValueError(f"{path} lacks fields {sorted(missing)}")
+    return m
+
+
+def _config_diffs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _config_diffs(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: store {x!r} vs model {y!r}")
+    return out
+
+
+def check_manifest(manifest: dict, model: EngramLM, where: str = "store") -> None:
+    """Raise ValueError listing every way ``manifest`` does not fit ``model``."""
+    want = _layout(model)
+    problems = []
+    if manifest["config_hash"] != want["config_hash"]:
+        diffs = _config_diffs(manifest.get("model_config") or {}, want["model_config"])
+        problems.append("model config differs" + (f" ({'; '.join(diffs[:6])})" if diffs else ""))
+    if manifest["vocab_hash"] != want["vocab_hash"]:
+        problems.append("the tokenizer's compression map differs (row ids would not match)")
+    for key in ("dim", "dtype"):
+        if manifest[key] != want[key]:
+            problems.append(f"{key} is {manifest[key]!r}, the model needs {want[key]!r}")
+    if sorted(manifest["layers"]) != sorted(want["layers"]):
+        problems.append(f"layers {sorted(manifest['layers'], key=int)} vs the model's Engram layers "
+                        f"{sorted(want['layers'], key=int)}")
+    else:
+        for lay, spec in want["layers"].items():
+            got = manifest["layers"][lay]
+            for key in ("num_rows", "head_sizes"):
+                if got.get(key) != spec[key]:
+                    problems.append(f"layer {lay}: {key} {got.get(key)} vs the model's {spec[key]}")
+    if problems:
+        raise ValueError(f"{where} does not fit this model: " + "; ".join(problems))
+
+
+def open_store_dir(store_dir: str | os.PathLike, model: EngramLM, *, verify: str = "header") -> dict[int, DiskStore]:
+    """Open every layer's :class:`DiskStore` of a store directory, after checking it fits ``model``.
+
+    ``verify="full"`` also recomputes every chunk checksum (reads all files). Raises FileNotFoundError
+    for a missing directory, manifest or layer file, and ValueError (StoreFormatError for a damaged file)
+    naming what does not match.
+    """
+    d = Path(store_dir)
+    manifest = read_manifest(d)
+    check_manifest(manifest, model, where=f"store {d}")
+    dtype = next(iter(_engrams(model).values())).table_dtype
+    stores: dict[int, DiskStore] = {}
+    try:
+        for lay, spec in sorted(manifest["layers"].items(), key=lambda kv: int(kv[0])):
+            path = d / spec["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"store {d} lacks {spec['file']} (layer {lay}) listed in its manifest")
+            stores[int(lay)] = DiskStore.open(path, verify=verify, expect={
+                "num_rows": spec["num_rows"], "dim": manifest["dim"], "dtype": dtype,
+                "meta": {"layer": int(lay), "export_id": manifest["export_id"]}})
+    except BaseException:
+        for s in stores.values():
+            s.close()
+        raise
+    return stores
+
+
+def verify_against_weights(stores: dict, weights_path: str | os.PathLike, probes: int = 8) -> bool:
+    """Compare a few rows of each store with the model's weights file, when that file holds the tables.
+
+    Catches a store exported from another training run of the same config (the manifest cannot tell).
+    Reads ``probes`` rows per layer. Returns False when the file holds no tables (nothing to compare),
+    True when every probe matches; raises ValueError on a mismatch.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        if not any(engram_table_key(lay) in names for lay in stores):
+            return False
+        for lay, store in sorted(stores.items()):
+            key = engram_table_key(lay)
+            if key not in names:
+                raise ValueError(f"{weights_path} lacks the table of Engram layer {lay} ({key!r})")
+            sl = f.get_slice(key)
+            for r in np.unique(np.linspace(0, store.num_rows - 1, probes).astype(np.int64)).tolist():
+                want = sl[r:r + 1]
+                got = store.gather(torch.tensor([r]))
+                if not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
+                    raise ValueError(f"store rows of Engram layer {lay} differ from {weights_path} (row {r}): "
+                                     f"the store was exported from other weights; export again")
+    return True

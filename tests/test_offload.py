@@ -1,0 +1,494 @@
+"""Offloaded inference: tables exported to a store directory, served from RAM / disk / cache, bit-identical outputs."""
+
+# Shapes: B batch, T time, H hash heads, d row width, V vocabulary, R table rows.
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engram.config import EngramConfig, ModelConfig
+from engram.memory.prefetch import CancelledError
+from engram.memory.store import DiskStore, RamStore, StoreFormatError
+from engram.model import EngramLM, generate
+from engram.serve import OffloadedLM, access_profiles, export_tables, open_memory, open_store_dir, read_manifest
+from engram.serve.export import MANIFEST, layer_file, verify_against_weights
+from engram.tokenizer.compression import CompressedVocab
+
+V = 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vocab() -> CompressedVocab:
+    return CompressedVocab(np.concatenate([np.arange(30), np.arange(18)]))
+
+
+def make_cfg(table_dtype="float32", **kw) -> ModelConfig:
+    eng = EngramConfig(engram_vocab_size=[53, 59], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[0, 2],
+                       pad_id=0, conv_init="default", kernel_size=3, table_dtype=table_dtype)
+    return ModelConfig(**{**dict(vocab_size=V, d_model=32, n_layers=3, n_heads=4, mlp_hidden=48, max_seq_len=40,
+                                 engram=eng), **kw})
+
+
+def make_model(table_dtype="float32", seed=0, **kw) -> EngramLM:
+    torch.manual_seed(seed)
+    model = EngramLM(make_cfg(table_dtype, **kw), tiny_vocab()).eval()
+    with torch.no_grad():  # off the symmetric init, so every path matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ids(B=2, T=12, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def table_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.engram_parameters())
+
+
+class Saved:
+    """A saved tiny model, its exported store and the all-in-RAM reference outputs."""
+
+    def __init__(self, root, table_dtype):
+        self.model = make_model(table_dtype)
+        self.model_dir = self.model.save_pretrained(root / "model")
+        self.store_dir = export_tables(self.model_dir, root / "store")
+        self.idx = ids()
+        self.prompt = ids(2, 5, seed=3)
+        self.batches = [(ids(3, 10, seed=s), ids(3, 10, seed=s + 100)) for s in range(4)]
+        self.batches[1][1][0, :3] = -100  # ignored targets
+        self.profile_batches = [ids(4, 16, seed=50 + s) for s in range(3)]
+        m = self.model
+        with torch.no_grad():
+            self.logits = m(self.idx).logits
+            self.greedy = generate(m, self.prompt, 8, temperature=0)
+            self.sampled = generate(m, self.prompt, 8, temperature=0.9, top_k=10,
+                                    generator=torch.Generator().manual_seed(7))
+            total = n = 0
+            for x, y in self.batches:
+                k = int((y != -100).sum())
+                total += float(m(x, y).loss) * k
+                n += k
+            self.loss = total / n
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def saved(request, tmp_path_factory):
+    return Saved(tmp_path_factory.mktemp(f"offload-{request.param}"), request.param)
+
+
+# ------------------------------------------------------------------------------------ model integration
+
+def test_flat_rows_and_store_gather_equal_table_lookup():
+    model = make_model()
+    rows = model.engram_rows(ids())
+    for blk in model.blocks:
+        if blk.engram is None:
+            continue
+        flat = blk.engram.flat_rows(rows[blk.layer])
+        got = RamStore(blk.engram.table.weight).gather(flat.reshape(-1)).view(*flat.shape, -1)
+        assert torch.equal(got, blk.engram.table(rows[blk.layer]))
+        with pytest.raises(ValueError, match="last dimension"):
+            blk.engram.flat_rows(rows[blk.layer][..., :1])
+
+
+def test_engram_emb_equals_engram_rows_and_bad_inputs_are_clear():
+    model = make_model()
+    x = ids()
+    rows = model.engram_rows(x)
+    emb = {lay: model.blocks[lay].engram.table(r) for lay, r in rows.items()}
+    with torch.no_grad():
+        assert torch.equal(model(x, engram_emb=emb).logits, model(x).logits)
+        with pytest.raises(ValueError, match="not both"):
+            model(x, engram_rows=rows, engram_emb=emb)
+        with pytest.raises(ValueError, match="must hold the Engram layers"):
+            model(x, engram_emb={0: emb[0]})
+        with pytest.raises(ValueError, match="emb must have shape"):
+            model(x, engram_emb={lay: e[:, :-1] for lay, e in emb.items()})
+
+
+def test_engram_rows_with_state_reads_without_advancing():
+    model = make_model()
+    x = ids(2, 9)
+    full = model.engram_rows(x)
+    state = model.new_decode_state(2)
+    with torch.no_grad():
+        model(x[:, :4], cache=state)
+        window = state.window.copy()
+        chunk = model.engram_rows(x[:, 4:7], state=state)
+        one = model.engram_rows(x[:, 4:5], state=state)
+    assert np.array_equal(state.window, window) and state.length == 4
+    for lay in full:
+        assert torch.equal(chunk[lay], full[lay][:, 4:7])
+        assert torch.equal(one[lay], full[lay][:, 4:5])
+
+
+def test_from_pretrained_without_tables_never_reads_them(tmp_path, monkeypatch):
+    import safetensors
+
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    read: list[str] = []
+    real = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.f = real(*a, **kw)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self.inner.get_tensor(k)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    bare = EngramLM.from_pretrained(tmp_path, tables=False)
+    monkeypatch.undo()
+    assert read and not any(".engram.table." in k for k in read)
+    assert not bare.has_tables and bare.engram_parameters() == []
+    assert all(blk.engram.table is None for blk in bare.blocks if blk.engram is not None)
+    full_sd = model.state_dict()
+    for k, v in bare.state_dict().items():
+        assert torch.equal(v, full_sd[k]), k
+    with pytest.raises(ValueError, match="without its Engram tables"):
+        bare(ids())
+    # Saved without tables: loads only with tables=False.
+    bare.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="holds no Engram tables"):
+        EngramLM.from_pretrained(tmp_path / "bare")
+    assert EngramLM.from_pretrained(tmp_path / "bare", tables=False).cfg == model.cfg
+    # A table that does not fit the config is still caught without being read.
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["engram"]["engram_vocab_size"] = [61, 59]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match"):
+        EngramLM.from_pretrained(tmp_path, tables=False)
+
+
+# ------------------------------------------------------------------------------------ export
+
+def test_export_writes_layers_and_manifest_matching_the_model(saved):
+    m = read_manifest(saved.store_dir)
+    assert sorted(m["layers"], key=int) == ["0", "2"] and m["dtype"] == saved.model.cfg.engram.table_dtype
+    stores = open_store_dir(saved.store_dir, saved.model, verify="full")
+    try:
+        for lay, s in stores.items():
+            w = saved.model.blocks[lay].engram.table.weight.detach()
+            assert isinstance(s, DiskStore) and s.num_rows == w.shape[0]
+            assert torch.equal(s.gather(torch.arange(s.num_rows)).view(torch.uint8), w.view(torch.uint8))
+        assert verify_against_weights(stores, saved.model_dir / "model.safetensors")
+    finally:
+        for s in stores.values():
+            s.close()
+    # Exporting the in-memory model gives the same rows (the headers differ only by the export id).
+    again = export_tables(saved.model, saved.model_dir.parent / "store2", chunk_rows=7)
+    for lay in (0, 2):
+        with DiskStore.open(saved.store_dir / layer_file(lay)) as a, DiskStore.open(again / layer_file(lay)) as b:
+            assert b.chunk_rows == 7
+            assert torch.equal(a.gather(torch.arange(a.num_rows)).view(torch.uint8),
+                               b.gather(torch.arange(b.num_rows)).view(torch.uint8))
+
+
+def test_store_of_another_model_or_export_is_rejected(tmp_path):
+    model = make_model()
+    d = export_tables(model, tmp_path / "a")
+    other = make_model(seed=1, max_seq_len=32)
+    with pytest.raises(ValueError, match=r"does not fit this model: model config differs \(max_seq_len"):
+        open_store_dir(d, other)
+    with pytest.raises(ValueError, match="head_sizes|num_rows|config"):
+        open_store_dir(d, make_model(engram=EngramConfig(engram_vocab_size=[61, 59], n_embed_per_ngram=16,
+                                                         n_head_per_ngram=2, layer_ids=[0, 2], pad_id=0)))
+    # Same config, other weights: only the row probe can tell.
+    retrained = make_model(seed=5)
+    retrained.save_pretrained(tmp_path / "m5")
+    stores = open_store_dir(d, retrained)
+    try:
+        with pytest.raises(ValueError, match="exported from other weights"):
+            verify_against_weights(stores, tmp_path / "m5" / "model.safetensors")
+    finally:
+        for s in stores.values():
+            s.close()
+    with pytest.raises(ValueError, match="exported from other weights"):
+        open_memory(tmp_path / "m5", "disk", d)
+    # A layer file from another export cannot be mixed in.
+    d2 = export_tables(model, tmp_path / "b")
+    shutil.copyfile(d2 / layer_file(2), d / layer_file(2))
+    with pytest.raises(StoreFormatError, match="export_id"):
+        open_store_dir(d, model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_store_dir(tmp_path / "nope", model)
+
+
+def test_interrupted_export_never_leaves_a_valid_store(tmp_path, monkeypatch):
+    import engram.serve.export as export
+
+    model = make_model()
+    d = export_tables(model, tmp_path / "s")
+    calls = []
+
+    def failing_write_store(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (simulated)")
+        return real(path, *a, **kw)
+
+    real = export.write_store
+    monkeypatch.setattr(export, "write_store", failing_write_store)
+    with pytest.raises(OSError, match="simulated"):
+        export_tables(model, d)
+    assert not (d / MANIFEST).exists()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        open_store_dir(d, model)
+    monkeypatch.undo()
+    (d / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_manifest(d)
+
+
+# ------------------------------------------------------------------------------------ bit-identical serving
+
+def _needs_cache(policy):
+    if policy is not None:
+        pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
+
+
+MEMORY = [("ram", 0.0, None), ("disk", 0.0, None), ("ram", 0.1, "lru")] + [
+    ("disk", frac, pol) for pol in ("lru", "lfu", "static") for frac in (0.02, 0.3)]
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "sync"])
+@pytest.mark.parametrize("memory,frac,policy", MEMORY, ids=[f"{m}-{p or 'nocache'}-{f}" for m, f, p in MEMORY])
+def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefetch):
+    _needs_cache(policy)
+    profile = None
+    if policy == "static":
+        profile = access_profiles(saved.model, saved.profile_batches)
+    cache_bytes = int(frac * table_bytes(saved.model))
+    with open_memory(saved.model_dir, memory, saved.store_dir if memory == "disk" else None,
+                     cache_bytes=cache_bytes, policy=policy or "lru", profile=profile, prefetch=prefetch) as lm:
+        assert not lm.model.has_tables
+        assert torch.equal(lm(saved.idx).logits, saved.logits)
+        assert torch.equal(lm.generate(saved.prompt, 8, temperature=0), saved.greedy)
+        got = lm.generate(saved.prompt, 8, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(got, saved.sampled)
+        assert lm.evaluate(iter(saved.batches)) == saved.loss
+        tiers = lm.tier_stats()
+    top = next(iter(tiers))
+    assert top == ("cache" if policy else memory)
+    assert tiers[top]["requested"] > 0
+    for c in tiers.values():
+        assert c["hits"] + c["misses"] == c["unique"] <= c["requested"]
+    if policy:
+        assert tiers[memory]["requested"] == tiers["cache"]["misses"]  # misses are passed on to the next tier
+
+
+_BUILT: dict = {}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 20),
+       frac=st.just(0.0) | st.floats(0.02, 0.5),
+       policy=st.sampled_from(["lru", "lfu"]))
+def test_random_sequences_through_a_disk_cache_are_bit_identical(tmp_path_factory, seed, B, T, frac, policy):
+    pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
+    if "prop" not in _BUILT:  # built once: hypothesis calls this test many times
+        _BUILT["prop"] = Saved(tmp_path_factory.mktemp("prop"), "bfloat16")
+    s = _BUILT["prop"]
+    with open_memory(s.model_dir, "disk", s.store_dir, cache_bytes=int(frac * table_bytes(s.model)),
+                     policy=policy) as lm:
+        for k in range(3):  # several passes: the cache state carries over
+            x = ids(B, T, seed=seed + k)
+            with torch.no_grad():
+                assert torch.equal(lm(x).logits, s.model(x).logits)
+
+
+# ------------------------------------------------------------------------------------ errors and shutdown
+
+class FlakyStore:
+    """Wraps a store; gathers raise `error` once `ok_calls` have succeeded, or block on `gate`."""
+
+    def __init__(self, inner, ok_calls=0, error=None, gate=None):
+        self.inner, self.ok_calls, self.error, self.gate = inner, ok_calls, error, gate
+        self.calls = 0
+
+    num_rows = property(lambda self: self.inner.num_rows)
+    dim = property(lambda self: self.inner.dim)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def gather(self, rows_N, out_Nd=None):
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait()
+        if self.error is not None and self.calls > self.ok_calls:
+            raise self.error
+        return self.inner.gather(rows_N, out_Nd)
+
+    def stats(self):
+        return self.inner.stats()
+
+    def reset_stats(self):
+        self.inner.reset_stats()
+
+    def close(self):
+        self.inner.close()
+
+
+def bare_and_stores(model):
+    bare = EngramLM(model.cfg, model.vocab, tables=False).eval()
+    sd = {k: v for k, v in model.state_dict().items() if ".engram.table." not in k}
+    bare.load_state_dict(sd, strict=not model.cfg.tie_embeddings)
+    return bare, {b.layer: RamStore(b.engram.table.weight) for b in model.blocks if b.engram is not None}
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_fetch_errors_surface_in_the_caller(prefetch):
+    model = make_model()
+    bare, stores = bare_and_stores(model)
+    stores[2] = FlakyStore(stores[2], ok_calls=1, error=OSError(5, "Input/output error (simulated)"))
+    with OffloadedLM(bare, stores, prefetch=prefetch) as lm:
+        with torch.no_grad():
+            assert torch.equal(lm(ids()).logits, model(ids()).logits)
+        with pytest.raises(OSError, match="simulated"):
+            lm(ids())
+        with pytest.raises(OSError, match="simulated"):
+            lm.generate(ids(1, 4), 3, temperature=0)
+
+
+def test_wrapper_checks_its_stores():
+    model = make_model()
+    bare, stores = bare_and_stores(model)
+    with pytest.raises(ValueError, match="exactly the Engram layers"):
+        OffloadedLM(bare, {0: stores[0]})
+    with pytest.raises(ValueError, match="store of Engram layer 2"):
+        OffloadedLM(bare, {0: stores[0], 2: RamStore(stores[2].table[:-1])})
+    with pytest.raises(ValueError, match="store of Engram layer 2"):
+        OffloadedLM(bare, {0: stores[0], 2: RamStore(stores[2].table.to(torch.bfloat16))})
+    with pytest.raises(ValueError, match="no Engram layers"):
+        OffloadedLM(EngramLM(make_cfg(engram=None)), {})
+
+
+def test_open_memory_errors(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="'ram' or 'disk'"):
+        open_memory(tmp_path / "m", "ssd")
+    with pytest.raises(ValueError, match="needs store_dir"):
+        open_memory(tmp_path / "m", "disk")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_memory(tmp_path / "m", "disk", tmp_path / "missing")
+    pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
+    with pytest.raises(ValueError, match="access profile"):
+        open_memory(tmp_path / "m", "ram", cache_bytes=1000, policy="static")
+    with pytest.raises(ValueError, match="less than one row"):
+        open_memory(tmp_path / "m", "ram", cache_bytes=10)
+
+
+@pytest.mark.timeout(30)
+def test_close_during_a_blocked_read_never_hangs():
+    model = make_model()
+    bare, stores = bare_and_stores(model)
+    gate = threading.Event()
+    stores[2] = FlakyStore(stores[2], gate=gate)
+    lm = OffloadedLM(bare, stores)
+    lm.prefetcher.join_timeout = 0.5
+    box = {}
+
+    def run():
+        try:
+            lm(ids())
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    try:
+        t.start()
+        time.sleep(0.2)  # the forward pass now waits for layer 2's rows
+        assert t.is_alive()
+        t0 = time.monotonic()
+        lm.close()
+        assert time.monotonic() - t0 < 5
+        t.join(5)
+        assert not t.is_alive() and isinstance(box.get("error"), CancelledError)
+    finally:
+        gate.set()
+
+
+# ------------------------------------------------------------------------------------ command line
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    from engram.data.bpe import train_bpe
+
+    root = tmp_path_factory.mktemp("cli")
+    text = " ".join(f"the cat {w} sat on the mat number {i % 17}." for i, w in enumerate(["a", "b", "c"] * 60))
+    tok = train_bpe([text] * 4, vocab_size=300)
+    tdir = root / "model" / "tokenizer"
+    tdir.mkdir(parents=True)
+    (tdir / "tokenizer.json").write_text(tok.to_str())
+    (tdir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}))
+    Vt = tok.get_vocab_size()
+    vocab = CompressedVocab(np.arange(Vt) % 200)
+    eng = EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1],
+                       pad_id=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=Vt, d_model=32, n_layers=2, n_heads=4, mlp_hidden=48, max_seq_len=64, engram=eng)
+    EngramLM(cfg, vocab).save_pretrained(root / "model")
+    data = root / "corpus"
+    data.mkdir()
+    for i in range(30):
+        (data / f"doc{i}.txt").write_text(text[i * 40:] + f" document {i}\n" * 20)
+    return root
+
+
+def test_cli_export_generate_and_eval(cli_model, capsys, monkeypatch):
+    from engram.cli import main
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(cli_model / "cache"))
+    model, store = str(cli_model / "model"), str(cli_model / "store")
+    assert main(["export-memory", "--model", model, "--out", store]) == 0
+    assert "layer 1:" in capsys.readouterr().out
+    gen = ["generate", "--model", model, "--prompt", "the cat sat", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(gen) == 0
+    plain = capsys.readouterr().out
+    assert main([*gen, "--memory", "disk", "--store", store]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "requested" in out.err
+    assert main([*gen, "--store", store]) == 2  # --store without --memory is an error
+    assert "--memory" in capsys.readouterr().err
+    ev = ["eval", "--model", model, "--data", str(cli_model / "corpus"), "--batch-size", "2", "--seq-len", "16",
+          "--eval-tokens", "128"]
+    assert main([*ev, "--json"]) == 0
+    ram = json.loads(capsys.readouterr().out)
+    assert main([*ev, "--json", "--memory", "disk", "--store", store, "--cold", "--no-prefetch"]) == 0
+    disk = json.loads(capsys.readouterr().out)
+    assert disk["val_loss"] == ram["val_loss"] and disk["tokens"] == ram["tokens"] > 0
+    assert disk["tiers"]["disk"]["requested"] == ram["tiers"]["ram"]["requested"] > 0
+    assert main([*ev, "--memory", "disk", "--store", store]) == 0
+    text = capsys.readouterr().out
+    assert "val loss" in text and "tokens/s" in text and "bytes read" in text and " KiB" in text
+    assert main([*ev, "--memory", "disk", "--store", str(cli_model / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

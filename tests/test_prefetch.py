@@ -1,0 +1,254 @@
+"""Prefetcher: bit-identical rows, errors surfacing in the caller, bounded in-flight work, shutdown that never hangs."""
+
+# Shapes: B batch, T time, H hash heads, d row width, R table rows, N flat row ids.
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engram.memory.prefetch import CancelledError, Pending, Prefetcher
+from engram.memory.store import RamStore
+
+
+class GatedStore:
+    """A RowStore-like table whose gathers wait for `gate` (and count how many are waiting)."""
+
+    def __init__(self, table_Rd: torch.Tensor, gate: threading.Event | None = None, fail: Exception | None = None):
+        self.table, self.gate, self.fail = table_Rd, gate, fail
+        self.entered = threading.Semaphore(0)
+        self.calls = 0
+
+    num_rows = property(lambda self: self.table.shape[0])
+    dim = property(lambda self: self.table.shape[1])
+    dtype = property(lambda self: self.table.dtype)
+
+    def gather(self, rows_N, out_Nd=None):
+        self.calls += 1
+        self.entered.release()
+        if self.gate is not None:
+            self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        rows = self.table[rows_N]
+        if out_Nd is None:
+            return rows
+        return out_Nd.copy_(rows)
+
+    def stats(self):
+        return {"fake": {}}
+
+    def reset_stats(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def table(R=50, d=4, dtype=torch.float32, seed=0):
+    return torch.randn(R, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def rows_for(R, shape, seed=1):
+    return torch.randint(0, R, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 7), H=st.integers(1, 4), seed=st.integers(0, 2**16),
+       bf16=st.booleans(), workers=st.integers(1, 3))
+def test_results_equal_in_ram_gather(B, T, H, seed, bf16, workers):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tables = {0: table(37, 4, dtype, seed), 3: table(61, 4, dtype, seed + 1)}
+    rows = {lay: rows_for(t.shape[0], (B, T, H), seed + lay) for lay, t in tables.items()}
+    with Prefetcher({lay: RamStore(t) for lay, t in tables.items()}, workers=workers, max_pending=2) as pf:
+        handles = [pf.submit(rows) for _ in range(3)]
+        for h in handles:
+            for lay, p in h.items():
+                got = p.result(timeout=10)
+                assert got.shape == (B, T, H, 4) and got.dtype == dtype
+                assert torch.equal(got.view(torch.int16 if bf16 else torch.int32),
+                                   tables[lay][rows[lay]].view(torch.int16 if bf16 else torch.int32))
+                assert p.result() is got  # resolving twice gives the same tensor
+
+
+def test_store_exception_surfaces_in_caller_and_other_layers_still_work():
+    good = RamStore(table())
+    bad = GatedStore(table(), fail=OSError(5, "simulated read error"))
+    with Prefetcher({1: good, 2: bad}, workers=2) as pf:
+        h = pf.submit({1: rows_for(50, (2, 3, 2)), 2: rows_for(50, (2, 3, 2))})
+        assert torch.equal(h[1].result(timeout=10), table()[rows_for(50, (2, 3, 2))])
+        with pytest.raises(OSError, match="simulated read error") as ei:
+            h[2].result(timeout=10)
+        assert any("layer 2" in n for n in getattr(ei.value, "__notes__", []))
+        # The prefetcher survives a failed fetch.
+        h2 = pf.submit({1: rows_for(50, (1, 2, 2), seed=3)})
+        assert h2[1].result(timeout=10).shape == (1, 2, 2, 4)
+
+
+def test_out_of_range_ids_are_reported_through_result():
+    with Prefetcher({0: RamStore(table(10))}) as pf:
+        h = pf.submit({0: torch.tensor([[[3, 10]]])})
+        with pytest.raises(ValueError, match="out of range"):
+            h[0].result(timeout=10)
+
+
+def test_bad_submissions_raise_at_once():
+    with Prefetcher({0: RamStore(table())}) as pf:
+        with pytest.raises(ValueError, match="no store for Engram layer"):
+            pf.submit({5: torch.zeros(1, 1, 1, dtype=torch.int64)})
+        with pytest.raises(ValueError, match="integer tensor"):
+            pf.submit({0: torch.zeros(1, 1, 1)})
+        with pytest.raises(ValueError, match="dict"):
+            pf.submit([torch.zeros(1, dtype=torch.int64)])
+        assert pf.submit({}) == {}
+    with pytest.raises(ValueError, match="workers"):
+        Prefetcher({0: RamStore(table())}, workers=0)
+    with pytest.raises(ValueError, match="max_pending"):
+        Prefetcher({0: RamStore(table())}, max_pending=0)
+    with pytest.raises(ValueError, match="RowStore"):
+        Prefetcher({0: object()})
+    with pytest.raises(ValueError, match="non-empty"):
+        Prefetcher({})
+
+
+@pytest.mark.timeout(30)
+def test_each_layer_waits_only_for_its_own_rows():
+    """Layer 0's rows are ready while layer 2's read is still blocked: the model can run layer 0."""
+    gate = threading.Event()
+    slow = GatedStore(table(seed=2), gate)
+    try:
+        with Prefetcher({0: RamStore(table()), 2: slow}, workers=2) as pf:
+            h = pf.submit({0: rows_for(50, (1, 4, 2)), 2: rows_for(50, (1, 4, 2))})
+            assert h[0].result(timeout=10).shape == (1, 4, 2, 4)
+            assert slow.entered.acquire(timeout=10)  # layer 2's read has started and is blocked
+            assert not h[2].done()
+            with pytest.raises(TimeoutError, match="layer 2"):
+                h[2].result(timeout=0.05)
+            gate.set()
+            assert torch.equal(h[2].result(timeout=10), table(seed=2)[rows_for(50, (1, 4, 2))])
+    finally:
+        gate.set()
+
+
+@pytest.mark.timeout(30)
+def test_workers_fetch_in_parallel():
+    """Two workers read two layers at the same time (each read waits for the other to start)."""
+    barrier = threading.Barrier(2, timeout=10)
+
+    class BarrierStore(GatedStore):
+        def gather(self, rows_N, out_Nd=None):
+            barrier.wait()
+            return super().gather(rows_N, out_Nd)
+
+    with Prefetcher({0: BarrierStore(table()), 1: BarrierStore(table())}, workers=2) as pf:
+        h = pf.submit({0: rows_for(50, (1, 2, 2)), 1: rows_for(50, (1, 2, 2))})
+        h[0].result(timeout=10)
+        h[1].result(timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_at_most_max_pending_submissions_in_flight():
+    gate = threading.Event()
+    slow = GatedStore(table(), gate)
+    try:
+        with Prefetcher({0: slow}, workers=1, max_pending=2) as pf:
+            first = [pf.submit({0: rows_for(50, (1, 1, 2), seed=s)}) for s in range(2)]
+            assert pf.in_flight == 2
+            with pytest.raises(TimeoutError, match="in flight"):
+                pf.submit({0: rows_for(50, (1, 1, 2))}, timeout=0.1)
+            done = threading.Event()
+            box = {}
+
+            def blocked_submit():
+                box["h"] = pf.submit({0: rows_for(50, (1, 1, 2), seed=7)})
+                done.set()
+
+            t = threading.Thread(target=blocked_submit, daemon=True)
+            t.start()
+            assert not done.wait(0.2)  # still blocked: the queue is full
+            assert pf.in_flight == 2
+            gate.set()  # reads complete, slots free up
+            assert done.wait(10)
+            t.join(10)
+            for h in [*first, box["h"]]:
+                assert h[0].result(timeout=10).shape == (1, 1, 2, 4)
+            assert pf.in_flight == 0
+    finally:
+        gate.set()
+
+
+@pytest.mark.timeout(30)
+def test_close_while_a_read_is_blocked_never_hangs():
+    gate = threading.Event()  # never set before close(): the read stays blocked
+    slow = GatedStore(table(), gate)
+    try:
+        pf = Prefetcher({0: slow}, workers=1, max_pending=3, join_timeout=0.5)
+        running = pf.submit({0: rows_for(50, (1, 2, 2))})
+        queued = pf.submit({0: rows_for(50, (1, 2, 2), seed=4)})
+        assert slow.entered.acquire(timeout=10)
+        t0 = time.monotonic()
+        pf.close()
+        assert time.monotonic() - t0 < 5
+        for h in (running, queued):
+            with pytest.raises(CancelledError):
+                h[0].result(timeout=1)
+        with pytest.raises(RuntimeError, match="closed"):
+            pf.submit({0: rows_for(50, (1, 1, 2))})
+        pf.close()  # idempotent
+    finally:
+        gate.set()  # let the left-behind worker finish; its late result is ignored
+    assert isinstance(running[0], Pending) and running[0].done()
+
+
+@pytest.mark.timeout(30)
+def test_close_releases_a_submitter_blocked_on_a_full_queue():
+    gate = threading.Event()
+    slow = GatedStore(table(), gate)
+    try:
+        pf = Prefetcher({0: slow}, workers=1, max_pending=1, join_timeout=0.5)
+        pf.submit({0: rows_for(50, (1, 1, 2))})
+        box = {}
+
+        def blocked_submit():
+            try:
+                pf.submit({0: rows_for(50, (1, 1, 2))})
+            except RuntimeError as e:
+                box["error"] = e
+
+        t = threading.Thread(target=blocked_submit, daemon=True)
+        t.start()
+        time.sleep(0.1)
+        pf.close()
+        t.join(5)
+        assert not t.is_alive() and "closed" in str(box["error"])
+    finally:
+        gate.set()
+
+
+def test_idle_close_joins_workers_quickly():
+    pf = Prefetcher({0: RamStore(table())}, workers=3)
+    threads = list(pf._threads)
+    t0 = time.monotonic()
+    pf.close()
+    assert time.monotonic() - t0 < 2
+    assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.timeout(30)
+def test_reads_overlap_with_the_callers_work():
+    """A read that releases the GIL (here: sleeps 0.3 s) runs while the caller works (another 0.3 s)."""
+
+    class SlowStore(GatedStore):
+        def gather(self, rows_N, out_Nd=None):
+            time.sleep(0.3)
+            return super().gather(rows_N, out_Nd)
+
+    with Prefetcher({0: SlowStore(table())}) as pf:
+        t0 = time.monotonic()
+        h = pf.submit({0: rows_for(50, (1, 3, 2))})
+        time.sleep(0.3)  # the caller's own work, e.g. the blocks before the Engram layer
+        h[0].result(timeout=10)
+        assert time.monotonic() - t0 < 0.55
