@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(s)
     s.set_defaults(preset="demo")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
-    s.add_argument("--experts-moved", type=int, default=4, help="routed experts per MoE layer moved into memory")
+    s.add_argument("--experts-moved", type=int, default=8,
+                   help="routed experts per MoE layer moved into memory (8 of the demo's 32: 25%%)")
     s.add_argument("--out", help="output directory (default runs/compare-PRESET-TIMESTAMP)")
     s.set_defaults(func=_compare)
 
