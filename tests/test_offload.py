@@ -288,7 +288,8 @@ def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefet
         profile = access_profiles(saved.model, saved.profile_batches)
     cache_bytes = int(frac * table_bytes(saved.model))
     with open_memory(saved.model_dir, memory, saved.store_dir if memory == "disk" else None,
-                     cache_bytes=cache_bytes, policy=policy or "lru", profile=profile, prefetch=prefetch) as lm:
+                     cache_bytes=cache_bytes, policy=policy or "lru", profile=profile, prefetch=prefetch,
+                     sync_rows=0) as lm:  # every request through the prefetcher when it is on
         assert not lm.model.has_tables
         assert torch.equal(lm(saved.idx).logits, saved.logits)
         assert torch.equal(lm.generate(saved.prompt, 8, temperature=0), saved.greedy)
@@ -368,7 +369,7 @@ def test_fetch_errors_surface_in_the_caller(prefetch):
     model = make_model()
     bare, stores = bare_and_stores(model)
     stores[2] = FlakyStore(stores[2], ok_calls=1, error=OSError(5, "Input/output error (simulated)"))
-    with OffloadedLM(bare, stores, prefetch=prefetch) as lm:
+    with OffloadedLM(bare, stores, prefetch=prefetch, sync_rows=0) as lm:
         with torch.no_grad():
             assert torch.equal(lm(ids()).logits, model(ids()).logits)
         with pytest.raises(OSError, match="simulated"):
@@ -412,7 +413,7 @@ def test_close_during_a_blocked_read_never_hangs():
     bare, stores = bare_and_stores(model)
     gate = threading.Event()
     stores[2] = FlakyStore(stores[2], gate=gate)
-    lm = OffloadedLM(bare, stores)
+    lm = OffloadedLM(bare, stores, sync_rows=0)
     lm.prefetcher.join_timeout = 0.5
     box = {}
 
@@ -492,3 +493,17 @@ def test_cli_export_generate_and_eval(cli_model, capsys, monkeypatch):
     assert "val loss" in text and "tokens/s" in text and "bytes read" in text and " KiB" in text
     assert main([*ev, "--memory", "disk", "--store", str(cli_model / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_small_requests_are_gathered_in_the_caller_and_stay_exact():
+    model = make_model()
+    bare, stores = bare_and_stores(model)
+    with OffloadedLM(bare, stores, prefetch=True, sync_rows=10**9) as lm:
+        submitted = []
+        real_submit = lm.prefetcher.submit
+        lm.prefetcher.submit = lambda flat: submitted.append(flat) or real_submit(flat)
+        with torch.no_grad():
+            assert torch.equal(lm(ids()).logits, model(ids()).logits)
+        assert submitted == []  # below the threshold: no worker handoff
+    with pytest.raises(ValueError, match="sync_rows"):
+        OffloadedLM(bare, stores, sync_rows=-1)
