@@ -27,11 +27,12 @@ MIN_BYTES = 64 << 20
 _libc = None
 
 
-def _madvise():
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once (for the madvise/mincore calls Python's mmap does not offer)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc.madvise
+    return _libc
 
 
 def advise_hugepages(t: torch.Tensor, min_bytes: int = MIN_BYTES) -> int:
@@ -51,7 +52,7 @@ def advise_hugepages(t: torch.Tensor, min_bytes: int = MIN_BYTES) -> int:
     if end <= start:
         return 0
     try:
-        rc = _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+        rc = libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
     except (OSError, AttributeError):
         return 0
     return end - start if rc == 0 else 0

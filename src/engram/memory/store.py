@@ -23,7 +23,6 @@ Disk reads, and how the page cache is made cold for measurements:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import threading
@@ -44,6 +43,7 @@ from engram.memory.disk_format import (
     verify_chunks,
     write_store,
 )
+from engram.memory.hugepages import libc
 
 __all__ = ["DiskStore", "RamStore", "RowStore", "StoreFormatError", "TierStats", "check_rows", "write_store"]
 
@@ -226,14 +226,8 @@ class RamStore(RowStore):
         return out_Nd
 
 
-_libc = None
-
-
 def _mincore():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc.mincore
+    return libc().mincore
 
 
 class DiskStore(RowStore):

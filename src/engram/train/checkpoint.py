@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from engram.memory.disk_format import fsync_dir
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or belongs to another configuration."""
@@ -32,18 +34,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 class _HashingWriter:
