@@ -1,7 +1,7 @@
 """Training-step cost of Engram memory: table size, Engram overhead, and the largest memory.
 
 Measures (issue targets in brackets), all on the real stdlib corpus with the trainer's own step
-(bf16 autocast, AdamW backbone, sparse-row Adam on the tables, gradient clipping):
+(autocast dtype `--dtype`, default auto, AdamW backbone, sparse-row Adam on the tables, gradient clipping):
   * rows_ratio: step time with a memory of 64M rows / with 1M rows, same row width (d=16)
     [<= 1.10; a dense optimizer would touch every row every step];
   * overhead: tokens/s of the backbone + Engram / tokens/s of the same backbone alone [>= 0.95];
@@ -45,12 +45,12 @@ def memory(rows_total: int, d: int = 16, heads: int = 8) -> EngramConfig:
 class Run:
     """One trainer, stepped on demand, so configs can be timed in alternation."""
 
-    def __init__(self, model_cfg: ModelConfig, data) -> None:
+    def __init__(self, model_cfg: ModelConfig, data, dtype: str = "auto") -> None:
         from engram.train.trainer import Trainer
 
         cfg = RunConfig(model=copy.deepcopy(model_cfg),
                         train=TrainConfig(steps=10**6, batch_size=16, seq_len=256, warmup_steps=5,
-                                          eval_every=10**9, ckpt_every=10**9, eval_tokens=4096))
+                                          eval_every=10**9, ckpt_every=10**9, eval_tokens=4096, dtype=dtype))
         t0 = time.perf_counter()
         self._dir = tempfile.TemporaryDirectory()
         self.tr = Trainer(cfg, self._dir.name, data=data, progress=False)
@@ -82,10 +82,11 @@ class Run:
         self._dir.cleanup()
 
 
-def alternate(cfgs: dict[str, ModelConfig], data, rounds: int, per_round: int, warmup: int) -> dict[str, dict]:
+def alternate(cfgs: dict[str, ModelConfig], data, rounds: int, per_round: int, warmup: int,
+              dtype: str = "auto") -> dict[str, dict]:
     """Time the configs in alternation (round-robin, `per_round` steps each) so that drift in
     machine load hits all of them alike; medians over all timed steps."""
-    runs = {name: Run(c, data) for name, c in cfgs.items()}
+    runs = {name: Run(c, data, dtype) for name, c in cfgs.items()}
     try:
         for r in runs.values():
             r.steps(warmup, record=False)
@@ -105,22 +106,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M vs 4M rows, few steps (smoke test)")
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds (3 timed steps per config each)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast dtype")
     ap.add_argument("--out")
     args = ap.parse_args()
     from engram.data import prepare_data
+    from engram.train.trainer import resolve_dtype
 
     data = prepare_data(progress=False)
     rounds, per_round, warmup = (2, 1, 1) if args.quick else (args.rounds, 3, 2)
     big = 4 * 2**20 if args.quick else 64 * 2**20
-    res = {"benchmark": "train_speed", "machine": machine_info(), "batch": [16, 256], "dtype": "bfloat16",
+    res = {"benchmark": "train_speed", "machine": machine_info(), "batch": [16, 256],
+           "dtype": resolve_dtype(args.dtype),
            "timing": f"alternating rounds: {rounds} x {per_round} steps per config after {warmup} warm-up steps"}
     # Engram overhead: the same backbone with and without a 1M-row memory, timed in alternation.
     pair = alternate({"no_engram": backbone(None), "rows_1M": backbone(memory(2**20))}, data, rounds, per_round,
-                     warmup)
+                     warmup, res["dtype"])
     plain, small = pair["no_engram"], pair["rows_1M"]
     # Table size: 1M vs 64M rows (same width), timed in alternation.
     pair = alternate({"rows_1M": backbone(memory(2**20)), "rows_big": backbone(memory(big))}, data, rounds,
-                     per_round, warmup)
+                     per_round, warmup, res["dtype"])
     small2, large = pair["rows_1M"], pair["rows_big"]
     res["no_engram"], res["rows_1M"], res["rows_1M_second_pair"] = plain, small, small2
     res[f"rows_{big >> 20}M"] = large

@@ -15,7 +15,7 @@ import torch
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from engram.train.config import apply_overrides, run_preset
 from engram.train.run import read_metrics
-from engram.train.trainer import Trainer, TrainingDiverged, lr_at
+from engram.train.trainer import Trainer, TrainingDiverged, lr_at, resolve_dtype
 
 WORDS = ("def class return self import from for while if else elif try except with as lambda yield "
          "value index count total items result data node tree list dict open read write close print "
@@ -66,6 +66,34 @@ def test_schedule():
     assert lr_at(tc.steps, tc) == pytest.approx(tc.lr * tc.min_lr_ratio)
 
 
+
+
+def test_autocast_dtype_resolution(env, tmp_path, monkeypatch):
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="train.dtype"):
+        apply_overrides(run_preset("debug"), ["train.dtype='fp8'"])
+    # "auto" picks bf16 exactly when a bf16 matmul is faster: fake both machines with a clock that
+    # charges each matmul by its dtype.
+    import engram.train.trainer as trainer_mod
+
+    real_mm, clock = torch.Tensor.__matmul__, {"t": 0.0, "bf16_cost": 1.0}
+
+    def mm(a, b):
+        clock["t"] += clock["bf16_cost"] if a.dtype == torch.bfloat16 else 2.0
+        return real_mm(a, b)
+
+    for bf16_cost, want in ((1.0, "bfloat16"), (50.0, "float32")):
+        clock["bf16_cost"] = bf16_cost
+        monkeypatch.setattr(torch.Tensor, "__matmul__", mm)
+        monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock["t"])
+        assert resolve_dtype("auto", "cpu") == want
+        monkeypatch.undo()
+    # The run directory records the concrete choice, never "auto".
+    tr = Trainer(cfg_for(env, ["train.dtype='auto'", "train.steps=1"]), tmp_path / "run", data=env["data"],
+                 progress=False)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["train"]["dtype"] == tr.cfg.train.dtype in ("float32", "bfloat16")
 
 
 def test_golden_loss_curve(env, tmp_path):

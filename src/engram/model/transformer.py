@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -22,16 +21,8 @@ from engram.model.generation import DecodeState
 from engram.model.hyper import HyperConnection
 from engram.model.layers import CausalSelfAttention, KVCache, RMSNorm, Rotary, SwiGLU
 from engram.model.moe import MoE
+from engram.model.persistence import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, engram_table_key  # noqa: F401
 from engram.tokenizer.compression import CompressedVocab
-
-WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.safetensors"
-_FORMAT = "engram-lm"
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def engram_table_key(layer: int) -> str:
-    """The state-dict / safetensors key of Engram layer ``layer``'s table."""
-    return f"blocks.{layer}.engram.table.weight"
 
 
 @dataclass
@@ -373,98 +364,19 @@ class EngramLM(nn.Module):
             raise ValueError(f"forward_step takes one token per sequence, got shape {tuple(idx_B1.shape)}")
         return self.forward(idx_B1, cache=state).logits[:, -1]
 
-    # -- persistence -----------------------------------------------------------------------------
-    def _weights_to_save(self) -> dict[str, torch.Tensor]:
-        sd = self.state_dict()
-        if self.cfg.tie_embeddings:  # safetensors refuses aliased tensors; the tie is rebuilt on load
-            sd.pop("lm_head.weight", None)
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-
+    # -- persistence (engram.model.persistence) --------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors``, ``config.json`` (and ``vocab.safetensors`` with Engram).
+        """Write ``model.safetensors``, ``config.json`` (and ``vocab.safetensors`` with Engram), each
+        atomically; see :func:`engram.model.persistence.save_pretrained`."""
+        from engram.model.persistence import save_pretrained
 
-        Every file goes to a temporary name first and is then renamed over the target, so an
-        interrupted save never leaves a half-written file under a final name.
-        A model built with ``tables=False`` is saved without tables (load it back with ``tables=False``).
-        """
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        if self.vocab is not None:
-            self.vocab.save(d / VOCAB_FILE)  # atomic on its own
-        tmp = d / (WEIGHTS_FILE + ".tmp")
-        save_file(self._weights_to_save(), str(tmp), metadata={"format": _FORMAT})
-        os.replace(tmp, d / WEIGHTS_FILE)
-        tmp = d / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        os.replace(tmp, d / CONFIG_FILE)
-        return d
+        return save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
                         tables: bool = True) -> EngramLM:
-        """Load a model written by :meth:`save_pretrained`.
+        """Load a model written by :meth:`save_pretrained`; ``tables=False`` leaves the Engram tables
+        on disk. See :func:`engram.model.persistence.load_pretrained` for the checks and errors."""
+        from engram.model.persistence import load_pretrained
 
-        ``tables=False`` loads everything but the Engram tables (see ``EngramLM(tables=False)``):
-        the file is opened lazily and the table tensors are never read, so a table larger than RAM
-        costs nothing; only their shapes and dtypes are checked. A directory saved from such a model
-        (no tables in the file) loads only this way.
-
-        Raises FileNotFoundError for a missing file and ValueError for a corrupt file or
-        weights that do not fit the saved config.
-        """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"no {p.name} in {d} (expected a directory written by save_pretrained)")
-        try:
-            cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-            raise ValueError(f"{cfg_path} is not a valid model config ({e})") from None
-        vocab = None
-        if cfg.engram is not None:
-            if not (d / VOCAB_FILE).is_file():
-                raise FileNotFoundError(f"no {VOCAB_FILE} in {d}: the config has Engram layers, which need it")
-            vocab = CompressedVocab.load(d / VOCAB_FILE)
-        table_keys = {engram_table_key(i): i for i in (cfg.engram.layer_ids if cfg.engram is not None else [])}
-        skipped: dict[str, tuple] = {}
-        try:
-            if tables:
-                state = load_file(str(w_path), device=str(map_location))
-            else:
-                with safe_open(str(w_path), framework="pt", device=str(map_location)) as f:
-                    names = set(f.keys())
-                    state = {k: f.get_tensor(k) for k in names if k not in table_keys}
-                    for k in table_keys:
-                        if k in names:
-                            sl = f.get_slice(k)
-                            dt = sl.get_dtype()
-                            skipped[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(dt, dt))
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise ValueError(f"{w_path} is not a readable safetensors file ({e})") from None
-        if tables and table_keys and not any(k in state for k in table_keys):
-            raise ValueError(f"{w_path} holds no Engram tables (saved from a model built with tables=False): "
-                             f"load it with tables=False and serve the tables from a store (engram.serve)")
-        model = cls(cfg, vocab, tables=tables)
-        expected = model.state_dict()
-        if cfg.tie_embeddings:
-            expected.pop("lm_head.weight", None)
-        for k, (shape, dtype) in skipped.items():
-            eng = model.blocks[table_keys[k]].engram
-            want = ((eng.num_rows, eng.head_dim), eng.table_dtype)
-            if (shape, dtype) != want:
-                raise ValueError(f"{w_path} does not match {cfg_path}: {k}: file {shape} {dtype} "
-                                 f"vs config {want[0]} {want[1]}")
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        bad = [f"{k}: file {tuple(state[k].shape)} {state[k].dtype} vs config {tuple(v.shape)} {v.dtype}"
-               for k, v in expected.items() if k in state and (state[k].shape, state[k].dtype) != (v.shape, v.dtype)]
-        if missing or unexpected or bad:
-            raise ValueError(f"{w_path} does not match {cfg_path}: missing={missing[:5]} "
-                             f"unexpected={unexpected[:5]} shape mismatches={bad[:5]}")
-        model.load_state_dict(state, strict=not cfg.tie_embeddings)
-        return model.to(map_location)
+        return load_pretrained(cls, directory, map_location=map_location, tables=tables)

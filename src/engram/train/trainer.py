@@ -52,6 +52,36 @@ def peak_flops(dtype: torch.dtype) -> float:
     return _PEAK_FLOPS[dtype]
 
 
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> str:
+    """The concrete autocast dtype for ``train.dtype``: ``"auto"`` becomes ``"bfloat16"`` where bf16
+    matmuls beat fp32 on ``device`` (CUDA with bf16 support; a CPU with native bf16 instructions),
+    else ``"float32"``. On CPUs without them (AVX2-only x86, for one) oneDNN emulates bf16 and a
+    matmul runs ~50-100x slower than in fp32, so asking for bf16 blindly can turn minutes into hours.
+    """
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type != "cpu":
+        return "float32"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
+
+    def best_time(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # warm-up: first calls pick and JIT kernels
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t32 = best_time(a, b)
+    t16 = best_time(a.bfloat16(), b.bfloat16())
+    return "bfloat16" if t16 < t32 else "float32"
+
+
 @dataclass
 class TrainResult:
     status: str  # "finished" | "interrupted"
@@ -82,6 +112,7 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        tc.dtype = resolve_dtype(tc.dtype, self.device)  # the run dir records the concrete choice
         self.data = data or prepare_data(cfg.data.data, cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
                                          cache_dir=cache_dir, val_permille=cfg.data.val_permille)
         # Resolve what the data decides: vocabulary size and the pad id the hashing pads with.
