@@ -1,9 +1,13 @@
 """Lookup bandwidth: the multi-head gather from a >= 2 GiB Engram table against torch's copy bandwidth.
 
 What it measures, for fp32 and bf16 tables with rows of 128 and 512 bytes (four cases):
-  * gather: `MultiHeadTable.gather_into(rows, out)` -- the allocation-free hot path (offset add into a
-    reused index buffer + `index_select(out=)`) -- into one preallocated `out [B, T, H, d]`;
+  * gather: `MultiHeadTable.gather_into(rows, out)` -- the allocation-free hot path (the prefetching C
+    kernel of `engram.memory.native_gather` where it builds, else offset add into a reused index
+    buffer + `index_select(out=)`) -- into one preallocated `out [B, T, H, d]`;
     bandwidth = bytes of rows written to `out` per second;
+  * index_select: the torch fallback path (offset add + `index_select(out=)`) on the same real-text
+    ids, timed in the same rounds, to show what the kernel gains (`index_select_ratio`), and the
+    kernel on a single thread (`native_1thread_ratio`; `gather` uses torch.get_num_threads());
   * copy: `dst.copy_(src)` of a contiguous buffer holding as many bytes as `out` (the reference), and
     once a 1 GiB copy (machine-level figure);
   * row ids from two sources, same count: n-gram hashes of real text (the interpreter's standard
@@ -14,14 +18,15 @@ Also checked once per case: `gather_into` equals `forward`, and the hot path all
 profiler memory events) and keeps writing into the same buffer.
 
 Target (issue): gather / copy >= 0.5 with real-text ids; the uniform random ratio is reported only.
-Timings are medians of `timeit` (>= 5 runs) pooled over interleaved rounds of copy / real / random,
-so drift on a shared machine hits all three alike; best-run figures are reported beside them, and
+Timings are medians of `timeit` (>= 5 runs) pooled over interleaved rounds of copy / real / random / ...,
+so drift on a shared machine hits all of them alike; best-run figures are reported beside them, and
 `other_busy_cores` says how much CPU other processes took meanwhile (trust only runs where it is ~0).
 
 Run: .venv/bin/python benchmarks/bench_lookup.py [--quick] [--out results.json]
      (default: four >= 2 GiB tables, 1-2 minutes; --quick: >= 256 MiB tables, smoke test).
-     THP_MEM_ALLOC_ENABLE=1 in the environment makes torch back the table with 2 MiB pages
-     (reported as `hugepage_backed_gib`).
+     Tables are advised onto 2 MiB pages (`engram.memory.hugepages`); `hugepage_backed_gib` is this
+     process's AnonHugePages growth (/proc/self/smaps_rollup) while the table was built.
+     ENGRAM_NATIVE_GATHER=0 times the torch path as `gather` instead.
 """
 
 # Legend: B batch, T time, H hash heads (= (N-1)*K), d row width; rows [B, T, H] -> out [B, T, H, d].
@@ -44,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from engram.config import EngramConfig
 from engram.hashing import NgramHasher
-from engram.memory import MultiHeadTable
+from engram.memory import MultiHeadTable, native_gather
 from engram.tokenizer import CompressedVocab
 
 from common import emit, machine_info, timeit
@@ -108,14 +113,20 @@ def real_text_batches(B: int, T: int, n_batches: int, max_chars: int) -> tuple[t
 
 # ---------------------------------------------------------------------------------------------- helpers
 def anon_hugepages_bytes() -> int:
-    """AnonHugePages from /proc/meminfo (0 where unavailable)."""
+    """AnonHugePages of this process (/proc/self/smaps_rollup; 0 where unavailable)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
             if line.startswith("AnonHugePages:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def index_select_gather(tab: MultiHeadTable, rows_BTH: torch.Tensor, idx: torch.Tensor, out_BTHd: torch.Tensor):
+    """The torch fallback of `gather_into`: offset add into a reused index buffer + index_select(out=)."""
+    torch.add(rows_BTH, tab.offsets, out=idx.view(rows_BTH.shape))
+    torch.index_select(tab.weight.detach(), 0, idx, out=out_BTHd.view(-1, tab.dim))
 
 
 def load_avg() -> list[float] | None:
@@ -211,12 +222,22 @@ def run_case(dtype: torch.dtype, row_bytes: int, min_table_bytes: int, batches_N
     hot_alloc = allocated_bytes(lambda: tab.gather_into(next(it_check), out_BTHd))
     assert hot_alloc == 0, f"gather_into allocated {hot_alloc} bytes on the hot path"
 
-    it_real, it_rand = itertools.cycle(real), itertools.cycle(rand)
+    idx = torch.empty(B * T * H, dtype=torch.int64)
+    out2_BTHd = torch.empty_like(out_BTHd)
+    index_select_gather(tab, real[0], idx, out2_BTHd)
+    assert torch.equal(out2_BTHd, tab.gather_into(real[0], out_BTHd)), "gather_into != index_select"
+    del out2_BTHd
+    it_real, it_rand, it_isel = itertools.cycle(real), itertools.cycle(rand), itertools.cycle(real)
     fns = {
         "copy": lambda: dst.copy_(src),
         "real_text": lambda: tab.gather_into(next(it_real), out_BTHd),
         "uniform_random": lambda: tab.gather_into(next(it_rand), out_BTHd),
+        "index_select": lambda: index_select_gather(tab, next(it_isel), idx, out_BTHd),
     }
+    if native_gather.available():  # the kernel on one thread, to tell what the second thread adds
+        it_1t = itertools.cycle(real)
+        fns["native_1thread"] = lambda: native_gather.gather(tab.weight, next(it_1t), tab.offsets, tab.head_sizes,
+                                                             out_BTHd, threads=1)
     med: dict[str, list[float]] = {k: [] for k in fns}
     best: dict[str, list[float]] = {k: [] for k in fns}
     snap0 = cpu_snapshot()
@@ -246,6 +267,10 @@ def run_case(dtype: torch.dtype, row_bytes: int, min_table_bytes: int, batches_N
             "gather_GBps_best": gbps(out_bytes, g_best_s), "copy_GBps_best": gbps(out_bytes, copy_best_s),
             "ratio_best": round(copy_best_s / g_best_s, 3),
             "ratio_per_round": [round(c / x, 3) for c, x in zip(med["copy"], med[ids_name], strict=True)],
+            "index_select_ratio": (round(copy_s / statistics.median(med["index_select"]), 3)
+                                   if ids_name == "real_text" else None),
+            "native_1thread_ratio": (round(copy_s / statistics.median(med["native_1thread"]), 3)
+                                     if ids_name == "real_text" and "native_1thread" in med else None),
             "hot_path_alloc_bytes": hot_alloc, "other_busy_cores": others,
             "target_met": bool(ratio >= TARGET_RATIO) if ids_name == "real_text" else None,
         })
@@ -288,9 +313,12 @@ def main() -> None:
             "quick": args.quick, "B": B, "T": T, "tokens_per_step": B * T, "max_ngram_size": MAX_NGRAM,
             "n_head_per_ngram": HEADS_PER_NGRAM, "heads": (MAX_NGRAM - 1) * HEADS_PER_NGRAM, "layer_ids": [LAYER],
             "min_table_gib": min_table / GiB, "pad_id_compressed": pad_id, "rounds": rounds, "timeit_repeat": repeat,
-            "hot_path": "MultiHeadTable.gather_into (index_select out=, reused int64 index buffer)",
+            "hot_path": "MultiHeadTable.gather_into: " + (
+                f"native_gather C kernel, prefetch distance {native_gather.PREFETCH_DISTANCE}, "
+                f"{torch.get_num_threads()} threads" if native_gather.available() else
+                f"index_select out= with a reused int64 index buffer ({native_gather.unavailable_reason()})"),
             "bandwidth": "bytes written to the output per second (gather: rows x row_bytes; copy: dst bytes)",
-            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "text": text_info,
+            "text": text_info,
         },
         "copy_large": copy_large,
         "results": results,

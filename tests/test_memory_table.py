@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import MultiHeadTable
+from engram.memory import MultiHeadTable, native_gather
 
 SIZES = (5, 7, 11)
 
@@ -95,7 +95,18 @@ def test_bf16_storage():
     assert t.weight.grad.is_sparse and t.weight.grad.dtype == torch.bfloat16
 
 
-def test_gather_into_matches_forward_and_reuses_buffers():
+@pytest.fixture(params=["native", "index_select"])
+def gather_path(request, monkeypatch):
+    """Run a test through both gather_into paths (the C kernel, if it builds here, and torch)."""
+    if request.param == "native":
+        if not native_gather.available():
+            pytest.skip(f"native gather unavailable: {native_gather.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(native_gather, "available", lambda: False)
+    return request.param
+
+
+def test_gather_into_matches_forward_and_reuses_buffers(gather_path):
     t = MultiHeadTable(SIZES, 4)
     out = torch.empty(2, 3, 3, 4)
     ptr = out.data_ptr()
@@ -104,10 +115,72 @@ def test_gather_into_matches_forward_and_reuses_buffers():
         res = t.gather_into(rows, out)
         assert res is out and out.data_ptr() == ptr
         assert torch.equal(out, t(rows))
+        if gather_path == "native":
+            assert t._idx_buf is None  # the kernel adds the offsets itself: no index buffer
+            continue
         if seed == 0:
             idx_ptr = t._idx_buf.data_ptr()
         assert t._idx_buf.data_ptr() == idx_ptr  # index buffer reused, nothing reallocated
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [1, 3, 8, 32, 64, 128, 256, 257])  # 128/256/512-byte rows and odd ones
+def test_gather_into_bit_exact(gather_path, dtype, dim):
+    sizes = (97, 5, 1, 131)  # includes a one-row head
+    t = MultiHeadTable(sizes, dim, dtype=dtype)
+    rows = _rows(sizes, 7, 33, seed=dim)
+    rows[0, :5] = rows[0, 0]  # duplicates within a head, across tokens
+    rows[1, 1] = torch.tensor(sizes) - 1  # last row of every head
+    rows[1, 2] = 0  # first row of every head
+    out = torch.full((7, 33, 4, dim), float("nan"), dtype=dtype)
+    t.gather_into(rows, out)
+    offsets = torch.tensor([sum(sizes[:h]) for h in range(len(sizes))])
+    ref = t.weight.detach()[rows + offsets]
+    assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_gather_into_non_contiguous_and_int32_rows(gather_path):
+    t = MultiHeadTable(SIZES, 4)
+    rows = _rows(SIZES, 6, 5)
+    ref = t(rows)
+    for r in (rows.int(), rows.transpose(0, 1).contiguous().transpose(0, 1)):
+        assert torch.equal(t.gather_into(r, torch.empty(6, 5, 3, 4)), ref)
+
+
+@pytest.mark.skipif(not native_gather.available(), reason="native gather unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("n_tokens", [1, 2, 7, 100, 1001])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64, 2048])
+def test_native_gather_any_thread_split(monkeypatch, dtype, threads, n_tokens, chunk_rows):
+    monkeypatch.setattr(native_gather, "MIN_ROWS_PER_THREAD", 1)  # split even tiny inputs
+    monkeypatch.setattr(native_gather, "CHUNK_ROWS", chunk_rows)
+    sizes = (13, 2, 29)
+    t = MultiHeadTable(sizes, 64, dtype=dtype)  # 256 (fp32) or 128 (bf16) bytes per row
+    g = torch.Generator().manual_seed(threads * 1000 + n_tokens)
+    rows = torch.stack([torch.randint(0, s, (n_tokens,), generator=g) for s in sizes], dim=-1)
+    out = torch.empty(n_tokens * len(sizes), 64, dtype=dtype)
+    w = t.weight.detach()
+    assert native_gather.gather(w, rows, t.offsets, t.head_sizes, out, threads=threads) == -1
+    assert torch.equal(out.view(n_tokens, len(sizes), 64), w[rows + t.offsets])
+
+
+@pytest.mark.skipif(not native_gather.available(), reason="native gather unavailable")
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_native_gather_reports_out_of_range_ids(monkeypatch, threads):
+    monkeypatch.setattr(native_gather, "MIN_ROWS_PER_THREAD", 1)
+    monkeypatch.setattr(native_gather, "CHUNK_ROWS", 16)
+    t = MultiHeadTable(SIZES, 4)
+    w, out = t.weight.detach(), torch.empty(60 * 3, 4)
+    for pos, value in ((0, 5), (100, 7), (179, 11), (91, -1), (150, 2**62)):
+        rows = _rows(SIZES, 60)
+        rows.view(-1)[pos] = value  # pos % 3 is the head; each value is just past its head
+        assert native_gather.gather(w, rows, t.offsets, t.head_sizes, out, threads=threads) == pos
+    # gather_into turns it into check_rows' error even with validate=False.
+    with pytest.raises(ValueError, match=r"head 1: got 7, allowed range is \[0, 7\)"):
+        t.gather_into(torch.tensor([[0, 7, 0]]), torch.empty(1, 3, 4))
 
 
 def test_gather_into_rejects_bad_out():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram.memory import native_gather
 from engram.memory.hugepages import advise_hugepages
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -160,10 +161,14 @@ class MultiHeadTable(nn.Module):
     ) -> torch.Tensor:
         """Allocation-free gather into a preallocated ``out_BTHd`` (inference/benchmarks only).
 
-        No autograd. An internal int64 index buffer is reused across calls of the same size,
-        so steady-state calls allocate nothing. Validation is off by default because this is
-        the hot path; out-of-range ids then silently read a neighbouring head's rows.
-        Returns ``out_BTHd``.
+        No autograd, nothing allocated in steady state. On the CPU with contiguous int64 ids
+        this runs :mod:`engram.memory.native_gather` (prefetching C kernel over
+        ``torch.get_num_threads()`` threads, 1.5-2x ``index_select`` for 128-byte rows); it
+        checks each id against its head's size for free and raises ``ValueError`` on a bad one.
+        Otherwise (other devices or id dtypes, no C compiler) it adds the offsets into a reused
+        int64 index buffer and calls ``index_select(out=)``; validation is then off by default
+        (the hot path), and an id past its head silently reads a neighbouring head's row.
+        Both paths equal ``weight[rows + offsets]`` bit for bit. Returns ``out_BTHd``.
         """
         if validate:
             self.check_rows(rows_BTH)
@@ -175,14 +180,32 @@ class MultiHeadTable(nn.Module):
         if not out_BTHd.is_contiguous():
             raise ValueError("out must be contiguous (it is written through a flat view)")
 
+        weight = self.weight
+        if (
+            weight.device.type == "cpu"
+            and rows_BTH.device.type == "cpu"
+            and out_BTHd.device.type == "cpu"
+            and rows_BTH.dtype == torch.int64
+            and rows_BTH.dim() > 0
+            and rows_BTH.shape[-1] == self.num_heads
+            and rows_BTH.is_contiguous()
+            and weight.is_contiguous()
+            and native_gather.available()
+        ):
+            bad = native_gather.gather(weight, rows_BTH, self.offsets, self.head_sizes, out_BTHd)
+            if bad >= 0:
+                self.check_rows(rows_BTH)  # raises with the head and value
+                raise RuntimeError(f"native gather stopped at id position {bad}, which check_rows accepts")
+            return out_BTHd
+
         buf = self._idx_buf
         n = rows_BTH.numel()
-        if buf is None or buf.numel() != n or buf.device != self.weight.device:
-            buf = torch.empty(n, dtype=torch.int64, device=self.weight.device)
+        if buf is None or buf.numel() != n or buf.device != weight.device:
+            buf = torch.empty(n, dtype=torch.int64, device=weight.device)
             self._idx_buf = buf
         idx_BTH = buf.view(rows_BTH.shape)
         torch.add(rows_BTH, self.offsets, out=idx_BTH)
-        torch.index_select(self.weight, 0, buf, out=out_BTHd.view(-1, self._dim))
+        torch.index_select(weight, 0, buf, out=out_BTHd.view(-1, self._dim))
         return out_BTHd
 
     def extra_repr(self) -> str:
