@@ -11,6 +11,10 @@ Disk reads, and how the page cache is made cold for measurements:
 * A gather de-duplicates its ids and reads the distinct rows in ascending file order, then expands them
   with the inverse index; ``bytes_read`` counts ``unique * row_bytes`` (logical bytes; the device reads
   whole 4 KiB pages).
+* Before copying, a gather asks the kernel for all its distinct pages not advised before at once
+  (``posix_fadvise(WILLNEED)`` per run of adjacent pages, see :mod:`engram.memory.readahead`): the reads
+  are queued together instead of one page fault at a time, ~3-4x faster from a cold cache. The copy
+  still reads the mapping, so the advice changes speed, never bytes. ``readahead=False`` turns it off.
 * :meth:`DiskStore.drop_page_cache` first drops this process's mappings of the file's pages
   (``madvise(MADV_DONTNEED)``; the kernel never evicts pages that are still mapped) and then calls
   ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``, which evicts the file's clean pages from the page
@@ -44,6 +48,7 @@ from engram.memory.disk_format import (
     write_store,
 )
 from engram.memory.hugepages import libc
+from engram.memory.readahead import SeenPages, advise_willneed, page_runs
 
 __all__ = ["DiskStore", "RamStore", "RowStore", "StoreFormatError", "TierStats", "check_rows", "write_store"]
 
@@ -240,13 +245,16 @@ class DiskStore(RowStore):
             ``"full"`` also recomputes every chunk checksum (reads the whole file).
         expect: fields the file must have, e.g. ``{"num_rows": R, "dim": d, "dtype": torch.bfloat16,
             "meta": {"layer": 2}}``; a mismatch raises StoreFormatError listing every difference.
+        readahead: before copying a gather's rows, queue the reads of their pages not advised yet in one
+            batch (see the module docstring); False reads through plain page faults.
 
     All format problems raise :class:`StoreFormatError` (a ValueError) naming the file.
     """
 
     tier = "disk"
 
-    def __init__(self, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None,
+                 readahead: bool = True) -> None:
         super().__init__()
         if verify not in ("header", "full"):
             raise ValueError(f"verify must be 'header' or 'full', got {verify!r}")
@@ -255,6 +263,9 @@ class DiskStore(RowStore):
         self._mmap = None
         self._rows_Rd = None
         self._close_lock = threading.Lock()
+        self.readahead = bool(readahead)
+        self._seen: SeenPages | None = None
+        self._advised = [0, 0]  # page runs, pages: requests handed to the kernel by the read-ahead
         # The header is read through the descriptor that is mapped, so a concurrent os.replace of the
         # path cannot pair one file's header with another file's data.
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -270,6 +281,7 @@ class DiskStore(RowStore):
             raw = RAW_NUMPY[h.dtype]
             self._rows_Rd = np.frombuffer(self._mmap, dtype=raw, count=h.num_rows * h.dim,
                                           offset=h.data_offset).reshape(h.num_rows, h.dim)
+            self._seen = SeenPages(h.file_bytes)
             if verify == "full":
                 self.verify_chunks()
         except BaseException:
@@ -277,9 +289,10 @@ class DiskStore(RowStore):
             raise
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None) -> DiskStore:
+    def open(cls, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None,
+             readahead: bool = True) -> DiskStore:
         """Open and check the store file at ``path``; see the class docstring."""
-        return cls(path, verify=verify, expect=expect)
+        return cls(path, verify=verify, expect=expect, readahead=readahead)
 
     num_rows = property(lambda self: self.header.num_rows)
     dim = property(lambda self: self.header.dim)
@@ -305,6 +318,8 @@ class DiskStore(RowStore):
         rows = rows_N.numpy()
         uniq_U, inv_N = np.unique(rows, return_inverse=True)  # sorted: reads walk the file forwards
         u = uniq_U.size
+        if self.readahead:
+            self._advise(uniq_U)
         # mode="clip": ids are already checked, and the default mode="raise" copies `out` through a temp buffer.
         if u == n and (n == 1 or bool((rows[1:] > rows[:-1]).all())):
             np.take(table_Rd, uniq_U, axis=0, out=out_raw, mode="clip")  # already distinct and ascending
@@ -314,6 +329,23 @@ class DiskStore(RowStore):
             np.take(buf_Ud, inv_N.reshape(-1), axis=0, out=out_raw, mode="clip")
         self._record(n, u, u, 0, u * self.row_bytes)
         return out_Nd
+
+    def _advise(self, uniq_U: np.ndarray) -> None:
+        """Queue the reads of the not yet advised pages of sorted distinct rows ``uniq_U`` (no waiting)."""
+        seen, fd = self._seen, self._fd
+        if seen is None or fd < 0:
+            raise ValueError(f"{self.path}: store is closed")
+        first_K, count_K = seen.unseen(*page_runs(uniq_U, self.row_bytes, self.header.data_offset, seen.page))
+        if advise_willneed(fd, first_K, count_K, seen.page):
+            seen.mark(first_K, count_K)
+            with self._stats_lock:
+                self._advised[0] += len(first_K)
+                self._advised[1] += int(count_K.sum())
+
+    def readahead_counts(self) -> dict[str, int]:
+        """Read-ahead requests handed to the kernel so far: ``{"runs": ..., "pages": ...}`` (0 without it)."""
+        with self._stats_lock:
+            return {"runs": self._advised[0], "pages": self._advised[1]}
 
     def chunks_of(self, rows_N) -> np.ndarray:
         """Sorted distinct chunk ids holding the given row ids (for :meth:`verify_chunks`)."""
@@ -339,6 +371,7 @@ class DiskStore(RowStore):
             self._mmap.madvise(mmap.MADV_DONTNEED)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._seen.clear()  # the evicted pages must be advised again
 
     def page_cache_bytes(self) -> int | None:
         """Bytes of the data region now in the page cache (Linux ``mincore``), or None where unavailable."""
