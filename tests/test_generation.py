@@ -2,29 +2,17 @@
 
 # Shapes: B batch, T time, V vocabulary.
 
-import numpy as np
 import pytest
 import torch
 
 from engram.config import EngramConfig, ModelConfig
 from engram.model import EngramLM, generate
-from engram.tokenizer.compression import CompressedVocab
+from tiny_models import one_thread, tiny_vocab
 
 V = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: a second intra-op thread only adds synchronisation (ms per op on a busy box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_vocab() -> CompressedVocab:
-    # Ids 0..29 are distinct, 30..47 fold onto 0..17 (like "The" -> "the"): first-seen order.
-    return CompressedVocab(np.concatenate([np.arange(30), np.arange(18)]))
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def make_cfg(kind: str, **kw) -> ModelConfig:

@@ -13,21 +13,12 @@ import torch.nn.functional as F
 from engram.config import EngramConfig, ModelConfig
 from engram.model import EngramLM, HyperConnection, MoE, count_params, iso_engram_config
 from engram.tokenizer.compression import CompressedVocab
+from tiny_models import one_thread, tiny_vocab
 
 V = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: a second intra-op thread only adds synchronisation (ms per op on a busy box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_vocab() -> CompressedVocab:
-    return CompressedVocab(np.concatenate([np.arange(30), np.arange(18)]))
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def tiny_engram(**kw) -> EngramConfig:

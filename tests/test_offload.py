@@ -16,7 +16,7 @@ from engram.memory.store import DiskStore, RamStore, StoreFormatError
 from engram.model import EngramLM
 from engram.serve import access_profiles, export_tables, open_memory, open_store_dir, read_manifest
 from engram.serve.export import MANIFEST, layer_file, verify_against_weights
-from offload_common import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
+from tiny_models import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

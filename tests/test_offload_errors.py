@@ -16,7 +16,7 @@ from engram.memory.store import RamStore
 from engram.model import EngramLM
 from engram.serve import OffloadedLM, open_memory
 from engram.tokenizer.compression import CompressedVocab
-from offload_common import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
+from tiny_models import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the offloaded-inference tests: a tiny Engram model and its saved reference."""
+"""Shared test pieces: one-thread fixture body, the tiny compressed vocabulary, a tiny Engram model and its
+saved reference (offloaded inference)."""
 
 # Shapes: B batch, T time, H hash heads, d row width, V vocabulary, R table rows.
 
