@@ -33,7 +33,7 @@ def disk(tmp_path_factory):
     g = torch.Generator().manual_seed(3)
     table = torch.randint(-(2**31), 2**31 - 1, (R, D), dtype=torch.int32, generator=g).view(torch.float32)
     path = write_store(tmp_path_factory.mktemp("ra") / "t.rows", table, chunk_rows=333)
-    with DiskStore.open(path) as store:
+    with DiskStore.open(path, io="mmap") as store:
         yield table, store
 
 
@@ -130,7 +130,7 @@ def test_without_posix_fadvise_reads_fall_back_to_page_faults(disk, monkeypatch)
 
 def test_rows_wider_than_a_page_are_advised_and_exact(tmp_path):
     table = torch.randn(40, 1500)  # 6000-byte rows: each spans two or three pages
-    with DiskStore.open(write_store(tmp_path / "wide", table)) as store:
+    with DiskStore.open(write_store(tmp_path / "wide", table), io="mmap") as store:
         store.drop_page_cache()
         rows_N = torch.tensor([39, 0, 7, 7, 8, 20])
         assert torch.equal(store.gather(rows_N), table[rows_N])
@@ -181,7 +181,7 @@ def test_read_ahead_errors_surface_in_the_caller_and_count_nothing(disk, monkeyp
 
 
 def test_closed_store_reports_closed_not_a_bad_descriptor(tmp_path):
-    store = DiskStore.open(write_store(tmp_path / "c", torch.randn(10, 4)))
+    store = DiskStore.open(write_store(tmp_path / "c", torch.randn(10, 4)), io="mmap")
     store.close()
     with pytest.raises(ValueError, match="closed"):
         store.gather(torch.tensor([1]))

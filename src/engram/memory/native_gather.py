@@ -19,8 +19,7 @@ Measured on a loaded 2-core Zen 3 (2 GiB tables, real-text ids, median ratios to
 
 It only copies bytes, so the result equals ``weight[rows + offsets]`` bit for bit for any dtype.
 
-The compiled library is cached under ``$XDG_CACHE_HOME/engram`` (default ``~/.cache/engram``),
-keyed by a hash of the source and compiler. Where no C compiler works, or with
+The compiled library is cached by :mod:`engram.memory.native_build`. Where no C compiler works, or with
 ``ENGRAM_NATIVE_GATHER=0`` in the environment, :func:`available` is False and callers fall back
 to ``torch.index_select``.
 """
@@ -28,18 +27,12 @@ to ``torch.index_select``.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shlex
-import shutil
 import subprocess
-import sys
-import sysconfig
-import tempfile
-from pathlib import Path
 
 import torch
+
+from engram.memory.native_build import build_and_load
 
 PREFETCH_DISTANCE = 16  # rows ahead; 8-32 measured alike on Zen 3
 MAX_THREADS = 64
@@ -149,36 +142,6 @@ _tried = False
 _error: str | None = None
 
 
-def _compiler() -> list[str] | None:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or ""
-    cmd = shlex.split(cc)
-    if cmd and shutil.which(cmd[0]):
-        return cmd
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    return None
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "engram"
-
-
-def _build(cc: list[str], target: Path) -> None:
-    """Compile the kernel to ``target`` atomically (temp file + rename: safe if processes race)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "gather.c"
-        src.write_text(_SOURCE)
-        so = Path(tmp) / target.name
-        cmd = [*cc, "-O3", "-shared", "-fPIC", "-pthread", "-o", str(so), str(src)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}")
-        os.replace(so, target)
-
-
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried, _error
     if _tried:
@@ -187,24 +150,8 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("ENGRAM_NATIVE_GATHER", "1") == "0":
         _error = "disabled by ENGRAM_NATIVE_GATHER=0"
         return None
-    if sys.platform.startswith("win"):
-        _error = "not built on Windows"
-        return None
-    cc = _compiler()
-    if cc is None:
-        _error = "no C compiler found"
-        return None
-    key = hashlib.sha256("\0".join([_SOURCE, *cc, sys.platform, platform.machine()]).encode()).hexdigest()
-    name = f"gather_{key[:16]}.so"
     try:
-        target = _cache_dir() / name
-        if not target.exists():
-            try:
-                _build(cc, target)
-            except OSError:  # cache not writable: build into a private temp dir instead
-                target = Path(tempfile.mkdtemp(prefix="engram-")) / name
-                _build(cc, target)
-        lib = ctypes.CDLL(str(target))
+        lib = build_and_load(_SOURCE, "gather")
         fn = lib.engram_gather
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 2
         fn.restype = ctypes.c_int64

@@ -1,0 +1,75 @@
+"""Build small C kernels on first use with the system C compiler, cached per source, and load them.
+
+The project's native pieces (:mod:`engram.memory.native_gather`, :mod:`engram.memory.native_io`) are
+single C files embedded as strings: no build step at install time, nothing to ship per platform. The
+first call compiles one into a shared library under ``$XDG_CACHE_HOME/engram`` (default
+``~/.cache/engram``), named by a hash of the source, compiler and platform, and loads it with ctypes;
+later processes load the cached file. Where no C compiler works, callers fall back to pure-Python/torch
+paths (each module says which).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+__all__ = ["build_and_load", "compiler"]
+
+
+def compiler() -> list[str] | None:
+    """The C compiler command: ``$CC``, Python's configured CC, or cc/gcc/clang on PATH (None if none)."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or ""
+    cmd = shlex.split(cc)
+    if cmd and shutil.which(cmd[0]):
+        return cmd
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "engram"
+
+
+def _build(cc: list[str], source: str, target: Path) -> None:
+    """Compile ``source`` to ``target`` atomically (temp file + rename: safe if processes race)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "kernel.c"
+        src.write_text(source)
+        so = Path(tmp) / target.name
+        cmd = [*cc, "-O3", "-shared", "-fPIC", "-pthread", "-o", str(so), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}")
+        os.replace(so, target)
+
+
+def build_and_load(source: str, stem: str) -> ctypes.CDLL:
+    """Compile ``source`` (cached) and load it; raises RuntimeError/OSError when that is impossible."""
+    if sys.platform.startswith("win"):
+        raise RuntimeError("native kernels are not built on Windows")
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    key = hashlib.sha256("\0".join([source, *cc, sys.platform, platform.machine()]).encode()).hexdigest()
+    name = f"{stem}_{key[:16]}.so"
+    target = _cache_dir() / name
+    if not target.exists():
+        try:
+            _build(cc, source, target)
+        except OSError:  # cache not writable: build into a private temp dir instead
+            target = Path(tempfile.mkdtemp(prefix="engram-")) / name
+            _build(cc, source, target)
+    return ctypes.CDLL(str(target))
