@@ -7,19 +7,23 @@ training). Text: held-out stdlib files, local BPE.
 Configurations, each measured on the same token batches:
   * ram_model: the plain EngramLM, table inside the model (the all-in-RAM reference);
   * ram_store: the same table served by a RamStore through the prefetcher;
-  * disk + cache (LRU, LFU, static-hot; budget = 10% of the table): the table memory-mapped
-    from a store file. Before each disk run the file's page cache is dropped
-    (`posix_fadvise(POSIX_FADV_DONTNEED)` after unmapping our own pages; the mapping is
-    `madvise(MADV_RANDOM)` so a row read faults in one 4 KiB page, not a 128 KiB read-ahead).
-    A gather first queues the reads of all its distinct pages (`POSIX_FADV_WILLNEED`, see
-    engram.memory.readahead); `--readahead both` adds the same runs with plain page faults.
-    Each disk run reports the store's page-cache bytes right after the drop and the bytes the
-    process read from the device (`/proc/self/io`), to show the cache really was cold.
-    The static-hot cache is ranked by an access profile of the *train* split.
+  * disk + cache (none, LRU, LFU, static-hot; budget = 10% of the table): the table in a store
+    file. `--io direct` (default): rows read with O_DIRECT through io_uring (DiskStore
+    io="direct": no page cache at all, 512-byte aligned reads); `--io mmap`: the memory mapping
+    (`madvise(MADV_RANDOM)`, a gather first queues its distinct pages with
+    `POSIX_FADV_WILLNEED`); `--io both` runs both (mmap runs named *_mmap).
+    Before each disk run the file's page cache is dropped (`posix_fadvise(POSIX_FADV_DONTNEED)`
+    after unmapping our own pages). Each disk run reports the store's page-cache bytes right
+    after the drop and after the run, the bytes the process read from the device
+    (`/proc/self/io`) and, for direct reads, the number of reads, to show the cache was cold.
+    The static-hot cache is ranked by an access profile of `--profile-tokens` train-split tokens
+    (never the evaluated text); it is loaded when the store opens, before the timed run.
 
 Prefill: `OffloadedLM.evaluate` over batches of 8 x 256 tokens (rows of batch i+1 are read while
-batch i computes). Decode: greedy generation of 64 tokens for 4 prompts of 64 tokens. All runs
-check that their outputs equal the all-in-RAM model's bit for bit.
+batch i computes). Decode: greedy generation of `--new-tokens` tokens for 4 prompts of 64 tokens.
+All runs check that their outputs equal the all-in-RAM model's bit for bit. Every configuration
+runs once per round, rounds interleaved (`--rounds`), each compared with the RAM run of its own
+round; the summary gives medians over rounds and the per-round ratios.
 
 Run: .venv/bin/python benchmarks/bench_offload.py --dir /path/with/10GiB/free [--quick]
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -107,17 +112,26 @@ class _Plain:
         return generate(self.model, prompts, new_tokens, temperature=temperature)
 
 
+def _disk_stores(lm) -> list:
+    stores = [*lm.stores.values(), *(getattr(s, "backing", None) for s in lm.stores.values())]
+    return [s for s in stores if hasattr(s, "direct_counts")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="offload-bench", help="where to write the model and its store")
     ap.add_argument("--quick", action="store_true", help="a 64 MiB table and few batches (smoke test)")
     ap.add_argument("--rows-per-head", type=int, default=1_048_576)
     ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of all configurations; ratios are medians over rounds")
     ap.add_argument("--cache-frac", type=float, default=0.10)
-    ap.add_argument("--readahead", choices=("on", "off", "both"), default="on",
-                    help="disk runs with batched read-ahead (DiskStore readahead), plain page faults, or both "
-                         "(the latter as extra runs named *_faults)")
+    ap.add_argument("--profile-tokens", type=int, default=4_000_000,
+                    help="train-split tokens the static-hot profile is counted on")
+    ap.add_argument("--io", choices=("direct", "mmap", "both"), default="direct",
+                    help="disk reads: O_DIRECT through io_uring (DiskStore io='direct'), the memory mapping with "
+                         "batched read-ahead (io='mmap'), or both (mmap runs named *_mmap)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from engram.data import prepare_data
@@ -152,50 +166,93 @@ def main() -> None:
     batches = batches_of(data.val, B, T, n_batches)
     prompts = torch.from_numpy(np.asarray(data.train[:4 * 64], dtype=np.int64).reshape(4, 64))
     # Static-hot profile from the train split (never the evaluated text).
-    prof_ids = [x for x, _ in batches_of(data.train[10_000:], B, T, 40)]
-    profile = access_profiles(model, prof_ids)
+    n_prof = max(1, min(args.profile_tokens, len(data.train) - 10_000) // (B * (T + 1)))
+    profile = access_profiles(model, (x for x, _ in batches_of(data.train[10_000:], B, T, n_prof)))
+    res["profile_tokens"] = n_prof * B * T
 
-    runs = {}
+    disk = [("disk_nocache", 0, "lru"), ("disk_lru", cache_bytes, "lru"), ("disk_lfu", cache_bytes, "lfu"),
+            ("disk_static", cache_bytes, "static")]
+    configs = [("ram_store", "ram", 0, "lru", None)]
+    for name, cb, policy in disk:
+        for io in (("direct", "mmap") if args.io == "both" else (args.io,)):
+            configs.append((name if io == "direct" or args.io == "mmap" else f"{name}_mmap", "disk", cb, policy, io))
     time_run(_Plain(model), batches[:1], prompts, 4)  # warm-up: thread pools, allocator, kernels
-    ref = time_run(_Plain(model), batches, prompts, args.new_tokens)
-    runs["ram_model"] = ref
-    with torch.no_grad():
-        disk = [("disk_nocache", "disk", 0, "lru"), ("disk_lru", "disk", cache_bytes, "lru"),
-                ("disk_lfu", "disk", cache_bytes, "lfu"), ("disk_static", "disk", cache_bytes, "static")]
-        configs = [("ram_store", "ram", 0, "lru", True)]
-        for name, memory, cb, policy in disk:
-            if args.readahead in ("on", "both"):
-                configs.append((name, memory, cb, policy, True))
-            if args.readahead in ("off", "both"):
-                configs.append((f"{name}_faults", memory, cb, policy, False))
-        for name, memory, cb, policy, readahead in configs:
-            lm = open_memory(model_dir, memory, store_dir=store_dir if memory == "disk" else None, cache_bytes=cb,
-                             policy=policy, profile=profile if policy == "static" else None)
-            for s in [*lm.stores.values(), *(getattr(s, "backing", None) for s in lm.stores.values())]:
-                if hasattr(s, "readahead"):
-                    s.readahead = readahead
-            with lm:
-                cold = lm.drop_page_cache() if memory == "disk" else None
-                cached = page_cache_bytes(lm) if memory == "disk" else None
-                io0 = proc_read_bytes()
-                r = time_run(lm, batches, prompts, args.new_tokens)
-                io1 = proc_read_bytes()
-                r["tiers"] = lm.tier_stats()
-                r["page_cache_dropped_files"] = cold
-                # Evidence that the cold run really read from the device: the store's pages resident
-                # after the drop, and the bytes this process read from block devices during the run.
-                r["page_cache_mib_after_drop"] = None if cached is None else round(cached / 2**20, 1)
-                r["device_read_mib"] = None if io0 is None else round((io1 - io0) / 2**20, 1)
-            runs[name] = r
-    ref_loss, ref_gen = ref["loss"], ref["gen"]
-    for r in runs.values():
+    rounds: list[dict] = []
+    ref_loss = ref_gen = None
+
+    def ram_run() -> dict:
+        nonlocal ref_loss, ref_gen
+        r = time_run(_Plain(model), batches, prompts, args.new_tokens)
+        if ref_loss is None:
+            ref_loss, ref_gen = r["loss"], r["gen"]
         r["loss_equal_ram"] = r.pop("loss") == ref_loss
         r["tokens_equal_ram"] = bool(torch.equal(r.pop("gen"), ref_gen))
-        r["prefill_vs_ram"] = round(r["prefill_tok_s"] / ref["prefill_tok_s"], 3)
-        r["decode_vs_ram"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 3)
+        return r
+
+    with torch.no_grad():
+        for _ in range(max(1, args.rounds)):
+            # RAM, config 1, RAM, config 2, ..., RAM: each configuration is compared with the mean of the
+            # RAM runs right before and after it, so slow drifts of this shared machine's speed cancel.
+            runs, ram_before = {"ram_model": []}, ram_run()
+            runs["ram_model"].append(ram_before)
+            for name, memory, cb, policy, io in configs:
+                lm = open_memory(model_dir, memory, store_dir=store_dir if memory == "disk" else None, cache_bytes=cb,
+                                 policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
+                with lm:
+                    cold = lm.drop_page_cache() if memory == "disk" else None
+                    cached = page_cache_bytes(lm) if memory == "disk" else None
+                    lm.reset_stats()
+                    reads0 = sum(s.direct_counts()["reads"] for s in _disk_stores(lm))  # minus the static preload
+                    io0 = proc_read_bytes()
+                    r = time_run(lm, batches, prompts, args.new_tokens)
+                    io1 = proc_read_bytes()
+                    r["loss_equal_ram"] = r.pop("loss") == ref_loss
+                    r["tokens_equal_ram"] = bool(torch.equal(r.pop("gen"), ref_gen))
+                    r["io"] = io
+                    r["tiers"] = lm.tier_stats()
+                    r["device_reads"] = (sum(s.direct_counts()["reads"] for s in _disk_stores(lm)) - reads0
+                                         if io == "direct" else None)
+                    r["page_cache_dropped_files"] = cold
+                    # Evidence that the cold run really read from the device: the store's pages resident
+                    # after the drop, and the bytes this process read from block devices during the run.
+                    r["page_cache_mib_after_drop"] = None if cached is None else round(cached / 2**20, 1)
+                    r["page_cache_mib_after_run"] = None if cached is None else round(page_cache_bytes(lm) / 2**20, 1)
+                    r["device_read_mib"] = None if io0 is None else round((io1 - io0) / 2**20, 1)
+                ram_after = ram_run()
+                runs["ram_model"].append(ram_after)
+                for k in ("prefill", "decode"):
+                    ref = (ram_before[f"{k}_tok_s"] + ram_after[f"{k}_tok_s"]) / 2
+                    r[f"{k}_vs_ram"] = round(r[f"{k}_tok_s"] / ref, 3)
+                runs[name] = r
+                ram_before = ram_after
+            rams = runs.pop("ram_model")
+            runs = {"ram_model": {**rams[0], "prefill_vs_ram": 1.0, "decode_vs_ram": 1.0,
+                                  "prefill_tok_s_all": [x["prefill_tok_s"] for x in rams],
+                                  "decode_tok_s_all": [x["decode_tok_s"] for x in rams],
+                                  "loss_equal_ram": all(x["loss_equal_ram"] for x in rams),
+                                  "tokens_equal_ram": all(x["tokens_equal_ram"] for x in rams)}, **runs}
+            rounds.append(runs)
+    summary = {}
+    for name in rounds[0]:
+        per = [rd[name] for rd in rounds]
+        summary[name] = {
+            "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in per),
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in per),
+            "prefill_vs_ram": statistics.median(r["prefill_vs_ram"] for r in per),
+            "decode_vs_ram": statistics.median(r["decode_vs_ram"] for r in per),
+            "prefill_vs_ram_rounds": [r["prefill_vs_ram"] for r in per],
+            "decode_vs_ram_rounds": [r["decode_vs_ram"] for r in per],
+            "all_equal_ram": all(r["loss_equal_ram"] and r["tokens_equal_ram"] for r in per),
+        }
+        for k in ("io", "tiers", "device_reads", "device_read_mib", "page_cache_mib_after_drop",
+                  "page_cache_mib_after_run"):
+            if k in per[0]:
+                summary[name][k] = per[0][k]
     res["prefill"] = {"batch": [B, T], "batches": n_batches}
     res["decode"] = {"prompts": list(prompts.shape), "new_tokens": args.new_tokens}
-    res["runs"] = runs
+    res["rounds"] = len(rounds)
+    res["summary"] = summary
+    res["runs"] = rounds
     emit(res, args.out)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -124,7 +124,8 @@ def _open_memory(args, profile_batches=None):
         # Rank rows by their counts on the train split, never on what is evaluated.
         profile = access_profiles(EngramLM.from_pretrained(args.model, tables=False), profile_batches())
     return open_memory(args.model, args.memory, args.store, cache_bytes=int(args.cache_mb * 2**20),
-                       policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers)
+                       policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers,
+                       io=args.io)
 
 
 def _print_memory_stats(lm, file) -> None:
@@ -233,6 +234,9 @@ def _add_memory_args(s, default: str | None) -> None:
     s.add_argument("--profile-tokens", type=int, default=1 << 18,
                    help="train tokens counted for the static policy's access profile")
     s.add_argument("--data", nargs="+", help="corpus files/folders (default: the Python stdlib)")
+    s.add_argument("--io", choices=["auto", "direct", "mmap"], default="auto",
+                   help="disk reads: O_DIRECT via io_uring (direct), the memory mapping (mmap), or direct where "
+                        "available (auto)")
     s.add_argument("--no-prefetch", action="store_true", help="fetch rows synchronously (no worker threads)")
     s.add_argument("--workers", type=int, default=2, help="prefetch threads")
 

@@ -139,8 +139,8 @@ int engram_ring_flags(const ring_t* r) { return r->fixed_buf | (r->fixed_file <<
 /* Read rows[0..n) (sorted, distinct) of the file `fd` (opened O_DIRECT): row k is the row_bytes at
    data_offset + rows[k] * row_bytes, copied to out + k * row_bytes. Reads are aligned to `block`
    (a power of two) and adjacent rows share a read of at most slot_bytes. Returns 0, or -errno of the
-   first failed read (-EIO for a read that ends before its rows do: the file is shorter than its header says). Every read
-   submitted has completed when this returns, unless stats[2] is set (see below).
+   first failed read (-EIO for a read that ends before its rows do: the file is shorter than its
+   header says). Every read submitted has completed when this returns, unless stats[2] is set.
    stats[0] += reads, stats[1] += bytes read. */
 int64_t engram_read_rows(ring_t* r, int fd, const int64_t* rows, int64_t n, int64_t row_bytes,
                          int64_t data_offset, int64_t block, char* out, int64_t* stats) {

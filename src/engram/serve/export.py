@@ -204,12 +204,13 @@ def check_manifest(manifest: dict, model: EngramLM, where: str = "store") -> Non
         raise ValueError(f"{where} does not fit this model: " + "; ".join(problems))
 
 
-def open_store_dir(store_dir: str | os.PathLike, model: EngramLM, *, verify: str = "header") -> dict[int, DiskStore]:
+def open_store_dir(store_dir: str | os.PathLike, model: EngramLM, *, verify: str = "header",
+                   io: str = "auto") -> dict[int, DiskStore]:
     """Open every layer's :class:`DiskStore` of a store directory, after checking it fits ``model``.
 
-    ``verify="full"`` also recomputes every chunk checksum (reads all files). Raises FileNotFoundError
-    for a missing directory, manifest or layer file, and ValueError (StoreFormatError for a damaged file)
-    naming what does not match.
+    ``verify="full"`` also recomputes every chunk checksum (reads all files); ``io``: see :class:`DiskStore`.
+    Raises FileNotFoundError for a missing directory, manifest or layer file, and ValueError
+    (StoreFormatError for a damaged file) naming what does not match.
     """
     d = Path(store_dir)
     manifest = read_manifest(d)
@@ -223,7 +224,7 @@ def open_store_dir(store_dir: str | os.PathLike, model: EngramLM, *, verify: str
                 raise FileNotFoundError(f"store {d} lacks {spec['file']} (layer {lay}) listed in its manifest")
             stores[int(lay)] = DiskStore.open(path, verify=verify, expect={
                 "num_rows": spec["num_rows"], "dim": manifest["dim"], "dtype": dtype,
-                "meta": {"layer": int(lay), "export_id": manifest["export_id"]}})
+                "meta": {"layer": int(lay), "export_id": manifest["export_id"]}}, io=io)
     except BaseException:
         for s in stores.values():
             s.close()

@@ -212,15 +212,29 @@ def access_profiles(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> dict
 def _ram_tables(model_dir: Path, model: EngramLM) -> dict[int, torch.Tensor]:
     from safetensors import safe_open
 
+    from engram.memory.hugepages import advise_hugepages
+
+    out = {}
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt", device="cpu") as f:
         names = set(f.keys())
-        return {blk.layer: f.get_tensor(engram_table_key(blk.layer)) for blk in model.blocks
-                if blk.engram is not None and engram_table_key(blk.layer) in names}
+        for blk in model.blocks:
+            key = engram_table_key(blk.layer)
+            if blk.engram is None or key not in names:
+                continue
+            # get_tensor may hand back pages of the file mapped lazily: "in RAM" must mean resident, or
+            # the first gathers pay page faults (and device reads) instead of memory reads.
+            src = f.get_tensor(key)
+            table = torch.empty(src.shape, dtype=src.dtype)
+            advise_hugepages(table)
+            out[blk.layer] = table.copy_(src)
+            del src
+    return out
 
 
 def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: str | os.PathLike | None = None,
                 cache_bytes: int = 0, policy: str = "lru", profile: dict | None = None, *, prefetch: bool = True,
-                workers: int = 2, max_pending: int = 4, verify: str = "header", sync_rows: int = 1024) -> OffloadedLM:
+                workers: int = 2, max_pending: int = 4, verify: str = "header", sync_rows: int = 1024,
+                io: str = "auto") -> OffloadedLM:
     """An :class:`OffloadedLM` for the model in ``model_dir`` (loaded without its tables).
 
     memory: ``"ram"``: the tables in RAM (read from the model's weights file, or from ``store_dir``
@@ -230,6 +244,7 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
         across layers in proportion to their table sizes; ``policy`` "lru", "lfu" or "static" (the
         latter needs ``profile={layer: per-row counts}``, see :func:`access_profiles`).
     prefetch, workers, max_pending, sync_rows: see :class:`OffloadedLM`; verify: see :func:`open_store_dir`.
+    io: how disk stores read rows, ``"auto"``, ``"direct"`` or ``"mmap"`` (see :class:`DiskStore`).
     """
     if memory not in ("ram", "disk"):
         raise ValueError(f"memory must be 'ram' or 'disk', got {memory!r}")
@@ -258,7 +273,7 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
                         s.close()
             stores = {lay: RamStore(t) for lay, t in tables.items()}
         else:
-            stores = open_store_dir(store_dir, model, verify=verify)
+            stores = open_store_dir(store_dir, model, verify=verify, io=io)
             verify_against_weights(stores, model_dir / WEIGHTS_FILE)
         if cache_bytes > 0:
             backing, stores = stores, _with_cache(stores, cache_bytes, policy, profile)
