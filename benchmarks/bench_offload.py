@@ -48,11 +48,11 @@ from engram.tokenizer import CompressedVocab
 from common import emit, machine_info
 
 
-def config(rows_per_head: int, vocab_size: int) -> ModelConfig:
+def config(rows_per_head: int, vocab_size: int, d_model: int = 256, n_layers: int = 6) -> ModelConfig:
     eng = EngramConfig(engram_vocab_size=[rows_per_head, rows_per_head], max_ngram_size=3, n_embed_per_ngram=512,
                        n_head_per_ngram=8, layer_ids=[1])
-    return ModelConfig(vocab_size=vocab_size, d_model=256, n_layers=6, n_heads=4, mlp_hidden=768, max_seq_len=512,
-                       engram=eng)
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=d_model // 64,
+                       mlp_hidden=3 * d_model, max_seq_len=512, engram=eng)
 
 
 def batches_of(tokens: np.ndarray, B: int, T: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--io", choices=("direct", "mmap", "both"), default="direct",
                     help="disk reads: O_DIRECT through io_uring (DiskStore io='direct'), the memory mapping with "
                          "batched read-ahead (io='mmap'), or both (mmap runs named *_mmap)")
+    ap.add_argument("--d-model", type=int, default=256, help="backbone width (compute per token)")
+    ap.add_argument("--layers", type=int, default=6, help="backbone depth (compute per token)")
+    ap.add_argument("--only", nargs="+", help="run only these configurations (e.g. disk_static)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from engram.data import prepare_data
@@ -144,7 +147,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"benchmark": "offload_throughput", "machine": machine_info()}
     data = prepare_data(progress=False)
-    cfg = config(rows_per_head, data.vocab_size)
+    cfg = config(rows_per_head, data.vocab_size, args.d_model, args.layers)
     torch.manual_seed(0)
     model = EngramLM(cfg, CompressedVocab.from_pretrained(data.tokenizer_spec)).eval()
     table_bytes = sum(p.numel() * p.element_size() for p in model.engram_parameters())
@@ -176,6 +179,13 @@ def main() -> None:
     for name, cb, policy in disk:
         for io in (("direct", "mmap") if args.io == "both" else (args.io,)):
             configs.append((name if io == "direct" or args.io == "mmap" else f"{name}_mmap", "disk", cb, policy, io))
+    if args.only:
+        unknown = set(args.only) - {c[0] for c in configs}
+        if unknown:
+            ap.error(f"--only: unknown configuration(s) {sorted(unknown)}; choose from {[c[0] for c in configs]}")
+        configs = [c for c in configs if c[0] in args.only]
+    res["backbone"] = {"d_model": cfg.d_model, "n_layers": cfg.n_layers,
+                       "params": sum(p.numel() for p in model.backbone_parameters())}
     time_run(_Plain(model), batches[:1], prompts, 4)  # warm-up: thread pools, allocator, kernels
     rounds: list[dict] = []
     ref_loss = ref_gen = None
