@@ -281,6 +281,7 @@ def run_case(dtype: torch.dtype, row_bytes: int, min_table_bytes: int, batches_N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tables >= 256 MiB and fewer tokens, for a smoke test")
+    ap.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5; 2 with --quick)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -289,6 +290,10 @@ def main() -> None:
         B, T, n_batches, max_chars, min_table, rounds, repeat, big_copy = 4, 512, 4, 60_000, 256 * 2**20, 2, 5, GiB // 4
     else:
         B, T, n_batches, max_chars, min_table, rounds, repeat, big_copy = 16, 2048, 8, 1_500_000, 2 * GiB, 5, 5, GiB
+    if args.rounds is not None:
+        if args.rounds < 1:
+            ap.error("--rounds must be >= 1")
+        rounds = args.rounds
 
     batches_NBT, vocab_size, pad_id, text_info = real_text_batches(B, T, n_batches, max_chars)
     copy_large = bench_copy(big_copy, repeat)
