@@ -176,6 +176,7 @@ def main() -> None:
             "rss_before_gib": rss_before, "rss_after_gib": rss_after,
         }
         res["page_cache_gib_after"] = round((disk.page_cache_bytes() or 0) / 2**30, 3)
+        res["disk_io"] = disk.io  # "direct" (O_DIRECT via io_uring) or "mmap"
         res["passed"] = bool(res["rows_match_function"] and res["generation"]["tokens_equal_reference"]
                              and res["generation"]["logits_equal_reference"]
                              and rss_after["VmRSS"] < 4.0)
