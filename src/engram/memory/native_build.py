@@ -20,9 +20,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["build_and_load", "compiler"]
+__all__ = ["NativeLibrary", "build_and_load", "compiler"]
 
 
 def compiler() -> list[str] | None:
@@ -73,3 +75,52 @@ def build_and_load(source: str, stem: str) -> ctypes.CDLL:
             target = Path(tempfile.mkdtemp(prefix="engram-")) / name
             _build(cc, source, target)
     return ctypes.CDLL(str(target))
+
+
+class NativeLibrary:
+    """One kernel, built and loaded at most once per process (thread-safe), or the reason it is unavailable.
+
+    Args:
+        source, stem: see :func:`build_and_load`.
+        env_switch: environment variable that disables the kernel when set to ``"0"``.
+        configure: sets the loaded library's ``argtypes``/``restype``.
+        unsupported: a reason string when the platform cannot run the kernel at all (then nothing is built).
+        check: called once with the loaded library; an OSError it raises makes the kernel unavailable
+            (e.g. the OS refuses a system call the kernel needs).
+    """
+
+    def __init__(self, source: str, stem: str, *, env_switch: str, configure: Callable[[ctypes.CDLL], None],
+                 unsupported: str | None = None, check: Callable[[ctypes.CDLL], None] | None = None) -> None:
+        self.source, self.stem, self.env_switch = source, stem, env_switch
+        self.configure, self.unsupported, self.check = configure, unsupported, check
+        self.lib: ctypes.CDLL | None = None
+        self.error: str | None = None  # why ``lib`` is None, once ``load`` has run
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library (building it on the first call), or None with :attr:`error` saying why."""
+        with self._lock:
+            if self._tried:
+                return self.lib
+            self._tried = True
+            if os.environ.get(self.env_switch, "1") == "0":
+                self.error = f"disabled by {self.env_switch}=0"
+                return None
+            if self.unsupported:
+                self.error = self.unsupported
+                return None
+            try:
+                lib = build_and_load(self.source, self.stem)
+                self.configure(lib)
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return None
+            self.lib = lib
+        if self.check is not None:
+            try:
+                self.check(lib)
+            except OSError as e:
+                with self._lock:
+                    self.lib, self.error = None, f"refused: {e}"
+        return self.lib

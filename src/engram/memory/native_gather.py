@@ -27,12 +27,10 @@ to ``torch.index_select``.
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 
 import torch
 
-from engram.memory.native_build import build_and_load
+from engram.memory.native_build import NativeLibrary
 
 PREFETCH_DISTANCE = 16  # rows ahead; 8-32 measured alike on Zen 3
 MAX_THREADS = 64
@@ -137,39 +135,23 @@ int64_t engram_gather(const char* weight, const int64_t* rows, const int64_t* of
 for _name, _value in (("DIST", PREFETCH_DISTANCE), ("MAX_THREADS", MAX_THREADS)):
     _SOURCE = _SOURCE.replace(f"@{_name}@", str(_value))
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-_error: str | None = None
+def _configure(lib: ctypes.CDLL) -> None:
+    fn = lib.engram_gather
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 2
+    fn.restype = ctypes.c_int64
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _error
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("ENGRAM_NATIVE_GATHER", "1") == "0":
-        _error = "disabled by ENGRAM_NATIVE_GATHER=0"
-        return None
-    try:
-        lib = build_and_load(_SOURCE, "gather")
-        fn = lib.engram_gather
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 2
-        fn.restype = ctypes.c_int64
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        _error = f"{type(e).__name__}: {e}"
-        return None
-    _lib = lib
-    return lib
+_native = NativeLibrary(_SOURCE, "gather", env_switch="ENGRAM_NATIVE_GATHER", configure=_configure)
 
 
 def available() -> bool:
     """True if the kernel is compiled and loaded (builds it on the first call)."""
-    return _load() is not None
+    return _native.load() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True or was not asked yet)."""
-    return _error
+    return _native.error
 
 
 def gather(
@@ -192,9 +174,9 @@ def gather(
     Returns -1, or the flat position of the first id outside ``[0, sizes[h])`` (the gather
     stopped there; ``out`` is then partly written).
     """
-    lib = _load()
+    lib = _native.load()
     if lib is None:
-        raise RuntimeError(f"native gather unavailable: {_error}")
+        raise RuntimeError(f"native gather unavailable: {_native.error}")
     n = rows.numel()
     if n == 0:
         return -1

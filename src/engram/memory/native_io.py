@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import sys
 import threading
 
 import numpy as np
 
-from engram.memory.native_build import build_and_load
+from engram.memory.native_build import NativeLibrary
 
 __all__ = ["Ring", "RingPool", "available", "open_direct", "read_rows", "unavailable_reason"]
 
@@ -209,79 +208,60 @@ int64_t engram_read_rows(ring_t* r, int fd, const int64_t* rows, int64_t n, int6
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-_error: str | None = None
-_lock = threading.Lock()
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.engram_ring_new.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.engram_ring_new.restype = ctypes.c_void_p
+    lib.engram_ring_flags.argtypes = [ctypes.c_void_p]
+    lib.engram_ring_flags.restype = ctypes.c_int
+    lib.engram_ring_free.argtypes = [ctypes.c_void_p]
+    lib.engram_ring_free.restype = None
+    lib.engram_read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.engram_read_rows.restype = ctypes.c_int64
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _error
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("ENGRAM_DIRECT_IO", "1") == "0":
-            _error = "disabled by ENGRAM_DIRECT_IO=0"
-            return None
-        if not sys.platform.startswith("linux") or not hasattr(os, "O_DIRECT"):
-            _error = "io_uring and O_DIRECT are Linux-only"
-            return None
-        try:
-            lib = build_and_load(_SOURCE, "direct_io")
-            lib.engram_ring_new.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
-            lib.engram_ring_flags.argtypes = [ctypes.c_void_p]
-            lib.engram_ring_flags.restype = ctypes.c_int
-            lib.engram_ring_new.restype = ctypes.c_void_p
-            lib.engram_ring_free.argtypes = [ctypes.c_void_p]
-            lib.engram_ring_free.restype = None
-            lib.engram_read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                             ctypes.c_void_p]
-            lib.engram_read_rows.restype = ctypes.c_int64
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            _error = f"{type(e).__name__}: {e}"
-            return None
-        _lib = lib
-    # The kernel may still refuse io_uring (seccomp, io_uring_disabled): find out once.
-    try:
-        Ring(entries=2, slot_bytes=4096).close()
-    except OSError as e:
-        with _lock:
-            _lib, _error = None, f"io_uring refused: {e}"
-        return None
-    return _lib
+def _probe(lib: ctypes.CDLL) -> None:
+    """The kernel may still refuse io_uring (seccomp, io_uring_disabled): find out once."""
+    Ring(entries=2, slot_bytes=4096).close()
+
+
+_native = NativeLibrary(
+    _SOURCE, "direct_io", env_switch="ENGRAM_DIRECT_IO", configure=_configure, check=_probe,
+    unsupported=None if sys.platform.startswith("linux") and hasattr(os, "O_DIRECT")
+    else "io_uring and O_DIRECT are Linux-only")
 
 
 def available() -> bool:
     """True if direct reads work here (kernel and compiler allowing; builds on the first call)."""
-    return _load() is not None
+    return _native.load() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True or was not asked yet)."""
-    return _error
+    return _native.error
 
 
 class Ring:
     """One io_uring instance with ``entries`` aligned read slots of ``slot_bytes``; one caller at a time."""
 
     def __init__(self, entries: int = ENTRIES, slot_bytes: int = SLOT_BYTES, fd: int = -1) -> None:
-        if _lib is None:
-            raise RuntimeError(f"direct I/O unavailable: {_error}")
+        lib = _native.lib
+        if lib is None:
+            raise RuntimeError(f"direct I/O unavailable: {_native.error}")
         err = ctypes.c_int(0)
         self.slot_bytes = int(slot_bytes)
         self.fd = int(fd)
         self.broken = False
-        self._ptr = _lib.engram_ring_new(int(entries), self.slot_bytes, self.fd, ctypes.byref(err))
+        self._lib = lib  # kept: freeing must work even if the module state changes later
+        self._ptr = lib.engram_ring_new(int(entries), self.slot_bytes, self.fd, ctypes.byref(err))
         if not self._ptr:
             raise OSError(err.value, f"io_uring_setup: {os.strerror(err.value)}")
-        flags = _lib.engram_ring_flags(self._ptr)
+        flags = lib.engram_ring_flags(self._ptr)
         self.fixed_buffers, self.fixed_file = bool(flags & 1), bool(flags & 2)
 
     def close(self) -> None:
         if self._ptr:
-            _lib.engram_ring_free(self._ptr)
+            self._lib.engram_ring_free(self._ptr)
             self._ptr = None
 
     def __del__(self) -> None:
@@ -373,7 +353,7 @@ def read_rows(ring: Ring, fd: int, rows_U: np.ndarray, row_bytes: int, data_offs
         raise ValueError(f"this ring reads file descriptor {ring.fd}, not {fd}")
     stats = np.zeros(3, np.int64)
     if rows_U.size:
-        rc = _lib.engram_read_rows(ring._ptr, fd, rows_U.ctypes.data, rows_U.size, row_bytes, data_offset, block,
+        rc = ring._lib.engram_read_rows(ring._ptr, fd, rows_U.ctypes.data, rows_U.size, row_bytes, data_offset, block,
                                    out.ctypes.data, stats.ctypes.data)
         if stats[2]:  # io_uring_enter failed with reads in flight: their buffers stay allocated, forever
             ring.broken = True

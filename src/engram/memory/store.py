@@ -343,22 +343,17 @@ class DiskStore(RowStore):
         rows = rows_N.numpy()
         uniq_U, inv_N = np.unique(rows, return_inverse=True)  # sorted: reads walk the file forwards
         u = uniq_U.size
-        if self.io == "direct":
-            in_place = u == n and (n == 1 or bool((rows[1:] > rows[:-1]).all()))
-            buf_Ud = out_raw if in_place else np.empty((u, self.dim), dtype=table_Rd.dtype)
-            self._read_direct(uniq_U, buf_Ud)
-            if not in_place:
-                np.take(buf_Ud, inv_N.reshape(-1), axis=0, out=out_raw, mode="clip")
-            self._record(n, u, u, 0, u * self.row_bytes)
-            return out_Nd
-        if self.readahead:
+        if self.io != "direct" and self.readahead:
             self._advise(uniq_U)
-        # mode="clip": ids are already checked, and the default mode="raise" copies `out` through a temp buffer.
-        if u == n and (n == 1 or bool((rows[1:] > rows[:-1]).all())):
-            np.take(table_Rd, uniq_U, axis=0, out=out_raw, mode="clip")  # already distinct and ascending
+        # Already distinct and ascending: read straight into `out`; else into a per-call buffer, then expand.
+        in_place = u == n and (n == 1 or bool((rows[1:] > rows[:-1]).all()))
+        buf_Ud = out_raw if in_place else np.empty((u, self.dim), dtype=table_Rd.dtype)
+        if self.io == "direct":
+            self._read_direct(uniq_U, buf_Ud)
         else:
-            buf_Ud = np.empty((u, self.dim), dtype=table_Rd.dtype)  # per call: no shared scratch
+            # mode="clip": ids are already checked, and mode="raise" copies `out` through a temp buffer.
             np.take(table_Rd, uniq_U, axis=0, out=buf_Ud, mode="clip")
+        if not in_place:
             np.take(buf_Ud, inv_N.reshape(-1), axis=0, out=out_raw, mode="clip")
         self._record(n, u, u, 0, u * self.row_bytes)
         return out_Nd
