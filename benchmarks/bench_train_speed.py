@@ -4,7 +4,12 @@ Measures (issue targets in brackets), all on the real stdlib corpus with the tra
 (autocast dtype `--dtype`, default auto, AdamW backbone, sparse-row Adam on the tables, gradient clipping):
   * rows_ratio: step time with a memory of 64M rows / with 1M rows, same row width (d=16)
     [<= 1.10; a dense optimizer would touch every row every step];
-  * overhead: tokens/s of the backbone + Engram / tokens/s of the same backbone alone [>= 0.95];
+  * overhead: tokens/s of the backbone + Engram / tokens/s of the same backbone alone [>= 0.95],
+    timed as `--pairs` strictly alternating single steps (this shared machine's step time drifts by
+    +-15% within minutes; adjacent steps see the same drift): the median of the per-pair ratios with a
+    bootstrap 95% interval, and the ratio of the two medians; plus a bottom-up check, each Engram
+    part of the step timed alone (hashing, gather + backward, gradient coalescing, sparse-row Adam,
+    the post-lookup math fwd+bwd, compiled and eager) and summed relative to the plain step;
   * largest: the 64M-row memory is 1.07 billion parameters (4 GiB fp32 + 8 GiB Adam state)
     next to a backbone of ~12M parameters [>= 1B at unchanged step time]; peak RSS is reported.
 
@@ -82,6 +87,81 @@ class Run:
         self._dir.cleanup()
 
 
+def paired_ratio(a_s: list[float], b_s: list[float], seed: int = 0) -> dict:
+    """tokens/s of B / tokens/s of A from step times measured in alternation: per-pair ratios
+    ``a_i / b_i``, their median with a bootstrap 95% interval, and the ratio of the medians."""
+    r = np.asarray(a_s) / np.asarray(b_s)
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, len(r), size=(2000, len(r)))], axis=1)
+    return {"median_of_pair_ratios": round(float(np.median(r)), 3),
+            "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
+            "ratio_of_medians": round(float(np.median(a_s) / np.median(b_s)), 3), "pairs": len(r)}
+
+
+def engram_parts(cfg: ModelConfig, data, dtype: str, repeat: int = 9) -> dict:
+    """Milliseconds per training step of each Engram part, timed alone on a real batch."""
+    import torch
+
+    from engram.memory.optim import coalesce_
+
+    run = Run(cfg, data, dtype)
+    try:
+        tr = run.tr
+        run.steps(2, record=False)
+        eng = next(blk.engram for blk in tr.model.blocks if blk.engram is not None)
+        x, _ = tr.sampler.next()
+        rows = tr.model.engram_rows(x)
+        rows_BTH = rows[next(iter(rows))]
+        W = eng.table.weight
+
+        def ms(fn) -> float:
+            fn()
+            ts = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return round(float(np.median(ts)) * 1e3, 2)
+
+        def gather_bwd():
+            W.grad = None
+            e = eng.table(rows_BTH)
+            e.backward(torch.ones_like(e))
+
+        out = {"hash_ms": ms(lambda: tr.model.engram_rows(x)), "gather_fwd_bwd_ms": ms(gather_bwd)}
+        raw = W.grad
+
+        def coalesce():
+            W.grad = raw
+            coalesce_(W)
+
+        out["coalesce_ms"] = ms(coalesce)
+        coalesced = W.grad
+        out["unique_rows"] = int(coalesced._values().shape[0])
+
+        def table_opt():
+            W.grad = coalesced
+            tr.table_opt.step()
+
+        out["sparse_adam_ms"] = ms(table_opt)
+        W.grad = None
+        B, T = x.shape
+        h = torch.randn(B, T, cfg.hc_mult, cfg.d_model, requires_grad=True)
+        emb = eng.table(rows_BTH).detach()
+
+        def mix(compiled: bool):
+            eng.compiled_mix = compiled
+            with tr._autocast():
+                inc = eng(h, emb=emb)
+            inc.float().sum().backward()
+
+        out["mix_fwd_bwd_compiled_ms"] = ms(lambda: mix(True))
+        out["mix_fwd_bwd_eager_ms"] = ms(lambda: mix(False))
+        return out
+    finally:
+        run.close()
+
+
 def alternate(cfgs: dict[str, ModelConfig], data, rounds: int, per_round: int, warmup: int,
               dtype: str = "auto") -> dict[str, dict]:
     """Time the configs in alternation (round-robin, `per_round` steps each) so that drift in
@@ -93,7 +173,7 @@ def alternate(cfgs: dict[str, ModelConfig], data, rounds: int, per_round: int, w
         for _ in range(rounds):
             for r in runs.values():
                 r.steps(per_round)
-        out = {name: r.result() for name, r in runs.items()}
+        out = {name: {**r.result(), "times": list(r.times)} for name, r in runs.items()}
     finally:
         for r in runs.values():
             r.close()
@@ -105,7 +185,9 @@ def alternate(cfgs: dict[str, ModelConfig], data, rounds: int, per_round: int, w
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M vs 4M rows, few steps (smoke test)")
-    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds (3 timed steps per config each)")
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="alternating rounds of the 1M-vs-64M-row pair (3 timed steps per config each)")
+    ap.add_argument("--pairs", type=int, default=40, help="alternating single-step pairs for the overhead ratio")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast dtype")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -118,18 +200,28 @@ def main() -> None:
     res = {"benchmark": "train_speed", "machine": machine_info(), "batch": [16, 256],
            "dtype": resolve_dtype(args.dtype),
            "timing": f"alternating rounds: {rounds} x {per_round} steps per config after {warmup} warm-up steps"}
-    # Engram overhead: the same backbone with and without a 1M-row memory, timed in alternation.
-    pair = alternate({"no_engram": backbone(None), "rows_1M": backbone(memory(2**20))}, data, rounds, per_round,
-                     warmup, res["dtype"])
+    # Engram overhead: the same backbone with and without a 1M-row memory, single steps in alternation.
+    pair = alternate({"no_engram": backbone(None), "rows_1M": backbone(memory(2**20))}, data,
+                     2 if args.quick else args.pairs, 1, warmup, res["dtype"])
     plain, small = pair["no_engram"], pair["rows_1M"]
+    overhead = paired_ratio(plain.pop("times"), small.pop("times"))
     # Table size: 1M vs 64M rows (same width), timed in alternation.
     pair = alternate({"rows_1M": backbone(memory(2**20)), "rows_big": backbone(memory(big))}, data, rounds,
                      per_round, warmup, res["dtype"])
     small2, large = pair["rows_1M"], pair["rows_big"]
+    small2.pop("times"), large.pop("times")
     res["no_engram"], res["rows_1M"], res["rows_1M_second_pair"] = plain, small, small2
     res[f"rows_{big >> 20}M"] = large
-    res["overhead_ratio"] = round(small["tokens_per_s"] / plain["tokens_per_s"], 3)
+    res["overhead"] = overhead
+    res["overhead_ratio"] = overhead["median_of_pair_ratios"]
     res["overhead_target_met"] = res["overhead_ratio"] >= 0.95
+    parts = engram_parts(backbone(memory(2**20)), data, res["dtype"], repeat=3 if args.quick else 9)
+    step_ms = plain["median_step_s"] * 1e3
+    added = sum(parts[k] for k in ("hash_ms", "gather_fwd_bwd_ms", "coalesce_ms", "sparse_adam_ms",
+                                   "mix_fwd_bwd_compiled_ms"))
+    parts["sum_ms"] = round(added, 1)
+    parts["bottom_up_ratio"] = round(step_ms / (step_ms + added), 3)
+    res["engram_parts"] = parts
     res["rows_ratio"] = round(large["median_step_s"] / small2["median_step_s"], 3)
     res["rows_ratio_target_met"] = res["rows_ratio"] <= 1.10
     res["largest_memory_params"] = large["memory_params"]

@@ -189,6 +189,14 @@ class EngramLM(nn.Module):
                 for lin in outs:
                     nn.init.normal_(lin.weight, 0.0, out_std)
 
+    def compile_engram(self, on: bool = True) -> EngramLM:
+        """Run every Engram layer's post-lookup math through ``torch.compile`` while gradients are
+        enabled (training); inference and ``no_grad`` evaluation stay eager. Returns ``self``."""
+        for blk in self.blocks:
+            if blk.engram is not None:
+                blk.engram.compiled_mix = bool(on)
+        return self
+
     def engram_parameters(self) -> list[nn.Parameter]:
         """The memory tables' weights (for a sparse-row optimizer: ~5x lr, no weight decay)."""
         return [blk.engram.table.weight for blk in self.blocks

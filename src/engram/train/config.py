@@ -31,6 +31,9 @@ class TrainConfig:
     # Autocast dtype: "bfloat16", "float32", or "auto" = bf16 where this machine multiplies bf16
     # faster than fp32 (CPUs without native bf16 run it through a path ~50x slower than fp32).
     dtype: str = "auto"
+    # torch.compile the Engram layers' post-lookup math (norms, gate, conv) for training steps:
+    # fused forward/backward, ~40% less time in that part; costs ~15 s of compiling at start-up.
+    compile_engram: bool = True
     seed: int = 0
     eval_every: int = 100
     eval_tokens: int = 65536
@@ -125,7 +128,7 @@ def _debug() -> RunConfig:
     model = ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, max_seq_len=64,
                         engram=eng)
     train = TrainConfig(steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=10,
-                        eval_tokens=2048, ckpt_every=10, log_every=5)
+                        eval_tokens=2048, ckpt_every=10, log_every=5, compile_engram=False)
     return RunConfig(model=model, train=train, preset="debug")
 
 

@@ -129,7 +129,7 @@ class Trainer:
 
         vocab = CompressedVocab.from_pretrained(self.data.tokenizer_spec) if cfg.model.engram else None
         torch.manual_seed(tc.seed)
-        self.model = EngramLM(cfg.model, vocab).to(self.device)
+        self.model = EngramLM(cfg.model, vocab).to(self.device).compile_engram(tc.compile_engram)
         self.opt, self.table_opt = self._build_optimizers()
         from engram.data import BatchSampler, val_batches
 
