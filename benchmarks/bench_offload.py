@@ -19,11 +19,15 @@ Configurations, each measured on the same token batches:
     The static-hot cache is ranked by an access profile of `--profile-tokens` train-split tokens
     (never the evaluated text); it is loaded when the store opens, before the timed run.
 
-Prefill: `OffloadedLM.evaluate` over batches of 8 x 256 tokens (rows of batch i+1 are read while
-batch i computes). Decode: greedy generation of `--new-tokens` tokens for 4 prompts of 64 tokens.
-All runs check that their outputs equal the all-in-RAM model's bit for bit. Every configuration
-runs once per round, rounds interleaved (`--rounds`), each compared with the RAM run of its own
-round; the summary gives medians over rounds and the per-round ratios.
+Timing is paired, because this kind of shared machine drifts by +-15% within a minute. Prefill:
+batches of 8 x 256 held-out tokens, each run through the all-in-RAM model and through the
+offloaded one back to back (order alternating), `OffloadedLM.forward` per batch: the batch's rows
+are fetched when its forward starts and overlap only with the layers before the Engram layer.
+The prefill ratio is the median over all (batch, round) pairs of RAM time / offloaded time, with
+a bootstrap 95% interval. Decode: greedy generation of `--new-tokens` tokens for 4 prompts of 64
+tokens, RAM / offloaded / RAM, against the mean of the two RAM runs; median over rounds. Each
+round (`--rounds`) opens every configuration afresh, cold. All runs check that their per-batch
+losses and generated tokens equal the all-in-RAM model's bit for bit.
 
 Run: .venv/bin/python benchmarks/bench_offload.py --dir /path/with/10GiB/free [--quick]
 """
@@ -75,6 +79,51 @@ def time_run(lm, batches, prompts, new_tokens: int) -> dict:
     return {"loss": loss, "gen": gen, "prefill_tok_s": round(ntok / t_prefill, 1),
             "decode_tok_s": round(prompts.shape[0] * new_tokens / t_decode, 1),
             "prefill_s": round(t_prefill, 2), "decode_s": round(t_decode, 2)}
+
+
+def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[float], ref_gen: torch.Tensor,
+               flip: int = 0) -> dict:
+    """Time ``lm`` against the all-in-RAM model batch by batch, in alternation.
+
+    Prefill: for every batch, one forward of each (order alternating from batch to batch), so both
+    see the same moment of this shared machine's drifting speed; ``lm.forward`` fetches the batch's
+    rows at its start and overlaps them with the layers before the Engram layer (no look-ahead to
+    the next batch, which would hide reads behind the RAM model's turn). Decode: RAM, ``lm``, RAM
+    generation runs; ``lm`` is compared with the mean of the two.
+    """
+    t_ram, t_lm, losses = [], [], []
+    for i, (x, y) in enumerate(batches):
+        for who in ((plain.model, lm) if (i + flip) % 2 == 0 else (lm, plain.model)):
+            t0 = time.perf_counter()
+            loss = float(who(x, y).loss)
+            dt = time.perf_counter() - t0
+            if who is lm:
+                t_lm.append(dt)
+                losses.append(loss)
+            else:
+                t_ram.append(dt)
+    t_dec = []
+    for who in (plain, lm, plain):
+        t0 = time.perf_counter()
+        gen = who.generate(prompts, new_tokens, temperature=0)
+        t_dec.append(time.perf_counter() - t0)
+        if who is lm:
+            tokens_equal = bool(torch.equal(gen, ref_gen))
+    ntok = sum(x.numel() for x, _ in batches)
+    return {"prefill_pair_ratios": [a / b for a, b in zip(t_ram, t_lm, strict=True)],
+            "prefill_tok_s": round(ntok / sum(t_lm), 1), "ram_prefill_s": t_ram,
+            "decode_tok_s": round(prompts.shape[0] * new_tokens / t_dec[1], 1),
+            "decode_vs_ram": round((t_dec[0] + t_dec[2]) / 2 / t_dec[1], 3), "ram_decode_s": [t_dec[0], t_dec[2]],
+            "loss_equal_ram": losses == ref_losses, "tokens_equal_ram": tokens_equal}
+
+
+def paired_summary(ratios: list[float], seed: int = 0) -> dict:
+    """Median of per-pair throughput ratios (RAM time / offloaded time) with a bootstrap 95% interval."""
+    r = np.asarray(ratios)
+    boot = np.median(r[np.random.default_rng(seed).integers(0, len(r), size=(2000, len(r)))], axis=1)
+    return {"median": round(float(np.median(r)), 3),
+            "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
+            "pairs": len(r)}
 
 
 def proc_read_bytes() -> int | None:
@@ -186,25 +235,15 @@ def main() -> None:
         configs = [c for c in configs if c[0] in args.only]
     res["backbone"] = {"d_model": cfg.d_model, "n_layers": cfg.n_layers,
                        "params": sum(p.numel() for p in model.backbone_parameters())}
-    time_run(_Plain(model), batches[:1], prompts, 4)  # warm-up: thread pools, allocator, kernels
-    rounds: list[dict] = []
-    ref_loss = ref_gen = None
-
-    def ram_run() -> dict:
-        nonlocal ref_loss, ref_gen
-        r = time_run(_Plain(model), batches, prompts, args.new_tokens)
-        if ref_loss is None:
-            ref_loss, ref_gen = r["loss"], r["gen"]
-        r["loss_equal_ram"] = r.pop("loss") == ref_loss
-        r["tokens_equal_ram"] = bool(torch.equal(r.pop("gen"), ref_gen))
-        return r
-
+    plain = _Plain(model)
+    time_run(plain, batches[:1], prompts, 4)  # warm-up: thread pools, allocator, kernels
     with torch.no_grad():
-        for _ in range(max(1, args.rounds)):
-            # RAM, config 1, RAM, config 2, ..., RAM: each configuration is compared with the mean of the
-            # RAM runs right before and after it, so slow drifts of this shared machine's speed cancel.
-            runs, ram_before = {"ram_model": []}, ram_run()
-            runs["ram_model"].append(ram_before)
+        ref_losses = [float(model(x, y).loss) for x, y in batches]
+        ref_gen = plain.generate(prompts, args.new_tokens)
+    rounds: list[dict] = []
+    with torch.no_grad():
+        for rnd in range(max(1, args.rounds)):
+            runs = {}
             for name, memory, cb, policy, io in configs:
                 lm = open_memory(model_dir, memory, store_dir=store_dir if memory == "disk" else None, cache_bytes=cb,
                                  policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
@@ -214,10 +253,8 @@ def main() -> None:
                     lm.reset_stats()
                     reads0 = sum(s.direct_counts()["reads"] for s in _disk_stores(lm))  # minus the static preload
                     io0 = proc_read_bytes()
-                    r = time_run(lm, batches, prompts, args.new_tokens)
+                    r = paired_run(plain, lm, batches, prompts, args.new_tokens, ref_losses, ref_gen, flip=rnd % 2)
                     io1 = proc_read_bytes()
-                    r["loss_equal_ram"] = r.pop("loss") == ref_loss
-                    r["tokens_equal_ram"] = bool(torch.equal(r.pop("gen"), ref_gen))
                     r["io"] = io
                     r["tiers"] = lm.tier_stats()
                     r["device_reads"] = (sum(s.direct_counts()["reads"] for s in _disk_stores(lm)) - reads0
@@ -228,30 +265,24 @@ def main() -> None:
                     r["page_cache_mib_after_drop"] = None if cached is None else round(cached / 2**20, 1)
                     r["page_cache_mib_after_run"] = None if cached is None else round(page_cache_bytes(lm) / 2**20, 1)
                     r["device_read_mib"] = None if io0 is None else round((io1 - io0) / 2**20, 1)
-                ram_after = ram_run()
-                runs["ram_model"].append(ram_after)
-                for k in ("prefill", "decode"):
-                    ref = (ram_before[f"{k}_tok_s"] + ram_after[f"{k}_tok_s"]) / 2
-                    r[f"{k}_vs_ram"] = round(r[f"{k}_tok_s"] / ref, 3)
                 runs[name] = r
-                ram_before = ram_after
-            rams = runs.pop("ram_model")
-            runs = {"ram_model": {**rams[0], "prefill_vs_ram": 1.0, "decode_vs_ram": 1.0,
-                                  "prefill_tok_s_all": [x["prefill_tok_s"] for x in rams],
-                                  "decode_tok_s_all": [x["decode_tok_s"] for x in rams],
-                                  "loss_equal_ram": all(x["loss_equal_ram"] for x in rams),
-                                  "tokens_equal_ram": all(x["tokens_equal_ram"] for x in rams)}, **runs}
             rounds.append(runs)
     summary = {}
+    ram_prefill = [t for rd in rounds for r in rd.values() for t in r.pop("ram_prefill_s")]
+    ram_decode = [t for rd in rounds for r in rd.values() for t in r.pop("ram_decode_s")]
+    ntok = sum(x.numel() for x, _ in batches)
+    dec_tok = prompts.shape[0] * args.new_tokens
+    summary["ram_model"] = {"prefill_tok_s": round(ntok / n_batches / statistics.median(ram_prefill), 1),
+                            "decode_tok_s": round(dec_tok / statistics.median(ram_decode), 1)}
     for name in rounds[0]:
         per = [rd[name] for rd in rounds]
+        pairs = [p for r in per for p in r.pop("prefill_pair_ratios")]
         summary[name] = {
+            "prefill_vs_ram": paired_summary(pairs),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in per),
-            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in per),
-            "prefill_vs_ram": statistics.median(r["prefill_vs_ram"] for r in per),
             "decode_vs_ram": statistics.median(r["decode_vs_ram"] for r in per),
-            "prefill_vs_ram_rounds": [r["prefill_vs_ram"] for r in per],
             "decode_vs_ram_rounds": [r["decode_vs_ram"] for r in per],
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in per),
             "all_equal_ram": all(r["loss_equal_ram"] and r["tokens_equal_ram"] for r in per),
         }
         for k in ("io", "tiers", "device_reads", "device_read_mib", "page_cache_mib_after_drop",

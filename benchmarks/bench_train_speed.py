@@ -114,37 +114,26 @@ def engram_parts(cfg: ModelConfig, data, dtype: str, repeat: int = 9) -> dict:
         rows_BTH = rows[next(iter(rows))]
         W = eng.table.weight
 
-        def ms(fn) -> float:
-            fn()
-            ts = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return round(float(np.median(ts)) * 1e3, 2)
-
         def gather_bwd():
             W.grad = None
             e = eng.table(rows_BTH)
             e.backward(torch.ones_like(e))
 
-        out = {"hash_ms": ms(lambda: tr.model.engram_rows(x)), "gather_fwd_bwd_ms": ms(gather_bwd)}
+        gather_bwd()
         raw = W.grad
 
         def coalesce():
             W.grad = raw
             coalesce_(W)
 
-        out["coalesce_ms"] = ms(coalesce)
+        coalesce()
         coalesced = W.grad
-        out["unique_rows"] = int(coalesced._values().shape[0])
+        W.grad = None
 
         def table_opt():
             W.grad = coalesced
             tr.table_opt.step()
 
-        out["sparse_adam_ms"] = ms(table_opt)
-        W.grad = None
         B, T = x.shape
         h = torch.randn(B, T, cfg.hc_mult, cfg.d_model, requires_grad=True)
         emb = eng.table(rows_BTH).detach()
@@ -155,8 +144,18 @@ def engram_parts(cfg: ModelConfig, data, dtype: str, repeat: int = 9) -> dict:
                 inc = eng(h, emb=emb)
             inc.float().sum().backward()
 
-        out["mix_fwd_bwd_compiled_ms"] = ms(lambda: mix(True))
-        out["mix_fwd_bwd_eager_ms"] = ms(lambda: mix(False))
+        parts = {"hash_ms": lambda: tr.model.engram_rows(x), "gather_fwd_bwd_ms": gather_bwd,
+                 "coalesce_ms": coalesce, "sparse_adam_ms": table_opt,
+                 "mix_fwd_bwd_compiled_ms": lambda: mix(True), "mix_fwd_bwd_eager_ms": lambda: mix(False)}
+        times: dict[str, list[float]] = {k: [] for k in parts}
+        for rep in range(repeat + 1):  # round-robin over the parts, so drift hits all alike; rep 0 warms up
+            for k, fn in parts.items():
+                t0 = time.perf_counter()
+                fn()
+                if rep:
+                    times[k].append(time.perf_counter() - t0)
+        out = {k: round(float(np.median(v)) * 1e3, 2) for k, v in times.items()}
+        out["unique_rows"] = int(coalesced._values().shape[0])
         return out
     finally:
         run.close()
