@@ -197,7 +197,7 @@ def main() -> None:
     rounds, per_round, warmup = (2, 1, 1) if args.quick else (args.rounds, 3, 2)
     big = 4 * 2**20 if args.quick else 64 * 2**20
     res = {"benchmark": "train_speed", "machine": machine_info(), "batch": [16, 256],
-           "dtype": resolve_dtype(args.dtype),
+           "dtype": resolve_dtype(args.dtype), "compile_engram": TrainConfig().compile_engram,
            "timing": f"alternating rounds: {rounds} x {per_round} steps per config after {warmup} warm-up steps"}
     # Engram overhead: the same backbone with and without a 1M-row memory, single steps in alternation.
     pair = alternate({"no_engram": backbone(None), "rows_1M": backbone(memory(2**20))}, data,

@@ -334,7 +334,7 @@ def test_step_never_touches_the_whole_table(cfg):
     """Step time independent of table size: after the state exists, only index ops see full-size tensors."""
     rows = 100_003
     p = torch.nn.Parameter(torch.randn(rows, 8))
-    opt = SparseRowAdam([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, **cfg)
+    opt = SparseRowAdam([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, native=False, **cfg)
     idx = torch.randint(0, rows, (64,))
     _sparse_grad(p, idx, 0)
     opt.step()  # allocates the state: the only O(rows) work
@@ -516,3 +516,80 @@ def test_validation():
         SparseRowAdam([p], lr=-1.0)
     with pytest.raises(ValueError):
         SparseRowAdam([torch.nn.Parameter(torch.tensor(1.0))])
+
+
+# ------------------------------------------------------------------ the native kernel
+native_adam = pytest.importorskip("engram.memory.native_adam")
+needs_native = pytest.mark.skipif(not native_adam.available(), reason="no C compiler for the native kernel")
+
+
+@needs_native
+@pytest.mark.parametrize("betas,wd", [((0.9, 0.95), 0.0), ((0.9, 0.999), 0.1), ((0.3, 0.95), 0.01),
+                                      ((0.1, 0.2), 0.0)])  # the last: power tables end at e=28 < 40 steps
+def test_native_update_equals_torch_path(betas, wd):
+    """Rows touched at irregular intervals (catch-up over k skipped steps, per-row bias clocks), a
+    changing lr, weight decay: the one-pass kernel tracks the torch form to float32 rounding, and its
+    counters exactly."""
+    a, b = _table(seed=3), _table(seed=3)
+    oa = SparseRowAdam([a], lr=1e-2, betas=betas, weight_decay=wd, native=True)
+    ob = SparseRowAdam([b], lr=1e-2, betas=betas, weight_decay=wd, native=False)
+    assert native_adam.supports(a.view(R, D), oa._init_state(a, oa.param_groups[0]), oa.param_groups[0])
+    oa.state.clear()
+    for s in range(40):
+        idx = _touch(s, n=1 + s % 7, seed=11)  # few rows per step: most rows skip many steps
+        for t, o in ((a, oa), (b, ob)):
+            for g in o.param_groups:
+                g["lr"] = 1e-2 * (1 + (s % 5)) / 5
+            _sparse_grad(t, idx, s)
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-5, atol=2e-6)
+    sa, sb = oa.state[a], ob.state[b]
+    assert int(sa["step"]) == int(sb["step"]) == 40
+    assert torch.equal(sa["row_step"], sb["row_step"]) and torch.equal(sa["last_step"], sb["last_step"])
+    torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert not torch.equal(a.detach(), _table(seed=3).detach())  # it did train
+
+
+@needs_native
+def test_native_update_leaves_untouched_rows_alone():
+    rows = 100_003
+    p = torch.nn.Parameter(torch.randn(rows, 8))
+    opt = SparseRowAdam([p], lr=1e-2, weight_decay=0.01)
+    _sparse_grad(p, torch.randint(0, rows, (64,)), 0)
+    opt.step()
+    opt.zero_grad()
+    before = p.detach().clone()
+    m_before = opt.state[p]["exp_avg"].clone()
+    idx = torch.randint(0, rows, (50,))
+    _sparse_grad(p, idx, 1)
+    opt.step()
+    touched = torch.zeros(rows, dtype=torch.bool)
+    touched[idx] = True
+    assert torch.equal(p.detach()[~touched], before[~touched])
+    assert torch.equal(opt.state[p]["exp_avg"][~touched], m_before[~touched])
+    assert not torch.equal(p.detach()[touched], before[touched])
+
+
+@needs_native
+@pytest.mark.parametrize("kw", [dict(rowwise=True), dict(catch_up="deferred"), dict(bias_correction="global")])
+def test_native_kernel_only_where_it_applies(kw):
+    p = _table()
+    opt = SparseRowAdam([p], lr=1e-2, **kw)
+    state = opt._init_state(p, opt.param_groups[0])
+    assert not native_adam.supports(p.view(R, D), state, opt.param_groups[0])
+    bf = _table(torch.bfloat16)
+    opt = SparseRowAdam([bf], lr=1e-2)
+    assert not native_adam.supports(bf.view(R, D), opt._init_state(bf, opt.param_groups[0]), opt.param_groups[0])
+
+
+@needs_native
+def test_native_update_rejects_out_of_range_rows():
+    p = _table()
+    opt = SparseRowAdam([p], lr=1e-2)
+    state = opt._init_state(p, opt.param_groups[0])
+    tail = opt._tail(0.9, 0.999, "row", p.device)
+    with pytest.raises(IndexError, match="row ids must lie in"):
+        native_adam.sparse_adam_update(p.detach().view(R, D), state, torch.tensor([0, R]), torch.zeros(2, D), 1,
+                                       1e-2, (0.9, 0.999), 1e-8, 0.0, tail)

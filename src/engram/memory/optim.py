@@ -51,6 +51,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from engram.memory import native_adam
 from engram.memory.hugepages import advise_hugepages
 
 __all__ = ["SparseRowAdam", "clip_grad_norm_", "coalesce_", "sparse_rows"]
@@ -116,6 +117,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         stochastic_rounding: for bf16 tables, round the fp32 result stochastically (deterministic:
             the random bits hash (row, column, step), so resumed runs stay bit-identical) instead
             of to nearest, so updates smaller than half a bf16 ulp are not lost on average.
+        native: run the update in one pass per row with the C kernel of
+            :mod:`engram.memory.native_adam` where it applies (fp32 CPU tables, default modes;
+            ~10x faster, equal to the torch path up to a few float32 ulps).
 
     Gradients: sparse COO (uncoalesced is fine; duplicates are summed) or dense; for a dense
     gradient only rows with a nonzero entry count as touched (a row whose gradient is exactly
@@ -134,6 +138,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         catch_up: str = "ahead",
         rowwise: bool = False,
         stochastic_rounding: bool = False,
+        native: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -153,6 +158,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                     raise ValueError(f"unsupported table dtype {p.dtype}")
         self._tails: dict = {}
+        self.native = bool(native)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -246,6 +252,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         bc, cu, rowwise = group["bias_correction"], group["catch_up"], group["rowwise"]
         f32 = torch.float32
         table = p.view(p.shape[0], math.prod(p.shape[1:]))
+        if self.native and native_adam.supports(table, state, group):
+            native_adam.sparse_adam_update(table, state, rows, g_UD.reshape(rows.numel(), -1), t, lr, (b1, b2), eps,
+                                           wd, self._tail(b1, b2, bc, p.device))
+            return
         g_UD = g_UD.to(f32)
         m_UD = state["exp_avg"].index_select(0, rows)
         v_U_ = state["exp_avg_sq"].index_select(0, rows)  # [U, d], or [U, 1] when rowwise
