@@ -49,7 +49,7 @@ from engram.config import EngramConfig, ModelConfig
 from engram.model import EngramLM
 from engram.tokenizer import CompressedVocab
 
-from common import emit, machine_info
+from common import emit, machine_info, median_ci
 
 
 def config(rows_per_head: int, vocab_size: int, d_model: int = 256, n_layers: int = 6) -> ModelConfig:
@@ -115,15 +115,6 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             "decode_tok_s": round(prompts.shape[0] * new_tokens / t_dec[1], 1),
             "decode_vs_ram": round((t_dec[0] + t_dec[2]) / 2 / t_dec[1], 3), "ram_decode_s": [t_dec[0], t_dec[2]],
             "loss_equal_ram": losses == ref_losses, "tokens_equal_ram": tokens_equal}
-
-
-def paired_summary(ratios: list[float], seed: int = 0) -> dict:
-    """Median of per-pair throughput ratios (RAM time / offloaded time) with a bootstrap 95% interval."""
-    r = np.asarray(ratios)
-    boot = np.median(r[np.random.default_rng(seed).integers(0, len(r), size=(2000, len(r)))], axis=1)
-    return {"median": round(float(np.median(r)), 3),
-            "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
-            "pairs": len(r)}
 
 
 def proc_read_bytes() -> int | None:
@@ -278,7 +269,7 @@ def main() -> None:
         per = [rd[name] for rd in rounds]
         pairs = [p for r in per for p in r.pop("prefill_pair_ratios")]
         summary[name] = {
-            "prefill_vs_ram": paired_summary(pairs),
+            "prefill_vs_ram": median_ci(pairs),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in per),
             "decode_vs_ram": statistics.median(r["decode_vs_ram"] for r in per),
             "decode_vs_ram_rounds": [r["decode_vs_ram"] for r in per],

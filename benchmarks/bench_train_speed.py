@@ -32,7 +32,7 @@ import numpy as np
 from engram.config import EngramConfig, ModelConfig
 from engram.train.config import RunConfig, TrainConfig
 
-from common import emit, machine_info
+from common import emit, machine_info, median_ci
 
 
 def backbone(engram: EngramConfig | None) -> ModelConfig:
@@ -90,12 +90,9 @@ class Run:
 def paired_ratio(a_s: list[float], b_s: list[float], seed: int = 0) -> dict:
     """tokens/s of B / tokens/s of A from step times measured in alternation: per-pair ratios
     ``a_i / b_i``, their median with a bootstrap 95% interval, and the ratio of the medians."""
-    r = np.asarray(a_s) / np.asarray(b_s)
-    rng = np.random.default_rng(seed)
-    boot = np.median(r[rng.integers(0, len(r), size=(2000, len(r)))], axis=1)
-    return {"median_of_pair_ratios": round(float(np.median(r)), 3),
-            "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
-            "ratio_of_medians": round(float(np.median(a_s) / np.median(b_s)), 3), "pairs": len(r)}
+    ci = median_ci(np.asarray(a_s) / np.asarray(b_s), seed)
+    return {"median_of_pair_ratios": ci["median"], "ci95": ci["ci95"],
+            "ratio_of_medians": round(float(np.median(a_s) / np.median(b_s)), 3), "pairs": ci["pairs"]}
 
 
 def engram_parts(cfg: ModelConfig, data, dtype: str, repeat: int = 9) -> dict:

@@ -61,3 +61,14 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1) -> dict:
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"median_s": times[len(times) // 2], "best_s": times[0], "repeat": repeat}
+
+
+def median_ci(ratios, seed: int = 0, resamples: int = 2000) -> dict:
+    """Median of paired ratios with a bootstrap 95% interval: ``{"median", "ci95", "pairs"}``."""
+    import numpy as np
+
+    r = np.asarray(ratios, dtype=np.float64)
+    boot = np.median(r[np.random.default_rng(seed).integers(0, len(r), size=(resamples, len(r)))], axis=1)
+    return {"median": round(float(np.median(r)), 3),
+            "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
+            "pairs": len(r)}

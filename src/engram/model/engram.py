@@ -36,6 +36,15 @@ class BranchRMSNorm(nn.Module):
         return f"branches={self.weight.shape[0]}, dim={self.weight.shape[1]}, eps={self.eps}"
 
 
+def _check_conv_state(state_BPC: torch.Tensor | None, shape_BTMD, P: int) -> None:
+    """Raise if a carried conv state does not fit an input of ``shape_BTMD`` (checked outside
+    :func:`short_conv` so that the compiled path never sees the error branch)."""
+    if state_BPC is not None:
+        B, _, M, D = shape_BTMD
+        if tuple(state_BPC.shape) != (B, P, M * D):
+            raise ValueError(f"conv state must have shape {(B, P, M * D)}, got {tuple(state_BPC.shape)}")
+
+
 def short_conv(x_BTMD: torch.Tensor, norm_w_MD: torch.Tensor, w_C1k: torch.Tensor, dilation: int,
                eps: float | None, state_BPC: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:class:`ShortConv` as a function of its weights: ``(silu(conv(rmsnorm(x))), new_state_BPC)``."""
@@ -176,10 +185,7 @@ class ShortConv(nn.Module):
                 f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], "
                 f"got {tuple(x_BTMD.shape)}"
             )
-        B, T, M, D = x_BTMD.shape
-        C, P = M * D, self.state_len
-        if state is not None and tuple(state.shape) != (B, P, C):
-            raise ValueError(f"conv state must have shape {(B, P, C)}, got {tuple(state.shape)}")
+        _check_conv_state(state, x_BTMD.shape, self.state_len)
         return short_conv(x_BTMD, self.norm.weight, self.weight, self.dilation, self.norm.eps, state)
 
     def extra_repr(self) -> str:
@@ -358,10 +364,7 @@ class Engram(nn.Module):
         # rows gathered from a host-side store may also still need to move to h's device.
         e_BTE = emb.reshape(B, T, self.embed_dim).to(h.device, h.dtype)
 
-        if conv_state is not None:
-            P, C = self.short_conv.state_len, M * D
-            if tuple(conv_state.shape) != (B, P, C):
-                raise ValueError(f"conv state must have shape {(B, P, C)}, got {tuple(conv_state.shape)}")
+        _check_conv_state(conv_state, h_BTMD.shape, self.short_conv.state_len)
         args = (e_BTE, h_BTMD, self.key_proj.weight, self.key_proj.bias, self.value_proj.weight,
                 self.value_proj.bias, self.key_norm.weight, self.query_norm.weight, self.short_conv.norm.weight,
                 self.short_conv.weight, self.short_conv.dilation, self.short_conv.norm.eps, conv_state)
