@@ -123,6 +123,58 @@ def test_a_file_truncated_under_the_store_raises_naming_it(tmp_path):
         assert torch.equal(bits(store.gather(torch.tensor([7]))), bits(table[[7]]))
 
 
+def test_started_gathers_equal_gather_and_overlap(tmp_path):
+    """gather_start: several requests in flight on one store at once (one ring each), results and
+    statistics equal to gather's; a static cache over it starts only its misses."""
+    table = random_table(30000, 64)
+    rng = np.random.default_rng(3)
+    with DiskStore.open(write_store(tmp_path / "t", table), io="direct") as store, \
+            DiskStore.open(tmp_path / "t", io="direct") as twin:
+        reqs = [torch.from_numpy(rng.integers(0, 30000, n)) for n in (1, 7, 300, 2000)]
+        reqs.append(torch.arange(100, 140))  # distinct ascending: read straight into the result
+        handles = [store.gather_start(r) for r in reqs]  # all submitted before any is collected
+        assert len(store._rings._idle) == 0  # each in-flight request holds its own ring
+        for r, h in zip(reversed(reqs), reversed(handles)):  # collected in another order
+            assert torch.equal(bits(h.result()), bits(table[r]))
+            assert h.result() is h.result() and h.done  # idempotent
+        for r in reqs:
+            twin.gather(r)
+        assert store.stats() == twin.stats() and store.direct_counts() == twin.direct_counts()
+        assert store.gather_start(torch.empty(0, dtype=torch.int64)).result().shape == (0, 64)
+        store.gather_start(reqs[2])  # dropped without result(): its ring still comes back
+        import gc
+        gc.collect()
+        assert all(r._pending is None for r in store._rings._idle)
+        with pytest.raises(ValueError, match="out of range"):
+            store.gather_start(torch.tensor([30000]))
+        profile = np.bincount(rng.zipf(1.2, 50000) % 30000, minlength=30000)
+        store.reset_stats()
+        twin.reset_stats()
+        with CachedStore(store, 256 * 3000, "static", profile=profile) as cache, \
+                CachedStore(twin, 256 * 3000, "static", profile=profile) as ref:
+            for _ in range(5):
+                rows = torch.from_numpy(rng.zipf(1.2, 500) % 30000)
+                h = cache.gather_start(rows)
+                assert torch.equal(bits(h.result()), bits(table[rows]))
+                assert torch.equal(bits(ref.gather(rows)), bits(table[rows]))
+            hot = torch.from_numpy(cache.resident_rows()[:50])
+            assert cache.gather_start(hot).done  # all hits: nothing to wait for
+            ref.gather(hot)
+            assert cache.stats() == ref.stats()
+
+
+def test_a_started_gather_reports_read_errors_when_collected(tmp_path):
+    table = random_table(4096, 64)
+    path = write_store(tmp_path / "t", table)
+    with DiskStore.open(path, io="direct") as store:
+        os.truncate(path, os.path.getsize(path) - 3000)
+        h = store.gather_start(torch.tensor([5, 4095]))
+        for _ in range(2):  # the same error each time it is asked
+            with pytest.raises(OSError, match=r"t.*direct read"):
+                h.result()
+        assert torch.equal(bits(store.gather_start(torch.tensor([7, 6])).result()), bits(table[[7, 6]]))
+
+
 def test_closed_direct_store_says_closed(tmp_path):
     store = DiskStore.open(write_store(tmp_path / "t", torch.randn(10, 4)), io="direct")
     store.close()

@@ -230,6 +230,13 @@ def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefet
         got = lm.generate(saved.prompt, 8, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(7))
         assert torch.equal(got, saved.sampled)
         assert lm.evaluate(iter(saved.batches)) == saved.loss
+        # Decode steps on given text (teacher forcing): a prefill chunk, then one token at a time.
+        x = saved.idx
+        ref_state, state = saved.model.new_decode_state(x.shape[0]), lm.model.new_decode_state(x.shape[0])
+        for a, b in [(0, 3), *((t, t + 1) for t in range(3, x.shape[1]))]:
+            with torch.no_grad():
+                want = saved.model(x[:, a:b], cache=ref_state).logits
+            assert torch.equal(lm(x[:, a:b], cache=state).logits, want)
         tiers = lm.tier_stats()
     top = next(iter(tiers))
     assert top == ("cache" if policy else memory)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from engram.memory.disk_format import RAW_TORCH
-from engram.memory.store import RowStore, check_rows
+from engram.memory.store import Ready, RowStore, check_rows
 
 __all__ = ["POLICIES", "CachedStore", "access_profile", "coverage_curve", "simulate_hit_rate"]
 
@@ -161,6 +161,50 @@ class CachedStore(RowStore):
             hits = self._serve(uniq_U, inv_N.reshape(-1), out_raw)
         self._record(n, uniq_U.size, hits, uniq_U.size - hits, hits * self.row_bytes)
         return out_Nd
+
+    def gather_start(self, rows_N, out_Nd: torch.Tensor | None = None):
+        """See :meth:`RowStore.gather_start`. The static policy copies its hits now and starts the
+        backing store's read of the misses (its resident set never changes, so nothing waits on the
+        read); LRU and LFU admit what they read, so they gather here."""
+        if self.policy != "static":
+            return Ready(self.gather(rows_N, out_Nd))
+        rows_N, out_Nd = self._prepare(rows_N, out_Nd)
+        n = rows_N.numel()
+        if n == 0:
+            self._record(0, 0, 0, 0, 0)
+            return Ready(out_Nd)
+        uniq_U, inv_N = np.unique(rows_N.numpy(), return_inverse=True)
+        inv_N = inv_N.reshape(-1)
+        out_raw = out_Nd.detach().view(self._raw_dtype).numpy()
+        with self._lock:
+            if self._closed:
+                raise ValueError("CachedStore is closed")
+            slot_U = self._slot_of_R[uniq_U].astype(np.int64) - 1
+            hit_U = slot_U >= 0
+            U, h = uniq_U.size, int(np.count_nonzero(hit_U))
+            if h == U:
+                np.take(self._raw_Cd, slot_U[inv_N], axis=0, out=out_raw, mode="clip")
+                self._record(n, U, h, 0, h * self.row_bytes)
+                return Ready(out_Nd)
+            hit_H, miss_M = np.flatnonzero(hit_U), np.flatnonzero(~hit_U)
+            pos_U = np.empty(U, dtype=np.intp)
+            pos_U[hit_H] = np.arange(h)
+            pos_U[miss_M] = np.arange(h, U)
+            buf_Ud = torch.empty((U, self.dim), dtype=self.dtype)
+            buf_raw = buf_Ud.view(self._raw_dtype).numpy()
+            np.take(self._raw_Cd, slot_U[hit_H], axis=0, out=buf_raw[:h], mode="clip")
+        rows_M = uniq_U[miss_M]  # checked, sorted and distinct already: a disk store skips doing it again
+        start = getattr(self.backing, "_start_unique", None)
+        misses = (start(rows_M, buf_Ud[h:], None) if start is not None
+                  else self.backing.gather_start(torch.from_numpy(rows_M), out_Nd=buf_Ud[h:]))
+
+        def finish() -> torch.Tensor:
+            misses.result()
+            np.take(buf_raw, pos_U[inv_N], axis=0, out=out_raw, mode="clip")
+            self._record(n, U, h, U - h, h * self.row_bytes)
+            return out_Nd
+
+        return _Then(misses, finish)
 
     def _serve(self, uniq_U: np.ndarray, inv_N: np.ndarray, out_raw: np.ndarray) -> int:
         """Fill ``out_raw`` with rows ``uniq_U[inv_N]`` and update the cache; returns the number of hits."""
@@ -306,6 +350,23 @@ class CachedStore(RowStore):
     def __repr__(self) -> str:
         return (f"CachedStore({self.backing!r}, policy={self.policy!r}, capacity={self.capacity}, "
                 f"resident={self._used})")
+
+
+class _Then:
+    """A gather handle: waits for ``inner``, then returns ``finish()`` (once; later calls repeat it)."""
+
+    def __init__(self, inner, finish) -> None:
+        self._inner, self._finish = inner, finish
+        self._value: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._value is not None or bool(getattr(self._inner, "done", False))
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._finish()
+        return self._value
 
 
 def _hot_rows(profile, num_rows: int, capacity: int) -> np.ndarray:

@@ -33,7 +33,8 @@ import numpy as np
 
 from engram.memory.native_build import NativeLibrary
 
-__all__ = ["Ring", "RingPool", "available", "open_direct", "read_rows", "unavailable_reason"]
+__all__ = ["PendingRead", "Ring", "RingPool", "available", "open_direct", "read_rows", "start_rows",
+           "unavailable_reason"]
 
 ENTRIES = 128  # reads in flight per call: the device's throughput here saturates around 128
 # Largest single read (adjacent rows merge up to this). The slots are registered (locked) memory:
@@ -61,6 +62,9 @@ typedef struct {
   void *sq_ptr, *cq_ptr; size_t sq_len, cq_len, sqe_len;
   char* scratch; int64_t slot_bytes; int fixed_buf, fixed_file;
   int64_t *slot_first, *slot_end, *slot_off, *slot_len; int64_t* free_slots;
+  /* the read in progress (engram_read_start .. engram_read_finish) */
+  int rfd; const int64_t* rows; int64_t n, row_bytes, data_offset, block; char* out;
+  int64_t next, inflight, nfree, err, active;
 } ring_t;
 
 void engram_ring_free(ring_t* r) {
@@ -135,76 +139,113 @@ ring_t* engram_ring_new(int entries, int64_t slot_bytes, int file_fd, int* err) 
 
 int engram_ring_flags(const ring_t* r) { return r->fixed_buf | (r->fixed_file << 1); }
 
-/* Read rows[0..n) (sorted, distinct) of the file `fd` (opened O_DIRECT): row k is the row_bytes at
-   data_offset + rows[k] * row_bytes, copied to out + k * row_bytes. Reads are aligned to `block`
-   (a power of two) and adjacent rows share a read of at most slot_bytes. Returns 0, or -errno of the
-   first failed read (-EIO for a read that ends before its rows do: the file is shorter than its
-   header says). Every read submitted has completed when this returns, unless stats[2] is set.
-   stats[0] += reads, stats[1] += bytes read. */
+/* Queue reads for rows[next..) into free slots; returns how many were queued (not yet submitted). */
+static unsigned queue_reads(ring_t* r, int64_t* stats) {
+  const uint64_t block = (uint64_t)r->block, mask = ~(block - 1), rb = (uint64_t)r->row_bytes;
+  const uint64_t off0 = (uint64_t)r->data_offset;
+  const int64_t* rows = r->rows;
+  unsigned tail = *r->sq_tail, added = 0;
+  while (r->next < r->n && !r->err && r->nfree > 0) {
+    const int64_t slot = r->free_slots[--r->nfree];
+    const int64_t first = r->next;
+    const uint64_t a = (off0 + (uint64_t)rows[first] * rb) & mask;
+    uint64_t b = (off0 + (uint64_t)(rows[first] + 1) * rb + block - 1) & mask;
+    int64_t k = first + 1;
+    while (k < r->n) {  /* extend over rows that start in [a, b]: one read covers them all */
+      const uint64_t s2 = off0 + (uint64_t)rows[k] * rb;
+      const uint64_t b2 = (s2 + rb + block - 1) & mask;
+      if ((s2 & mask) > b || b2 - a > (uint64_t)r->slot_bytes) break;
+      if (b2 > b) b = b2;
+      k++;
+    }
+    r->slot_first[slot] = first; r->slot_end[slot] = k; r->slot_off[slot] = (int64_t)a;
+    r->slot_len[slot] = (int64_t)(b - a);
+    const unsigned idx = tail & *r->sq_mask;
+    struct io_uring_sqe* e = &r->sqes[idx];
+    memset(e, 0, sizeof *e);
+    if (r->fixed_buf) { e->opcode = IORING_OP_READ_FIXED; e->buf_index = 0; } else e->opcode = IORING_OP_READ;
+    if (r->fixed_file) { e->fd = 0; e->flags = IOSQE_FIXED_FILE; } else e->fd = r->rfd;
+    e->off = a; e->len = (unsigned)(b - a);
+    e->addr = (uint64_t)(uintptr_t)(r->scratch + slot * r->slot_bytes); e->user_data = (uint64_t)slot;
+    r->sq_array[idx] = idx;
+    tail++; added++; r->next = k; r->inflight++;
+    stats[0] += 1; stats[1] += (int64_t)(b - a);
+  }
+  __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
+  return added;
+}
+
+/* Submit `to_submit` queued reads, waiting for `wait` completions. 0, or -errno when the ring itself
+   failed: reads may still be in flight into its slots, so it must never be reused or freed (stats[2]). */
+static int64_t enter(ring_t* r, unsigned to_submit, unsigned wait, int64_t* stats) {
+  for (;;) {
+    const int ret = (int)syscall(__NR_io_uring_enter, r->fd, to_submit, wait,
+                                 wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
+    if (ret >= 0) { to_submit -= (unsigned)ret; if (to_submit == 0) return 0; continue; }
+    if (errno == EINTR || errno == EAGAIN || errno == EBUSY) continue;
+    stats[2] = 1; r->active = 0;
+    return -(int64_t)errno;
+  }
+}
+
+/* Copy the rows of every completed read to `out`; frees their slots. */
+static void reap(ring_t* r) {
+  unsigned head = *r->cq_head;
+  const unsigned ctail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+  const int64_t rb = r->row_bytes, off0 = r->data_offset;
+  for (; head != ctail; head++) {
+    const struct io_uring_cqe* c = &r->cqes[head & *r->cq_mask];
+    const int64_t slot = (int64_t)c->user_data;
+    r->inflight--;
+    r->free_slots[r->nfree++] = slot;
+    if (c->res < 0) { if (!r->err) r->err = c->res; continue; }
+    /* the file's last block may be partial: only the rows' own bytes must have arrived */
+    const int64_t need = off0 + (r->rows[r->slot_end[slot] - 1] + 1) * rb - r->slot_off[slot];
+    if ((int64_t)c->res < need) { if (!r->err) r->err = -EIO; continue; }
+    const char* buf = r->scratch + slot * r->slot_bytes;
+    for (int64_t i = r->slot_first[slot]; i < r->slot_end[slot]; i++)
+      memcpy(r->out + i * rb, buf + (off0 + r->rows[i] * rb - r->slot_off[slot]), (size_t)rb);
+  }
+  __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+}
+
+/* Start reading rows[0..n) (sorted, distinct) of the file `fd` (opened O_DIRECT): row k is the row_bytes
+   at data_offset + rows[k] * row_bytes, copied to out + k * row_bytes by engram_read_finish. Reads are
+   aligned to `block` (a power of two) and adjacent rows share a read of at most slot_bytes. Submits the
+   first reads (up to one per slot) and returns without waiting: rows and out must stay valid until
+   engram_read_finish returns. stats[0] += reads, stats[1] += bytes read. Returns 0 or -errno. */
+int64_t engram_read_start(ring_t* r, int fd, const int64_t* rows, int64_t n, int64_t row_bytes,
+                          int64_t data_offset, int64_t block, char* out, int64_t* stats) {
+  if (r->active) return -EBUSY;
+  r->rfd = fd; r->rows = rows; r->n = n; r->row_bytes = row_bytes; r->data_offset = data_offset;
+  r->block = block; r->out = out; r->next = 0; r->inflight = 0; r->err = 0; r->nfree = r->entries;
+  for (int64_t s = 0; s < r->nfree; s++) r->free_slots[s] = s;
+  r->active = 1;
+  const unsigned added = queue_reads(r, stats);
+  return added ? enter(r, added, 0, stats) : 0;
+}
+
+/* Wait for the started read to complete (submitting the remaining rows as slots free up). Returns 0,
+   or -errno of the first failed read (-EIO for a read that ends before its rows do: the file is shorter
+   than its header says). Every read submitted has completed when this returns, unless stats[2] is set. */
+int64_t engram_read_finish(ring_t* r, int64_t* stats) {
+  if (!r->active) return -EINVAL;
+  reap(r);
+  while ((r->next < r->n && !r->err) || r->inflight > 0) {
+    const unsigned added = queue_reads(r, stats);
+    const int64_t rc = enter(r, added, r->inflight > 0 ? 1 : 0, stats);
+    if (rc < 0) return rc;
+    reap(r);
+  }
+  r->active = 0;
+  return r->err;
+}
+
 int64_t engram_read_rows(ring_t* r, int fd, const int64_t* rows, int64_t n, int64_t row_bytes,
                          int64_t data_offset, int64_t block, char* out, int64_t* stats) {
-  const uint64_t mask = ~(uint64_t)(block - 1);
-  int64_t next = 0, inflight = 0, nfree = r->entries, err = 0;
-  for (int64_t s = 0; s < nfree; s++) r->free_slots[s] = s;
-  while ((next < n && !err) || inflight > 0) {
-    unsigned tail = *r->sq_tail, added = 0;
-    while (next < n && !err && nfree > 0) {
-      const int64_t slot = r->free_slots[--nfree];
-      const uint64_t a = ((uint64_t)data_offset + (uint64_t)rows[next] * (uint64_t)row_bytes) & mask;
-      uint64_t b = ((uint64_t)data_offset + (uint64_t)(rows[next] + 1) * (uint64_t)row_bytes + block - 1) & mask;
-      int64_t k = next + 1;
-      while (k < n) {  /* extend over rows that start in [a, b]: one read covers them all */
-        const uint64_t s2 = (uint64_t)data_offset + (uint64_t)rows[k] * (uint64_t)row_bytes;
-        const uint64_t b2 = (s2 + (uint64_t)row_bytes + block - 1) & mask;
-        if ((s2 & mask) > b || b2 - a > (uint64_t)r->slot_bytes) break;
-        if (b2 > b) b = b2;
-        k++;
-      }
-      r->slot_first[slot] = next; r->slot_end[slot] = k; r->slot_off[slot] = (int64_t)a;
-      r->slot_len[slot] = (int64_t)(b - a);
-      const unsigned idx = tail & *r->sq_mask;
-      struct io_uring_sqe* e = &r->sqes[idx];
-      memset(e, 0, sizeof *e);
-      if (r->fixed_buf) { e->opcode = IORING_OP_READ_FIXED; e->buf_index = 0; } else e->opcode = IORING_OP_READ;
-      if (r->fixed_file) { e->fd = 0; e->flags = IOSQE_FIXED_FILE; } else e->fd = fd;
-      e->off = a; e->len = (unsigned)(b - a);
-      e->addr = (uint64_t)(uintptr_t)(r->scratch + slot * r->slot_bytes); e->user_data = (uint64_t)slot;
-      r->sq_array[idx] = idx;
-      tail++; added++; next = k; inflight++;
-      stats[0] += 1; stats[1] += (int64_t)(b - a);
-    }
-    __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
-    unsigned to_submit = added;
-    for (;;) {  /* submit what was added and wait for at least one completion */
-      const int ret = (int)syscall(__NR_io_uring_enter, r->fd, to_submit, inflight > 0 ? 1 : 0,
-                                   IORING_ENTER_GETEVENTS, NULL, 0);
-      if (ret >= 0) { to_submit -= (unsigned)ret; if (to_submit == 0) break; continue; }
-      if (errno == EINTR || errno == EAGAIN || errno == EBUSY) continue;
-      /* the ring itself failed: reads may still be in flight into its slots, so it must never be
-         reused or freed (stats[2] tells the caller) */
-      stats[2] = 1;
-      return -(int64_t)errno;
-    }
-    unsigned head = *r->cq_head;
-    const unsigned ctail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
-    for (; head != ctail; head++) {
-      const struct io_uring_cqe* c = &r->cqes[head & *r->cq_mask];
-      const int64_t slot = (int64_t)c->user_data;
-      inflight--;
-      r->free_slots[nfree++] = slot;
-      if (c->res < 0) { if (!err) err = c->res; continue; }
-      /* the file's last block may be partial: only the rows' own bytes must have arrived */
-      const int64_t need = data_offset + (rows[r->slot_end[slot] - 1] + 1) * row_bytes - r->slot_off[slot];
-      if ((int64_t)c->res < need) { if (!err) err = -EIO; continue; }
-      const char* buf = r->scratch + slot * r->slot_bytes;
-      for (int64_t i = r->slot_first[slot]; i < r->slot_end[slot]; i++) {
-        const int64_t at = data_offset + rows[i] * row_bytes - r->slot_off[slot];
-        memcpy(out + i * row_bytes, buf + at, (size_t)row_bytes);
-      }
-    }
-    __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
-  }
-  return err;
+  const int64_t rc = engram_read_start(r, fd, rows, n, row_bytes, data_offset, block, out, stats);
+  if (rc < 0 && (stats[2] || rc == -EBUSY)) return rc;
+  return engram_read_finish(r, stats);
 }
 """
 
@@ -215,9 +256,13 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.engram_ring_flags.restype = ctypes.c_int
     lib.engram_ring_free.argtypes = [ctypes.c_void_p]
     lib.engram_ring_free.restype = None
-    lib.engram_read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.engram_read_rows.restype = ctypes.c_int64
+    for name in ("engram_read_rows", "engram_read_start"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int64
+    lib.engram_read_finish.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.engram_read_finish.restype = ctypes.c_int64
 
 
 def _probe(lib: ctypes.CDLL) -> None:
@@ -252,6 +297,7 @@ class Ring:
         self.slot_bytes = int(slot_bytes)
         self.fd = int(fd)
         self.broken = False
+        self._pending: PendingRead | None = None  # a started read not waited for yet
         self._lib = lib  # kept: freeing must work even if the module state changes later
         self._ptr = lib.engram_ring_new(int(entries), self.slot_bytes, self.fd, ctypes.byref(err))
         if not self._ptr:
@@ -260,6 +306,11 @@ class Ring:
         self.fixed_buffers, self.fixed_file = bool(flags & 1), bool(flags & 2)
 
     def close(self) -> None:
+        if self._pending is not None:  # its reads write into this ring's slots: complete them first
+            try:
+                self._pending.wait()
+            except OSError:
+                pass
         if self._ptr:
             self._lib.engram_ring_free(self._ptr)
             self._ptr = None
@@ -290,6 +341,11 @@ class RingPool:
 
     def release(self, ring: Ring) -> None:
         """Return ``ring`` after a call (a broken or closed ring is dropped instead)."""
+        if ring._pending is not None:  # never hand out a ring whose reads are still landing
+            try:
+                ring._pending.wait()
+            except OSError:
+                pass
         if ring._ptr is None:
             return
         with self._lock:
@@ -338,10 +394,50 @@ def open_direct(path_or_fd, row_bytes: int) -> tuple[int, int] | None:
     return None
 
 
-def read_rows(ring: Ring, fd: int, rows_U: np.ndarray, row_bytes: int, data_offset: int, block: int,
-              out: np.ndarray) -> tuple[int, int]:
-    """Read rows ``rows_U`` (int64, sorted, distinct) of ``fd`` into ``out`` (C-contiguous, ``U * row_bytes``
-    bytes); see the module docstring. Returns ``(reads, bytes read)``; raises OSError on a failed read."""
+class PendingRead:
+    """A direct read started by :func:`start_rows`; :meth:`wait` completes it (the first call waits,
+    later calls return the same result or raise the same error). Holds the row ids and the output
+    buffer until then, and the ring: it serves nothing else until the read is waited for."""
+
+    def __init__(self, ring: Ring, rows_U: np.ndarray, out: np.ndarray) -> None:
+        self.ring, self.rows_U, self.out = ring, rows_U, out
+        self.stats = np.zeros(3, np.int64)
+        self._result: tuple[int, int] | None = None
+        self._error: OSError | None = None
+        self._rc = 0
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def _fail(self, rc: int) -> None:
+        self._error = OSError(-rc, f"direct read of {self.rows_U.size} rows failed: {os.strerror(-rc)}")
+
+    def wait(self) -> tuple[int, int]:
+        """Block until every row is in ``out``; returns ``(reads, bytes read)``, raises OSError on a failed read."""
+        if not self.done:
+            ring = self.ring
+            rc = self._rc
+            if rc == 0 and ring._ptr is not None and self.rows_U.size:
+                rc = ring._lib.engram_read_finish(ring._ptr, self.stats.ctypes.data)
+            if self.stats[2]:  # io_uring_enter failed with reads in flight: their buffers stay allocated, forever
+                ring.broken = True
+                ring._ptr = None
+            ring._pending = None
+            if rc < 0:
+                self._fail(rc)
+            else:
+                self._result = int(self.stats[0]), int(self.stats[1])
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def start_rows(ring: Ring, fd: int, rows_U: np.ndarray, row_bytes: int, data_offset: int, block: int,
+               out: np.ndarray) -> PendingRead:
+    """Submit the reads of rows ``rows_U`` (int64, sorted, distinct) of ``fd`` into ``out`` (C-contiguous,
+    ``U * row_bytes`` bytes) and return at once; see the module docstring. The first ``entries`` reads are
+    in flight when this returns, the rest are submitted by :meth:`PendingRead.wait` as slots free up."""
     rows_U = np.ascontiguousarray(rows_U, dtype=np.int64)
     if not out.flags.c_contiguous or out.nbytes != rows_U.size * row_bytes:
         raise ValueError(f"out must be C-contiguous with {rows_U.size * row_bytes} bytes, got {out.nbytes}")
@@ -351,13 +447,22 @@ def read_rows(ring: Ring, fd: int, rows_U: np.ndarray, row_bytes: int, data_offs
         raise ValueError("ring is closed")
     if ring.fd >= 0 and ring.fd != fd:
         raise ValueError(f"this ring reads file descriptor {ring.fd}, not {fd}")
-    stats = np.zeros(3, np.int64)
+    if ring._pending is not None:
+        raise ValueError("this ring has a read in progress: wait for it first")
+    pending = PendingRead(ring, rows_U, out)
     if rows_U.size:
-        rc = ring._lib.engram_read_rows(ring._ptr, fd, rows_U.ctypes.data, rows_U.size, row_bytes, data_offset, block,
-                                   out.ctypes.data, stats.ctypes.data)
-        if stats[2]:  # io_uring_enter failed with reads in flight: their buffers stay allocated, forever
-            ring.broken = True
-            ring._ptr = None
-        if rc < 0:
-            raise OSError(-rc, f"direct read of {rows_U.size} rows failed: {os.strerror(-rc)}")
-    return int(stats[0]), int(stats[1])
+        ring._pending = pending
+        pending._rc = ring._lib.engram_read_start(ring._ptr, fd, rows_U.ctypes.data, rows_U.size, row_bytes,
+                                                  data_offset, block, out.ctypes.data, pending.stats.ctypes.data)
+        if pending._rc < 0:
+            pending.wait()  # marks a failed ring broken and raises
+    else:
+        pending._result = (0, 0)
+    return pending
+
+
+def read_rows(ring: Ring, fd: int, rows_U: np.ndarray, row_bytes: int, data_offset: int, block: int,
+              out: np.ndarray) -> tuple[int, int]:
+    """Read rows ``rows_U`` (int64, sorted, distinct) of ``fd`` into ``out`` (C-contiguous, ``U * row_bytes``
+    bytes); see the module docstring. Returns ``(reads, bytes read)``; raises OSError on a failed read."""
+    return start_rows(ring, fd, rows_U, row_bytes, data_offset, block, out).wait()

@@ -25,6 +25,7 @@ import torch
 
 from engram.memory.prefetch import Prefetcher
 from engram.memory.store import RamStore
+from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput, engram_table_key
 from engram.serve.export import open_store_dir, verify_against_weights
@@ -42,7 +43,8 @@ class OffloadedLM:
         model: the model; its own tables, if any, are not used.
         stores: ``{layer: RowStore}`` for exactly the model's Engram layers, each serving the flat
             ``[sum(head_sizes), d]`` table of its layer in the model's table dtype.
-        prefetch: fetch in background threads (False: gather synchronously before each pass).
+        prefetch: fetch in background threads (False: in the calling thread, before each pass; stores
+            that read asynchronously still overlap their reads with the layers before theirs).
         workers, max_pending: see :class:`Prefetcher`.
         sync_rows: requests of at most this many row ids in all (a decode step: batch x heads x
             layers) are gathered in the calling thread even with ``prefetch``: handing a few dozen
@@ -89,16 +91,32 @@ class OffloadedLM:
         flat = {lay: self._engrams[lay].flat_rows(r) for lay, r in rows.items()}
         if self.prefetcher is not None and sum(f.numel() for f in flat.values()) > self.sync_rows:
             return self.prefetcher.submit(flat)
-        return {lay: self.stores[lay].gather(f.reshape(-1).cpu()).view(*f.shape, -1) for lay, f in flat.items()}
+        # In this thread: a store that reads asynchronously (direct reads) submits now, and the layer
+        # collects the rows when it runs, so the device works while the layers before it compute.
+        out = {}
+        for lay, f in flat.items():
+            store, rows_N = self.stores[lay], f.reshape(-1).cpu()
+            start = getattr(store, "gather_start", None)  # any object with gather() may serve rows
+            out[lay] = (_Shaped(start(rows_N), tuple(f.shape)) if start is not None
+                        else store.gather(rows_N).view(*f.shape, -1))
+        return out
 
     def _fetch_ids(self, idx_BT: torch.Tensor) -> dict:
         return self.fetch(self.model.engram_rows(idx_BT))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
-        """Like ``EngramLM.forward(idx_BT, targets_BT)``, with the rows served by the stores."""
-        return self.model(idx_BT, targets_BT, engram_emb=self._fetch_ids(idx_BT))
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
+                cache: DecodeState | None = None) -> ModelOutput:
+        """Like ``EngramLM.forward(idx_BT, targets_BT, cache=cache)``, with the rows served by the stores.
+
+        With ``cache`` (from ``self.model.new_decode_state``) the chunk continues the cached sequences,
+        e.g. one given token per sequence: a decode step on known text (teacher forcing).
+        """
+        if cache is None:
+            return self.model(idx_BT, targets_BT, engram_emb=self._fetch_ids(idx_BT))
+        emb = self.fetch(self.model.engram_rows(idx_BT, state=cache))
+        return self.model(idx_BT, targets_BT, cache=cache, engram_emb=emb)
 
     __call__ = forward
 
@@ -176,6 +194,20 @@ class OffloadedLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Shaped:
+    """A gather handle whose ``[N, d]`` rows are returned as ``[*shape, d]``."""
+
+    def __init__(self, handle, shape: tuple[int, ...]) -> None:
+        self._handle, self._shape = handle, shape
+
+    @property
+    def done(self) -> bool:
+        return bool(getattr(self._handle, "done", True))
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        return self._handle.result().view(*self._shape, -1)
 
 
 def format_tier_stats(tiers: dict[str, dict]) -> str:
