@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from engram.memory import native_io
-from engram.memory.store import DiskStore, write_store
+from engram.memory.disk_store import DiskStore
+from engram.memory.store import write_store
 
 from common import emit, machine_info
 

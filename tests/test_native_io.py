@@ -134,7 +134,7 @@ def test_started_gathers_equal_gather_and_overlap(tmp_path):
         reqs.append(torch.arange(100, 140))  # distinct ascending: read straight into the result
         handles = [store.gather_start(r) for r in reqs]  # all submitted before any is collected
         assert len(store._rings._idle) == 0  # each in-flight request holds its own ring
-        for r, h in zip(reversed(reqs), reversed(handles)):  # collected in another order
+        for r, h in zip(reversed(reqs), reversed(handles), strict=True):  # collected in another order
             assert torch.equal(bits(h.result()), bits(table[r]))
             assert h.result() is h.result() and h.done  # idempotent
         for r in reqs:

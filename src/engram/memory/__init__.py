@@ -1,10 +1,10 @@
 """Engram memory: hashed n-gram tables, their sparse-row optimizer, and tiered row stores."""
 
 from engram.memory.cache import POLICIES, CachedStore, access_profile, coverage_curve, simulate_hit_rate
+from engram.memory.disk_store import DiskStore
 from engram.memory.optim import SparseRowAdam, clip_grad_norm_
 from engram.memory.prefetch import Pending, Prefetcher
 from engram.memory.store import (
-    DiskStore,
     RamStore,
     RowStore,
     StoreFormatError,

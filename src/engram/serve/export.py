@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from engram.memory.disk_format import DTYPE_NAMES, fsync_dir
-from engram.memory.store import DiskStore, write_store
+from engram.memory.disk_store import DiskStore
+from engram.memory.store import write_store
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
 
 __all__ = ["MANIFEST", "check_manifest", "config_hash", "export_tables", "layer_file", "layer_meta", "open_store_dir",

@@ -6,7 +6,10 @@ Before every forward pass it computes all layers' row ids from the token ids alo
 (:meth:`EngramLM.engram_rows`), submits them to a :class:`Prefetcher` and passes the handles into the
 model, which resolves each layer's handle only when that layer runs. Generation does the same for the
 prompt (prefill) and then for every new token; evaluation submits batch i+1's rows before computing
-batch i. Stores return the exact bits of the table, so every output equals the all-in-RAM model's.
+batch i. A decode step's few dozen ids are not worth a thread hand-off: they are fetched in the calling
+thread with :meth:`RowStore.gather_start`, which copies cached rows at once and only submits the disk
+reads (direct I/O), so the device reads while the layers before the Engram layer compute. Stores return
+the exact bits of the table, so every output equals the all-in-RAM model's.
 
 :func:`open_memory` builds one from a model directory (and a store directory written by
 :func:`engram.serve.export.export_tables` for ``memory="disk"``).
