@@ -186,13 +186,7 @@ class CachedStore(RowStore):
                 np.take(self._raw_Cd, slot_U[inv_N], axis=0, out=out_raw, mode="clip")
                 self._record(n, U, h, 0, h * self.row_bytes)
                 return Ready(out_Nd)
-            hit_H, miss_M = np.flatnonzero(hit_U), np.flatnonzero(~hit_U)
-            pos_U = np.empty(U, dtype=np.intp)
-            pos_U[hit_H] = np.arange(h)
-            pos_U[miss_M] = np.arange(h, U)
-            buf_Ud = torch.empty((U, self.dim), dtype=self.dtype)
-            buf_raw = buf_Ud.view(self._raw_dtype).numpy()
-            np.take(self._raw_Cd, slot_U[hit_H], axis=0, out=buf_raw[:h], mode="clip")
+            hit_H, miss_M, pos_U, buf_Ud, buf_raw = self._stage_hits(slot_U, hit_U, h)
         rows_M = uniq_U[miss_M]  # checked, sorted and distinct already: a disk store skips doing it again
         start = getattr(self.backing, "_start_unique", None)
         misses = (start(rows_M, buf_Ud[h:], None) if start is not None
@@ -216,15 +210,7 @@ class CachedStore(RowStore):
             np.take(self._raw_Cd, slot_U[inv_N], axis=0, out=out_raw, mode="clip")
             self._touch(slot_U, None)
             return h
-        hit_H = np.flatnonzero(hit_U)
-        miss_M = np.flatnonzero(~hit_U)
-        # buf holds the hits first, then the misses, so the backing store writes straight into it.
-        pos_U = np.empty(U, dtype=np.intp)
-        pos_U[hit_H] = np.arange(h)
-        pos_U[miss_M] = np.arange(h, U)
-        buf_Ud = torch.empty((U, self.dim), dtype=self.dtype)
-        buf_raw = buf_Ud.view(self._raw_dtype).numpy()
-        np.take(self._raw_Cd, slot_U[hit_H], axis=0, out=buf_raw[:h], mode="clip")
+        hit_H, miss_M, pos_U, buf_Ud, buf_raw = self._stage_hits(slot_U, hit_U, h)
         rows_M = uniq_U[miss_M]
         self.backing.gather(torch.from_numpy(rows_M), out_Nd=buf_Ud[h:])
         np.take(buf_raw, pos_U[inv_N], axis=0, out=out_raw, mode="clip")
@@ -235,6 +221,20 @@ class CachedStore(RowStore):
             else:
                 self._admit(rows_M, tick_U[miss_M], buf_raw[h:], slot_U[hit_H])
         return h
+
+    def _stage_hits(self, slot_U: np.ndarray, hit_U: np.ndarray, h: int):
+        """A request's ``[U, d]`` buffer with its ``h`` cached rows copied in: hits first, then room for the
+        misses, so the backing store writes straight into ``buf_Ud[h:]``. Returns ``(hit_H, miss_M, pos_U,
+        buf_Ud, buf_raw)``; ``pos_U[u]`` is distinct row u's place in the buffer."""
+        U = slot_U.size
+        hit_H, miss_M = np.flatnonzero(hit_U), np.flatnonzero(~hit_U)
+        pos_U = np.empty(U, dtype=np.intp)
+        pos_U[hit_H] = np.arange(h)
+        pos_U[miss_M] = np.arange(h, U)
+        buf_Ud = torch.empty((U, self.dim), dtype=self.dtype)
+        buf_raw = buf_Ud.view(self._raw_dtype).numpy()
+        np.take(self._raw_Cd, slot_U[hit_H], axis=0, out=buf_raw[:h], mode="clip")
+        return hit_H, miss_M, pos_U, buf_Ud, buf_raw
 
     def _touch(self, slot_U: np.ndarray, hit_H: np.ndarray | None) -> np.ndarray | None:
         """Count an access to the request's cached rows (ticks in ascending row order); returns the ticks."""

@@ -189,6 +189,8 @@ class DiskStore(RowStore):
         return table
 
     def gather(self, rows_N, out_Nd: torch.Tensor | None = None) -> torch.Tensor:
+        if self.io == "direct":  # one read path: start the direct reads, then collect them
+            return self.gather_start(rows_N, out_Nd).result()
         rows_N, out_Nd = self._prepare(rows_N, out_Nd)
         table_Rd = self._table()
         n = rows_N.numel()
@@ -199,16 +201,13 @@ class DiskStore(RowStore):
         rows = rows_N.numpy()
         uniq_U, inv_N = np.unique(rows, return_inverse=True)  # sorted: reads walk the file forwards
         u = uniq_U.size
-        if self.io != "direct" and self.readahead:
+        if self.readahead:
             self._advise(uniq_U)
         # Already distinct and ascending: read straight into `out`; else into a per-call buffer, then expand.
         in_place = u == n and (n == 1 or bool((rows[1:] > rows[:-1]).all()))
         buf_Ud = out_raw if in_place else np.empty((u, self.dim), dtype=table_Rd.dtype)
-        if self.io == "direct":
-            self._read_direct(uniq_U, buf_Ud)
-        else:
-            # mode="clip": ids are already checked, and mode="raise" copies `out` through a temp buffer.
-            np.take(table_Rd, uniq_U, axis=0, out=buf_Ud, mode="clip")
+        # mode="clip": ids are already checked, and mode="raise" copies `out` through a temp buffer.
+        np.take(table_Rd, uniq_U, axis=0, out=buf_Ud, mode="clip")
         if not in_place:
             np.take(buf_Ud, inv_N.reshape(-1), axis=0, out=out_raw, mode="clip")
         self._record(n, u, u, 0, u * self.row_bytes)
@@ -248,22 +247,6 @@ class DiskStore(RowStore):
             rings.release(ring)
             raise
         return _DirectGather(self, ring, pending, buf_Ud, inv_N, out_raw, out_Nd, n)
-
-    def _read_direct(self, uniq_U: np.ndarray, buf_Ud: np.ndarray) -> None:
-        rings = self._rings
-        if rings is None or self._dfd < 0:
-            raise ValueError(f"{self.path}: store is closed")
-        ring = rings.acquire()
-        try:
-            reads, nbytes = native_io.read_rows(ring, self._dfd, uniq_U, self.row_bytes, self.header.data_offset,
-                                                self._block, buf_Ud)
-        except OSError as e:
-            raise OSError(e.errno, f"{self.path}: {e.strerror}") from e
-        finally:
-            rings.release(ring)
-        with self._stats_lock:
-            self._direct_counts[0] += reads
-            self._direct_counts[1] += nbytes
 
     def direct_counts(self) -> dict[str, int]:
         """Direct reads made so far: ``{"reads": ..., "bytes": ...}`` (device bytes: whole aligned blocks)."""
