@@ -18,6 +18,9 @@ Configurations, each measured on the same token batches:
     (`/proc/self/io`) and, for direct reads, the number of reads, to show the cache was cold.
     The static-hot cache is ranked by an access profile of `--profile-tokens` train-split tokens
     (never the evaluated text); it is loaded when the store opens, before the timed run.
+  * with `--layout`, each disk configuration also on a store written in co-access order (runs named
+    *_layout): the rows of each n-gram seen in the same profile tokens side by side, most frequent
+    first (engram.memory.layout), so a cold n-gram's head rows share one read.
 
 Timing is paired, because this kind of shared machine drifts by +-15% within a minute. Prefill:
 batches of 8 x 256 held-out tokens, each run through the all-in-RAM model and through the
@@ -205,10 +208,13 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256, help="backbone width (compute per token)")
     ap.add_argument("--layers", type=int, default=6, help="backbone depth (compute per token)")
     ap.add_argument("--only", nargs="+", help="run only these configurations (e.g. disk_static)")
+    ap.add_argument("--layout", action="store_true",
+                    help="also run every disk configuration on a second store whose rows are in co-access order "
+                         "(profiled on the same train tokens as the static cache; runs named *_layout)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from engram.data import prepare_data
-    from engram.serve.export import export_tables
+    from engram.serve.export import co_access_layouts, export_tables
     from engram.serve.offload import access_profiles, open_memory
 
     rows_per_head = 16_384 if args.quick else args.rows_per_head
@@ -221,7 +227,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = EngramLM(cfg, CompressedVocab.from_pretrained(data.tokenizer_spec)).eval()
     table_bytes = sum(p.numel() * p.element_size() for p in model.engram_parameters())
-    need = 2 * table_bytes + 2**30
+    need = (3 if args.layout else 2) * table_bytes + 2**30
     free = shutil.disk_usage(work).free
     if free < need:
         res["skipped"] = f"cannot run: {work} has {free / 2**30:.1f} GiB free, needs {need / 2**30:.1f} GiB"
@@ -248,13 +254,24 @@ def main() -> None:
     n_prof = max(1, min(args.profile_tokens, len(data.train) - 10_000) // (B * (T + 1)))
     profile = access_profiles(model, (x for x, _ in batches_of(data.train[10_000:], B, T, n_prof)))
     res["profile_tokens"] = n_prof * B * T
+    if args.layout:  # same train tokens as the static profile: rows of one n-gram side by side in the file
+        t0 = time.perf_counter()
+        layouts = co_access_layouts(model, (x for x, _ in batches_of(data.train[10_000:], B, T, n_prof)))
+        t1 = time.perf_counter()
+        export_tables(model, work / "store_layout", layouts=layouts)
+        res["layout"] = {"placed_rows": {str(k): v.num_placed for k, v in layouts.items()},
+                         "build_s": round(t1 - t0, 1), "write_s": round(time.perf_counter() - t1, 1)}
+        del layouts
 
     disk = [("disk_nocache", 0, "lru"), ("disk_lru", cache_bytes, "lru"), ("disk_lfu", cache_bytes, "lfu"),
             ("disk_static", cache_bytes, "static")]
-    configs = [("ram_store", "ram", 0, "lru", None)]
+    configs = [("ram_store", "ram", 0, "lru", None, None)]
     for name, cb, policy in disk:
         for io in (("direct", "mmap") if args.io == "both" else (args.io,)):
-            configs.append((name if io == "direct" or args.io == "mmap" else f"{name}_mmap", "disk", cb, policy, io))
+            run = name if io == "direct" or args.io == "mmap" else f"{name}_mmap"
+            configs.append((run, "disk", cb, policy, io, store_dir))
+            if args.layout:
+                configs.append((f"{run}_layout", "disk", cb, policy, io, work / "store_layout"))
     if args.only:
         unknown = set(args.only) - {c[0] for c in configs}
         if unknown:
@@ -271,8 +288,8 @@ def main() -> None:
     with torch.no_grad():
         for rnd in range(max(1, args.rounds)):
             runs = {}
-            for name, memory, cb, policy, io in configs:
-                lm = open_memory(model_dir, memory, store_dir=store_dir if memory == "disk" else None, cache_bytes=cb,
+            for name, memory, cb, policy, io, sdir in configs:
+                lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb,
                                  policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
                 with lm:
                     cold = lm.drop_page_cache() if memory == "disk" else None

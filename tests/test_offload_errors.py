@@ -188,6 +188,16 @@ def test_cli_export_generate_and_eval(cli_model, capsys, monkeypatch):
     assert "val loss" in text and "tokens/s" in text and "bytes read" in text and " KiB" in text
     assert main([*ev, "--memory", "disk", "--store", str(cli_model / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    laid = str(cli_model / "laid")  # co-access layout profiled on the corpus: same answers
+    assert main(["export-memory", "--model", model, "--out", laid, "--layout-tokens", "2000",
+                 "--data", str(cli_model / "corpus")]) == 0
+    assert "co-access layout:" in capsys.readouterr().out
+    assert main([*ev, "--json", "--memory", "disk", "--store", laid, "--cold"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] == ram["val_loss"]
+    assert main([*gen, "--memory", "disk", "--store", laid]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(["export-memory", "--model", model, "--out", laid, "--layout-tokens", "-1"]) == 2
+    assert "--layout-tokens" in capsys.readouterr().err
 
 
 def test_small_requests_are_gathered_in_the_caller_and_stay_exact():

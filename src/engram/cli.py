@@ -178,14 +178,28 @@ def _generate(args) -> int:
 
 
 def _export_memory(args) -> int:
+    from engram.memory.disk_format import read_header
     from engram.serve import export_tables, read_manifest
 
-    out = export_tables(args.model, args.out)
+    layouts = None
+    if args.layout_tokens < 0:
+        raise ValueError(f"--layout-tokens must be >= 0, got {args.layout_tokens}")
+    if args.layout_tokens:
+        from engram.model import EngramLM
+        from engram.serve.export import co_access_layouts
+
+        model = EngramLM.from_pretrained(args.model, tables=False)
+        seq_len = min(model.cfg.max_seq_len, 256)
+        args.profile_tokens = args.layout_tokens
+        layouts = co_access_layouts(model, _train_windows(args, seq_len))
+    out = export_tables(args.model, args.out, layouts=layouts)
     m = read_manifest(out)
     for lay, spec in sorted(m["layers"].items(), key=lambda kv: int(kv[0])):
         size = (out / spec["file"]).stat().st_size
+        placed = (read_header(out / spec["file"]).meta.get("layout") or {}).get("placed")
+        order = f"  co-access layout: {placed:,} rows placed" if placed is not None else ""
         print(f"layer {lay}: {out / spec['file']}  {spec['num_rows']:,} rows x {m['dim']} {m['dtype']}  "
-              f"{size / 2**20:,.1f} MiB")
+              f"{size / 2**20:,.1f} MiB{order}")
     print(f"manifest: {out / 'manifest.json'}")
     return 0
 
@@ -298,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export-memory", help="write a model's Engram tables to a store directory (for --memory disk)")
     s.add_argument("--model", required=True, help="a model directory (save_pretrained)")
     s.add_argument("--out", required=True, help="store directory to write (one file per layer + manifest.json)")
+    s.add_argument("--layout-tokens", type=int, default=0,
+                   help="train-split tokens profiled to store rows in co-access order (fewer disk reads per "
+                        "cold n-gram; 0: rows in id order)")
+    s.add_argument("--data", nargs="+", help="corpus files/folders for the layout profile (default: the Python stdlib)")
+    s.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")
     s.set_defaults(func=_export_memory)
 
     s = sub.add_parser("eval", help="validation loss and throughput with the tables in RAM or on disk")

@@ -48,6 +48,7 @@ from engram.memory.disk_format import (
     verify_chunks,
 )
 from engram.memory.hugepages import libc
+from engram.memory.layout import RowLayout, read_layout_file
 from engram.memory.readahead import SeenPages, advise_willneed, page_runs
 from engram.memory.store import Ready, RowStore, check_rows
 
@@ -137,6 +138,7 @@ class DiskStore(RowStore):
         self._close_lock = threading.Lock()
         self.readahead = bool(readahead)
         self._seen: SeenPages | None = None
+        self.layout: RowLayout | None = None  # where each row sits in the file (None: row r at position r)
         self._advised = [0, 0]  # page runs, pages: requests handed to the kernel by the read-ahead
         # The header is read through the descriptor that is mapped, so a concurrent os.replace of the
         # path cannot pair one file's header with another file's data.
@@ -145,6 +147,8 @@ class DiskStore(RowStore):
             self.header: StoreHeader = read_header(self.path, self._fd)
             check_expected(self.header, expect)
             h = self.header
+            if h.meta.get("layout") is not None:
+                self.layout = read_layout_file(self.path, h.meta["layout"], h.num_rows)
             self._mmap = mmap.mmap(self._fd, h.file_bytes, access=mmap.ACCESS_READ)
             if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 self._mmap.madvise(mmap.MADV_RANDOM)
@@ -198,7 +202,7 @@ class DiskStore(RowStore):
             self._record(0, 0, 0, 0, 0)
             return out_Nd
         out_raw = out_Nd.detach().view(RAW_TORCH[self.dtype]).numpy()
-        rows = rows_N.numpy()
+        rows = self._positions(rows_N.numpy())
         uniq_U, inv_N = np.unique(rows, return_inverse=True)  # sorted: reads walk the file forwards
         u = uniq_U.size
         if self.readahead:
@@ -217,10 +221,14 @@ class DiskStore(RowStore):
         if self.io != "direct":
             return Ready(self.gather(rows_N, out_Nd))
         rows_N, out_Nd = self._prepare(rows_N, out_Nd)
-        rows = rows_N.numpy()
+        rows = self._positions(rows_N.numpy())
         uniq_U, inv_N = np.unique(rows, return_inverse=True)
         in_place = uniq_U.size == rows.size and (rows.size <= 1 or bool((rows[1:] > rows[:-1]).all()))
-        return self._start_unique(uniq_U, out_Nd, None if in_place else inv_N.reshape(-1))
+        return self._start_positions(uniq_U, out_Nd, None if in_place else inv_N.reshape(-1))
+
+    def _positions(self, rows: np.ndarray) -> np.ndarray:
+        """File positions of checked logical row ids (themselves without a layout)."""
+        return rows if self.layout is None else self.layout.physical(rows)
 
     def _start_unique(self, uniq_U: np.ndarray, out_Nd: torch.Tensor, inv_N: np.ndarray | None):
         """gather_start for checked, sorted, distinct int64 ids ``uniq_U`` (a cache's misses): the rows go to
@@ -229,6 +237,17 @@ class DiskStore(RowStore):
             if inv_N is not None:
                 uniq_U = uniq_U[inv_N]
             return Ready(self.gather(torch.from_numpy(uniq_U), out_Nd))
+        if self.layout is not None:  # read in file order; rank_U[j] = where logical uniq_U[j] lands
+            pos_U = self.layout.physical(uniq_U)
+            order_U = np.argsort(pos_U)
+            rank_U = np.empty_like(order_U)
+            rank_U[order_U] = np.arange(order_U.size)
+            uniq_U = pos_U[order_U]
+            inv_N = rank_U if inv_N is None else rank_U[inv_N]
+        return self._start_positions(uniq_U, out_Nd, inv_N)
+
+    def _start_positions(self, uniq_U: np.ndarray, out_Nd: torch.Tensor, inv_N: np.ndarray | None):
+        """Start direct reads of sorted distinct file positions ``uniq_U``; see :meth:`_start_unique`."""
         self._table()  # raises if closed
         n = uniq_U.size if inv_N is None else inv_N.size
         out_raw = out_Nd.detach().view(RAW_TORCH[self.dtype]).numpy()
@@ -272,7 +291,7 @@ class DiskStore(RowStore):
 
     def chunks_of(self, rows_N) -> np.ndarray:
         """Sorted distinct chunk ids holding the given row ids (for :meth:`verify_chunks`)."""
-        return np.unique(check_rows(rows_N, self.num_rows).numpy() // self.chunk_rows)
+        return np.unique(self._positions(check_rows(rows_N, self.num_rows).numpy()) // self.chunk_rows)
 
     def verify_chunks(self, chunk_ids=None) -> int:
         """Recompute the crc32 of the given chunks (all if None); raise StoreFormatError on a mismatch.

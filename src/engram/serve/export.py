@@ -13,6 +13,10 @@ of another model, of another tokenizer or a mix of files from two exports gives 
 wrong rows. Exporting removes an old manifest first and writes the new one only after every layer file is
 durable (each is written crash-safely by :func:`write_store`), so an interrupted export never leaves a
 directory that opens as valid.
+
+With ``layouts`` (see :func:`co_access_layouts` and :mod:`engram.memory.layout`), a layer file stores its
+rows in co-access order and names a sidecar ``layer_<i>.engram.layout-<id>.npy`` holding that order:
+the rows one n-gram looks up sit side by side, so a cold n-gram costs one disk read instead of K.
 """
 
 # Shapes: R rows of one layer's table, d row width, n rows of one streamed piece.
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +35,12 @@ import torch
 
 from engram.memory.disk_format import DTYPE_NAMES, fsync_dir
 from engram.memory.disk_store import DiskStore
+from engram.memory.layout import RowLayout, co_access_order, remove_stale_layouts, write_store_with_layout
 from engram.memory.store import write_store
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
 
-__all__ = ["MANIFEST", "check_manifest", "config_hash", "export_tables", "layer_file", "layer_meta", "open_store_dir",
-           "read_manifest", "verify_against_weights", "vocab_hash", "write_manifest"]
+__all__ = ["MANIFEST", "check_manifest", "co_access_layouts", "config_hash", "export_tables", "layer_file",
+           "layer_meta", "open_store_dir", "read_manifest", "verify_against_weights", "vocab_hash", "write_manifest"]
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "engram-memory", 1
@@ -100,13 +106,47 @@ def write_manifest(out_dir: str | os.PathLike, model: EngramLM, export_id: str) 
     return out / MANIFEST
 
 
+def co_access_layouts(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> dict[int, RowLayout]:
+    """Per-layer co-access layouts ``{layer: RowLayout}`` from token-id batches (a profile corpus).
+
+    Each position's K head rows of each n-gram order form a group; the groups seen, most frequent first,
+    decide the file order (:func:`engram.memory.layout.co_access_order`). Profile on data other than what
+    is then evaluated (e.g. the train split). The rows read back are the same whatever the layout.
+    """
+    engrams = _engrams(model)
+    groups: dict[int, list[np.ndarray]] = {lay: [] for lay in engrams}
+    for x in id_batches:
+        rows = model.engram_rows(x)
+        for lay, eng in engrams.items():
+            flat = eng.flat_rows(rows[lay]).reshape(-1, eng.max_ngram_size - 1, eng.n_head_per_ngram).numpy()
+            groups[lay].extend(flat[:, o] for o in range(flat.shape[1]))
+    return {lay: RowLayout(co_access_order(groups.pop(lay), eng.num_rows), eng.num_rows)
+            for lay, eng in engrams.items()}
+
+
+def _check_layouts(layouts: dict | None, engrams: dict) -> dict[int, RowLayout]:
+    out = {}
+    for lay, lo in (layouts or {}).items():
+        if int(lay) not in engrams:
+            raise ValueError(f"layout given for layer {lay}, which has no Engram table (layers {sorted(engrams)})")
+        eng = engrams[int(lay)]
+        lo = lo if isinstance(lo, RowLayout) else RowLayout(lo, eng.num_rows)
+        if lo.num_rows != eng.num_rows:
+            raise ValueError(f"layer {lay}: layout is for {lo.num_rows} rows, the table has {eng.num_rows}")
+        out[int(lay)] = lo
+    return out
+
+
 def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLike, *,
-                  chunk_rows: int | None = None) -> Path:
+                  chunk_rows: int | None = None, layouts: dict[int, RowLayout | np.ndarray] | None = None) -> Path:
     """Write every Engram table of ``model`` to the store directory ``out_dir``; returns ``out_dir``.
 
     ``model`` is an :class:`EngramLM` with its tables, or a model directory (``save_pretrained``), whose
     tables are streamed from the weights file in pieces, so a table larger than RAM is never loaded.
     ``chunk_rows`` sets the rows per checksummed chunk of the store files (default: ~4 MiB).
+    ``layouts``: ``{layer: RowLayout}`` (or placed row ids) to store those layers' rows in that order, e.g.
+    from :func:`co_access_layouts`; from a model directory the layer is first written in id order, then
+    rewritten from that file in layout order (twice the writing, never the table in RAM).
     """
     out = Path(out_dir)
     if isinstance(model, EngramLM):
@@ -117,6 +157,7 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
     else:
         src_model, weights = EngramLM.from_pretrained(model, tables=False), Path(model) / WEIGHTS_FILE
     engrams = _engrams(src_model)
+    layouts = _check_layouts(layouts, engrams)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():  # from here on the directory is not a valid store until the end
         (out / MANIFEST).unlink()
@@ -124,8 +165,14 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
     export_id = uuid.uuid4().hex
     if weights is None:
         for lay, eng in sorted(engrams.items()):
-            write_store(out / layer_file(lay), eng.table.weight.detach().cpu(), chunk_rows=chunk_rows,
-                        meta=layer_meta(src_model, lay, export_id))
+            table = eng.table.weight.detach().cpu()
+            if lay in layouts:
+                write_store_with_layout(out / layer_file(lay), lambda ids, t=table: t[torch.from_numpy(ids)],
+                                        layouts[lay], dim=eng.head_dim, dtype=eng.table_dtype, chunk_rows=chunk_rows,
+                                        meta=layer_meta(src_model, lay, export_id))
+            else:
+                write_store(out / layer_file(lay), table, chunk_rows=chunk_rows,
+                            meta=layer_meta(src_model, lay, export_id))
     else:
         from safetensors import safe_open
 
@@ -142,6 +189,14 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
                 pieces = (sl[a:min(a + step, R)] for a in range(0, R, step))
                 write_store(out / layer_file(lay), pieces, num_rows=R, dim=d, dtype=eng.table_dtype,
                             chunk_rows=chunk_rows, meta=layer_meta(src_model, lay, export_id))
+                if lay in layouts:  # rewrite from the id-ordered file: the layout needs random access
+                    with DiskStore(out / layer_file(lay), io="mmap") as src:
+                        write_store_with_layout(out / layer_file(lay), lambda i, s=src: s.gather(torch.from_numpy(i)),
+                                                layouts[lay], dim=d, dtype=eng.table_dtype, chunk_rows=chunk_rows,
+                                                meta=layer_meta(src_model, lay, export_id))
+                        src.drop_page_cache()
+    for lay in engrams:
+        remove_stale_layouts(out / layer_file(lay))
     write_manifest(out, src_model, export_id)
     return out
 
