@@ -260,6 +260,7 @@ def main() -> None:
         t1 = time.perf_counter()
         export_tables(model, work / "store_layout", layouts=layouts)
         res["layout"] = {"placed_rows": {str(k): v.num_placed for k, v in layouts.items()},
+                         "ram_mib": round(sum(v.nbytes for v in layouts.values()) / 2**20, 1),
                          "build_s": round(t1 - t0, 1), "write_s": round(time.perf_counter() - t1, 1)}
         del layouts
 

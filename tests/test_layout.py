@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import native_io
+from engram.memory import layout, native_io
 from engram.memory.cache import CachedStore
 from engram.memory.disk_format import read_header, write_store
 from engram.memory.disk_store import DiskStore, StoreFormatError
@@ -50,7 +50,7 @@ def test_bad_layouts_are_rejected():
         RowLayout(np.arange(4), 3)
 
 
-def test_co_access_order_puts_frequent_groups_first_and_each_row_once():
+def test_co_access_order_puts_frequent_groups_first_and_each_row_once(monkeypatch):
     a = np.array([[1, 2], [5, 6], [5, 6], [7, 2]])
     b = np.array([[5, 6], [7, 2], [9, 9]])
     placed = co_access_order([a, b], 10)
@@ -61,6 +61,8 @@ def test_co_access_order_puts_frequent_groups_first_and_each_row_once():
     assert np.array_equal(co_access_order([b, a], 10), placed)  # counts, not arrival order
     assert co_access_order([a], 10, max_groups=1).tolist() == [5, 6]
     assert co_access_order([], 10).size == 0
+    monkeypatch.setattr(layout, "_MERGE_EVERY", 1)  # counts folded after every piece: same order
+    assert np.array_equal(co_access_order([a, b], 10), placed)
     with pytest.raises(ValueError, match="same width"):
         co_access_order([a, np.zeros((1, 3), np.int64)], 10)
     with pytest.raises(ValueError, match=r"\[0, 10\)"):

@@ -17,6 +17,10 @@ Disk reads, and how the page cache is made cold for measurements:
   are queued together instead of one page fault at a time, ~3-4x faster from a cold cache. The copy
   still reads the mapping, so the advice changes speed, never bytes. ``readahead=False`` turns it off.
 * Either way the bytes are the file's bytes: every mode returns the same rows bit for bit.
+* A store written with a co-access layout (:mod:`engram.memory.layout`; its header names the sidecar)
+  holds row ``r`` at file position ``layout.physical(r)``: ids are mapped to positions before they are
+  de-duplicated and sorted, so the reads walk the file forwards and the rows an n-gram uses together
+  share a read. Opening checks the sidecar (present, checksum, a permutation of the right size).
 * :meth:`DiskStore.drop_page_cache` first drops this process's mappings of the file's pages
   (``madvise(MADV_DONTNEED)``; the kernel never evicts pages that are still mapped) and then calls
   ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``, which evicts the file's clean pages from the page

@@ -59,28 +59,44 @@ class RowLayout:
                              f"[{sorted_P[0]}, {sorted_P[-1]}]")
         if sorted_P.size > 1 and not (sorted_P[1:] > sorted_P[:-1]).all():
             raise ValueError("layout row ids must be distinct")
-        self.placed_P = placed
-        self._sorted_P = sorted_P
-        self._slot_P = order  # file position of _sorted_P[i]
+        # Kept only sorted + where each sits, in 32 bits when the table allows: a store holds this in RAM
+        # for as long as it is open (8 bytes per placed row instead of 24).
+        self._idx = np.dtype(np.int32) if self.num_rows < 2**31 else np.dtype(np.int64)
+        self._sorted_P = sorted_P.astype(self._idx)
+        self._slot_P = order.astype(self._idx)  # file position of _sorted_P[i]
 
     @property
     def num_placed(self) -> int:
-        return int(self.placed_P.size)
+        return int(self._sorted_P.size)
+
+    @property
+    def nbytes(self) -> int:
+        """RAM this layout holds."""
+        return self._sorted_P.nbytes + self._slot_P.nbytes
+
+    @property
+    def placed_P(self) -> np.ndarray:
+        """The placed row ids in file order (int64; rebuilt on each call)."""
+        out = np.empty(self.num_placed, dtype=np.int64)
+        out[self._slot_P] = self._sorted_P
+        return out
 
     def physical(self, rows_N: np.ndarray) -> np.ndarray:
-        """File positions of logical rows (any shape, int64, already range-checked)."""
+        """File positions (int64) of logical rows (any shape, int64, already range-checked)."""
         s = self._sorted_P
         if s.size == 0:
             return rows_N
-        i = np.searchsorted(s, rows_N)
-        hit = s[np.minimum(i, s.size - 1)] == rows_N
+        # query in the table's index dtype: searchsorted would otherwise convert all of `s` on every call
+        i = np.searchsorted(s, rows_N.astype(s.dtype, copy=False))
+        j = np.minimum(i, s.size - 1)
+        hit = s[j] == rows_N
         # an unplaced row x comes after all placed rows, behind the i placed rows with smaller ids
-        return np.where(hit, self._slot_P[np.minimum(i, s.size - 1)], s.size + rows_N - i)
+        return np.where(hit, self._slot_P[j], s.size + rows_N - i).astype(np.int64, copy=False)
 
     def logical(self, pos_N: np.ndarray) -> np.ndarray:
         """Logical rows at file positions ``pos_N`` (the inverse of :meth:`physical`)."""
         pos = np.asarray(pos_N, dtype=np.int64)
-        P, s = self.num_placed, self._sorted_P
+        P, s = self.num_placed, self._sorted_P.astype(np.int64)
         out = np.empty_like(pos)
         head = pos < P
         out[head] = self.placed_P[pos[head]]
@@ -92,13 +108,15 @@ class RowLayout:
 
     def file_order(self, piece_rows: int = 1 << 16) -> Iterator[np.ndarray]:
         """Logical row ids in file order, in pieces of at most ``piece_rows`` (to write a store)."""
+        placed = self.placed_P
         for a in range(0, self.num_placed, piece_rows):
-            yield self.placed_P[a:a + piece_rows]
+            yield placed[a:a + piece_rows]
+        del placed
         s = self._sorted_P
         for a in range(0, self.num_rows, piece_rows):
             b = min(a + piece_rows, self.num_rows)
             ids = np.arange(a, b, dtype=np.int64)
-            lo, hi = np.searchsorted(s, [a, b])
+            lo, hi = np.searchsorted(s, np.array([a, b], dtype=s.dtype))  # s's dtype: no copy of s
             if hi > lo:
                 keep = np.ones(b - a, dtype=bool)
                 keep[s[lo:hi] - a] = False
@@ -108,7 +126,7 @@ class RowLayout:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, RowLayout) and other.num_rows == self.num_rows
-                and np.array_equal(other.placed_P, self.placed_P))
+                and np.array_equal(other._sorted_P, self._sorted_P) and np.array_equal(other._slot_P, self._slot_P))
 
     def __repr__(self) -> str:
         return f"RowLayout(num_rows={self.num_rows}, placed={self.num_placed})"
@@ -122,7 +140,7 @@ def co_access_order(groups: Iterable[np.ndarray], num_rows: int, max_groups: int
     bytes, so the result depends only on the multiset of groups. ``max_groups`` keeps only the most
     frequent groups.
     """
-    keys, counts, width = [], [], None
+    keys, counts, width, pending = [], [], None, 0
     for g in groups:
         g = np.ascontiguousarray(g, dtype=np.int64)
         if g.ndim != 2:
@@ -136,14 +154,26 @@ def co_access_order(groups: Iterable[np.ndarray], num_rows: int, max_groups: int
         u, c = np.unique(g.view(np.dtype((np.void, 8 * width))).ravel(), return_counts=True)
         keys.append(u)
         counts.append(c)
+        pending += u.size
+        if pending > _MERGE_EVERY:  # fold the counts so far: memory stays ~ distinct groups, not occurrences
+            keys, counts = _merge(keys, counts)
+            pending = 0
     if not keys:
         return np.zeros(0, dtype=np.int64)
-    u, inv = np.unique(np.concatenate(keys), return_inverse=True)
-    c = np.bincount(inv.reshape(-1), weights=np.concatenate(counts)).astype(np.int64)
+    (u,), (c,) = _merge(keys, counts)
     order = np.argsort(-c, kind="stable")[:max_groups]
     flat = np.frombuffer(u[order].tobytes(), dtype=np.int64)
     _, first = np.unique(flat, return_index=True)
     return flat[np.sort(first)]
+
+
+_MERGE_EVERY = 1 << 22
+
+
+def _merge(keys: list[np.ndarray], counts: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    u, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    c = np.bincount(inv.reshape(-1), weights=np.concatenate(counts), minlength=u.size).astype(np.int64)
+    return [u], [c]
 
 
 def layout_file_name(store_name: str) -> str:
