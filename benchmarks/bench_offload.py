@@ -208,6 +208,10 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256, help="backbone width (compute per token)")
     ap.add_argument("--layers", type=int, default=6, help="backbone depth (compute per token)")
     ap.add_argument("--only", nargs="+", help="run only these configurations (e.g. disk_static)")
+    ap.add_argument("--caller-fetch", action="store_true",
+                    help="also run every disk configuration with all fetches started in the calling thread "
+                         "(OffloadedLM sync_rows=inf: direct reads submitted there, collected by the Engram layer; "
+                         "runs named *_caller)")
     ap.add_argument("--layout", action="store_true",
                     help="also run every disk configuration on a second store whose rows are in co-access order "
                          "(profiled on the same train tokens as the static cache; runs named *_layout)")
@@ -266,13 +270,14 @@ def main() -> None:
 
     disk = [("disk_nocache", 0, "lru"), ("disk_lru", cache_bytes, "lru"), ("disk_lfu", cache_bytes, "lfu"),
             ("disk_static", cache_bytes, "static")]
-    configs = [("ram_store", "ram", 0, "lru", None, None)]
+    configs = [("ram_store", "ram", 0, "lru", None, None, 1024)]
     for name, cb, policy in disk:
         for io in (("direct", "mmap") if args.io == "both" else (args.io,)):
             run = name if io == "direct" or args.io == "mmap" else f"{name}_mmap"
-            configs.append((run, "disk", cb, policy, io, store_dir))
-            if args.layout:
-                configs.append((f"{run}_layout", "disk", cb, policy, io, work / "store_layout"))
+            for suffix, sdir in (("", store_dir), ("_layout", work / "store_layout"))[:1 + args.layout]:
+                configs.append((run + suffix, "disk", cb, policy, io, sdir, 1024))
+                if args.caller_fetch:
+                    configs.append((run + suffix + "_caller", "disk", cb, policy, io, sdir, 1 << 62))
     if args.only:
         unknown = set(args.only) - {c[0] for c in configs}
         if unknown:
@@ -289,8 +294,8 @@ def main() -> None:
     with torch.no_grad():
         for rnd in range(max(1, args.rounds)):
             runs = {}
-            for name, memory, cb, policy, io, sdir in configs:
-                lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb,
+            for name, memory, cb, policy, io, sdir, sync_rows in configs:
+                lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb, sync_rows=sync_rows,
                                  policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
                 with lm:
                     cold = lm.drop_page_cache() if memory == "disk" else None
