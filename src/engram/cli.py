@@ -138,12 +138,12 @@ def _print_memory_stats(lm, file) -> None:
     print(format_tier_stats(tiers), file=file)
 
 
-def _train_windows(args, seq_len: int):
-    """Token-id windows of the data's train split (for the static cache's access profile)."""
+def _train_windows(args, seq_len: int, tokens: int | None = None):
+    """Token-id windows of the data's train split, for an access profile (``tokens``: --profile-tokens)."""
     from engram.data import BatchSampler, prepare_data
 
     data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
-    n = max(1, args.profile_tokens // (8 * seq_len))
+    n = max(1, (args.profile_tokens if tokens is None else tokens) // (8 * seq_len))
     sampler = BatchSampler(data.train, 8, seq_len, seed=0)
     return [sampler.batch_at(i)[0] for i in range(n)]
 
@@ -190,8 +190,7 @@ def _export_memory(args) -> int:
 
         model = EngramLM.from_pretrained(args.model, tables=False)
         seq_len = min(model.cfg.max_seq_len, 256)
-        args.profile_tokens = args.layout_tokens
-        layouts = co_access_layouts(model, _train_windows(args, seq_len))
+        layouts = co_access_layouts(model, _train_windows(args, seq_len, args.layout_tokens))
     out = export_tables(args.model, args.out, layouts=layouts)
     m = read_manifest(out)
     for lay, spec in sorted(m["layers"].items(), key=lambda kv: int(kv[0])):

@@ -35,8 +35,8 @@ import torch
 
 from engram.memory.disk_format import StoreFormatError, fsync_dir, read_header, write_store
 
-__all__ = ["RowLayout", "co_access_order", "read_layout_file", "remove_stale_layouts", "write_layout_file",
-           "write_store_with_layout"]
+__all__ = ["CoAccessCounter", "RowLayout", "co_access_order", "read_layout_file", "remove_stale_layouts",
+           "write_layout_file", "write_store_with_layout"]
 
 
 class RowLayout:
@@ -132,6 +132,54 @@ class RowLayout:
         return f"RowLayout(num_rows={self.num_rows}, placed={self.num_placed})"
 
 
+class CoAccessCounter:
+    """Counts row groups (``[G, K]`` arrays: one n-gram occurrence's K head rows per row) as they stream in.
+
+    Memory stays proportional to the distinct groups seen, not to the occurrences: the counts are folded
+    every ~4M new entries. :meth:`order` gives the placed row order (see :func:`co_access_order`).
+    """
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = int(num_rows)
+        self._keys: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+        self._width: int | None = None
+        self._pending = 0
+
+    def add(self, groups_GK) -> None:
+        g = np.ascontiguousarray(groups_GK, dtype=np.int64)
+        if g.ndim != 2:
+            raise ValueError(f"groups must be [G, K] arrays, got shape {list(g.shape)}")
+        if self._width is None:
+            self._width = g.shape[1]
+        elif g.shape[1] != self._width:
+            raise ValueError(f"all groups must have the same width, got {self._width} and {g.shape[1]}")
+        if g.size and (g.min() < 0 or g.max() >= self.num_rows):
+            raise ValueError(f"group row ids must lie in [0, {self.num_rows})")
+        u, c = np.unique(g.view(np.dtype((np.void, 8 * self._width))).ravel(), return_counts=True)
+        self._keys.append(u)
+        self._counts.append(c)
+        self._pending += u.size
+        if self._pending > _MERGE_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        u, inv = np.unique(np.concatenate(self._keys), return_inverse=True)
+        c = np.bincount(inv.reshape(-1), weights=np.concatenate(self._counts), minlength=u.size).astype(np.int64)
+        self._keys, self._counts, self._pending = [u], [c], 0
+
+    def order(self, max_groups: int | None = None) -> np.ndarray:
+        """Placed row ids: distinct groups by descending count, each row where it first appears."""
+        if not self._keys:
+            return np.zeros(0, dtype=np.int64)
+        self._fold()
+        (u,), (c,) = self._keys, self._counts
+        order = np.argsort(-c, kind="stable")[:max_groups]
+        flat = np.frombuffer(u[order].tobytes(), dtype=np.int64)
+        _, first = np.unique(flat, return_index=True)
+        return flat[np.sort(first)]
+
+
 def co_access_order(groups: Iterable[np.ndarray], num_rows: int, max_groups: int | None = None) -> np.ndarray:
     """Placed row order from row groups: distinct groups by descending count, each row where it first appears.
 
@@ -140,40 +188,13 @@ def co_access_order(groups: Iterable[np.ndarray], num_rows: int, max_groups: int
     bytes, so the result depends only on the multiset of groups. ``max_groups`` keeps only the most
     frequent groups.
     """
-    keys, counts, width, pending = [], [], None, 0
+    counter = CoAccessCounter(num_rows)
     for g in groups:
-        g = np.ascontiguousarray(g, dtype=np.int64)
-        if g.ndim != 2:
-            raise ValueError(f"groups must be [G, K] arrays, got shape {list(g.shape)}")
-        if width is None:
-            width = g.shape[1]
-        elif g.shape[1] != width:
-            raise ValueError(f"all groups must have the same width, got {width} and {g.shape[1]}")
-        if g.size and (g.min() < 0 or g.max() >= num_rows):
-            raise ValueError(f"group row ids must lie in [0, {num_rows})")
-        u, c = np.unique(g.view(np.dtype((np.void, 8 * width))).ravel(), return_counts=True)
-        keys.append(u)
-        counts.append(c)
-        pending += u.size
-        if pending > _MERGE_EVERY:  # fold the counts so far: memory stays ~ distinct groups, not occurrences
-            keys, counts = _merge(keys, counts)
-            pending = 0
-    if not keys:
-        return np.zeros(0, dtype=np.int64)
-    (u,), (c,) = _merge(keys, counts)
-    order = np.argsort(-c, kind="stable")[:max_groups]
-    flat = np.frombuffer(u[order].tobytes(), dtype=np.int64)
-    _, first = np.unique(flat, return_index=True)
-    return flat[np.sort(first)]
+        counter.add(g)
+    return counter.order(max_groups)
 
 
-_MERGE_EVERY = 1 << 22
-
-
-def _merge(keys: list[np.ndarray], counts: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    u, inv = np.unique(np.concatenate(keys), return_inverse=True)
-    c = np.bincount(inv.reshape(-1), weights=np.concatenate(counts), minlength=u.size).astype(np.int64)
-    return [u], [c]
+_MERGE_EVERY = 1 << 22  # new distinct-per-piece entries between folds of the counts
 
 
 def layout_file_name(store_name: str) -> str:

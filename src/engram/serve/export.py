@@ -35,7 +35,7 @@ import torch
 
 from engram.memory.disk_format import DTYPE_NAMES, fsync_dir
 from engram.memory.disk_store import DiskStore
-from engram.memory.layout import RowLayout, co_access_order, remove_stale_layouts, write_store_with_layout
+from engram.memory.layout import CoAccessCounter, RowLayout, remove_stale_layouts, write_store_with_layout
 from engram.memory.store import write_store
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
 
@@ -114,14 +114,14 @@ def co_access_layouts(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> di
     is then evaluated (e.g. the train split). The rows read back are the same whatever the layout.
     """
     engrams = _engrams(model)
-    groups: dict[int, list[np.ndarray]] = {lay: [] for lay in engrams}
-    for x in id_batches:
+    counters = {lay: CoAccessCounter(eng.num_rows) for lay, eng in engrams.items()}
+    for x in id_batches:  # streamed: memory grows with the distinct n-grams, not with the corpus
         rows = model.engram_rows(x)
         for lay, eng in engrams.items():
             flat = eng.flat_rows(rows[lay]).reshape(-1, eng.max_ngram_size - 1, eng.n_head_per_ngram).numpy()
-            groups[lay].extend(flat[:, o] for o in range(flat.shape[1]))
-    return {lay: RowLayout(co_access_order(groups.pop(lay), eng.num_rows), eng.num_rows)
-            for lay, eng in engrams.items()}
+            for o in range(flat.shape[1]):
+                counters[lay].add(flat[:, o])
+    return {lay: RowLayout(counters[lay].order(), eng.num_rows) for lay, eng in engrams.items()}
 
 
 def _check_layouts(layouts: dict | None, engrams: dict) -> dict[int, RowLayout]:
