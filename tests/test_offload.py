@@ -15,7 +15,7 @@ from engram.config import EngramConfig
 from engram.memory.store import DiskStore, RamStore, StoreFormatError
 from engram.model import EngramLM
 from engram.serve import access_profiles, export_tables, open_memory, open_store_dir, read_manifest
-from engram.serve.export import MANIFEST, layer_file, verify_against_weights
+from engram.serve.export import MANIFEST, co_access_layouts, layer_file, verify_against_weights
 from tiny_models import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -253,13 +253,17 @@ _BUILT: dict = {}
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 20),
        frac=st.just(0.0) | st.floats(0.02, 0.5),
-       policy=st.sampled_from(["lru", "lfu"]))
-def test_random_sequences_through_a_disk_cache_are_bit_identical(tmp_path_factory, seed, B, T, frac, policy):
+       policy=st.sampled_from(["lru", "lfu"]), layout=st.booleans())
+def test_random_sequences_through_a_disk_cache_are_bit_identical(tmp_path_factory, seed, B, T, frac, policy, layout):
     pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
     if "prop" not in _BUILT:  # built once: hypothesis calls this test many times
-        _BUILT["prop"] = Saved(tmp_path_factory.mktemp("prop"), "bfloat16")
+        root = tmp_path_factory.mktemp("prop")
+        s = _BUILT["prop"] = Saved(root, "bfloat16")
+        # the same tables with rows in co-access order (profiled on other ids than the test's)
+        s.laid_dir = export_tables(s.model, root / "laid", layouts=co_access_layouts(s.model, s.profile_batches))
     s = _BUILT["prop"]
-    with open_memory(s.model_dir, "disk", s.store_dir, cache_bytes=int(frac * table_bytes(s.model)),
+    with open_memory(s.model_dir, "disk", s.laid_dir if layout else s.store_dir,
+                     cache_bytes=int(frac * table_bytes(s.model)),
                      policy=policy) as lm:
         for k in range(3):  # several passes: the cache state carries over
             x = ids(B, T, seed=seed + k)
