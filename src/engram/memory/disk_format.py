@@ -296,6 +296,23 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
+    """Write a small file durably: ``write(f)`` into ``<path>.tmp-<pid>``, fsync, rename over ``path``,
+    fsync the directory. A crash leaves the old file or the new one; the temp file is removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
 def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Tensor | np.ndarray], *,
                 num_rows: int | None = None, dim: int | None = None, dtype: torch.dtype | str | None = None,
                 chunk_rows: int | None = None, meta: dict | None = None) -> Path:

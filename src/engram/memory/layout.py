@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory.disk_format import StoreFormatError, fsync_dir, read_header, write_store
+from engram.memory.disk_format import StoreFormatError, atomic_write, read_header, write_store
 
 __all__ = ["CoAccessCounter", "RowLayout", "co_access_order", "read_layout_file", "remove_stale_layouts",
            "write_layout_file", "write_store_with_layout"]
@@ -204,19 +204,9 @@ def layout_file_name(store_name: str) -> str:
 
 def write_layout_file(path: str | os.PathLike, layout: RowLayout) -> dict:
     """Write ``layout``'s placed ids to ``path`` durably (temp, fsync, rename, fsync dir); return header meta."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     data = layout.placed_P.astype("<i8", copy=False)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return {"file": path.name, "placed": int(data.size), "crc32": zlib.crc32(data.tobytes())}
+    path = atomic_write(path, lambda f: np.save(f, data, allow_pickle=False))
+    return {"file": path.name, "placed": int(data.size), "crc32": zlib.crc32(data)}
 
 
 def read_layout_file(store_path: Path, meta: dict, num_rows: int) -> RowLayout:
@@ -238,7 +228,7 @@ def read_layout_file(store_path: Path, meta: dict, num_rows: int) -> RowLayout:
     if data.dtype != np.dtype("<i8") or data.ndim != 1 or data.size != placed:
         raise StoreFormatError(f"{path}: layout holds {data.dtype} {list(data.shape)}, the store expects "
                                f"int64 [{placed}]")
-    got = zlib.crc32(np.ascontiguousarray(data).tobytes())
+    got = zlib.crc32(np.ascontiguousarray(data))
     if got != crc:
         raise StoreFormatError(f"{path}: layout checksum mismatch (stored {crc:08x}, computed {got:08x}): "
                                "the layout file is corrupted")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory.disk_format import DTYPE_NAMES, fsync_dir
+from engram.memory.disk_format import DTYPE_NAMES, atomic_write, fsync_dir
 from engram.memory.disk_store import DiskStore
 from engram.memory.layout import CoAccessCounter, RowLayout, remove_stale_layouts, write_store_with_layout
 from engram.memory.store import write_store
@@ -92,18 +92,7 @@ def write_manifest(out_dir: str | os.PathLike, model: EngramLM, export_id: str) 
     """
     out = Path(out_dir)
     manifest = {**_layout(model), "export_id": export_id}
-    tmp = out / f"{MANIFEST}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / MANIFEST)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(out)
-    return out / MANIFEST
+    return atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"), mode="w")
 
 
 def co_access_layouts(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> dict[int, RowLayout]:
