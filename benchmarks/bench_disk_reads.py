@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory import native_io
+from engram.memory import blockdev, native_io
 from engram.memory.disk_store import DiskStore
 from engram.memory.store import write_store
 
@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64, help="fp32 row width (64: 256-byte rows)")
     ap.add_argument("--rows", type=int, default=50_000, help="distinct random rows per gather")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--io-schedulers", nargs="+", metavar="NAME",
+                    help="also run the direct reads under each of these I/O schedulers of the file's device "
+                         "(e.g. mq-deadline none; runs named direct@NAME; needs root, restored after each run)")
     ap.add_argument("--out")
     args = ap.parse_args()
     res: dict = {"benchmark": "disk_reads", "machine": machine_info(),
@@ -103,15 +106,17 @@ def main() -> None:
     write_store(path, chunks(), num_rows=R, dim=args.dim, dtype=torch.float32)
     res["table"] = {"rows": R, "row_bytes": args.dim * 4, "gib": round(R * args.dim * 4 / 2**30, 2),
                     "write_s": round(time.perf_counter() - t0, 1)}
-    modes = [("mmap", dict(io="mmap")), ("mmap_faults", dict(io="mmap", readahead=False))]
+    res["io_scheduler"] = blockdev.io_scheduler(path)
+    modes = [("mmap", dict(io="mmap"), None), ("mmap_faults", dict(io="mmap", readahead=False), None)]
     if native_io.available():
-        modes.insert(0, ("direct", dict(io="direct")))
+        modes.insert(0, ("direct", dict(io="direct"), None))
+        modes[1:1] = [(f"direct@{s}", dict(io="direct"), s) for s in args.io_schedulers or ()]
     rng = np.random.default_rng(0)
-    runs: dict[str, list] = {m: [] for m, _ in modes}
+    runs: dict[str, list] = {m: [] for m, _, _ in modes}
     for _ in range(args.rounds):
-        for name, kw in modes:
+        for name, kw, sched in modes:
             rows = torch.from_numpy(np.unique(rng.integers(0, R, args.rows)))
-            with DiskStore.open(path, **kw) as store:
+            with blockdev.scheduler_set(path, sched), DiskStore.open(path, **kw) as store:
                 store.drop_page_cache()
                 c0, w0 = os.times(), time.perf_counter()
                 out = store.gather(rows)
@@ -119,7 +124,7 @@ def main() -> None:
                 assert torch.equal(out[:, 0], rows.to(torch.float32)), "rows read back wrong"
                 cpu = (c1.user - c0.user) + (c1.system - c0.system)
                 runs[name].append({"wall_s": w1 - w0, "cpu_s": cpu, "rows": rows.numel(),
-                                   "reads": store.direct_counts()["reads"] if name == "direct" else None})
+                                   "reads": store.direct_counts()["reads"] if kw["io"] == "direct" else None})
     if native_io.available():
         res["submit_latency"] = submit_latency(path, R, args.dim, rng)
     res["modes"] = {}

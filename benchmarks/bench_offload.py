@@ -13,9 +13,12 @@ Configurations, each measured on the same token batches:
     (`madvise(MADV_RANDOM)`, a gather first queues its distinct pages with
     `POSIX_FADV_WILLNEED`); `--io both` runs both (mmap runs named *_mmap).
     Before each disk run the file's page cache is dropped (`posix_fadvise(POSIX_FADV_DONTNEED)`
-    after unmapping our own pages). Each disk run reports the store's page-cache bytes right
-    after the drop and after the run, the bytes the process read from the device
-    (`/proc/self/io`) and, for direct reads, the number of reads, to show the cache was cold.
+    after unmapping our own pages). `--io-scheduler none` sets the store device's block-layer
+    scheduler for the timed rounds (root; restored after; the JSON records it either way): a
+    scheduler costs CPU per request and does nothing for random 512-byte reads. Each disk run
+    reports the store's page-cache bytes right after the drop and after the run, the bytes the
+    process read from the device (`/proc/self/io`) and, for direct reads, the number of reads, to
+    show the cache was cold.
     The static-hot cache is ranked by an access profile of `--profile-tokens` train-split tokens
     (never the evaluated text); it is loaded when the store opens, before the timed run.
   * with `--layout`, each disk configuration also on a store written in co-access order (runs named
@@ -54,6 +57,7 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig, ModelConfig
+from engram.memory import blockdev
 from engram.model import EngramLM
 from engram.tokenizer import CompressedVocab
 
@@ -190,6 +194,32 @@ def _disk_stores(lm) -> list:
     return [s for s in stores if hasattr(s, "direct_counts")]
 
 
+def _one_run(plain, name, memory, cb, policy, io, sdir, sync_rows, args, model_dir, profile, batches, prompts, text,
+             ref_losses, ref_gen, rnd, open_memory) -> dict:
+    """One configuration opened afresh (page cache dropped for disk), timed against the RAM model."""
+    lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb, sync_rows=sync_rows,
+                     policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
+    with lm:
+        cold = lm.drop_page_cache() if memory == "disk" else None
+        cached = page_cache_bytes(lm) if memory == "disk" else None
+        lm.reset_stats()
+        reads0 = sum(s.direct_counts()["reads"] for s in _disk_stores(lm))  # minus the static preload
+        io0 = proc_read_bytes()
+        r = paired_run(plain, lm, batches, prompts, args.new_tokens, ref_losses, ref_gen, text, flip=rnd % 2)
+        io1 = proc_read_bytes()
+        r["io"] = io
+        r["tiers"] = lm.tier_stats()
+        r["device_reads"] = (sum(s.direct_counts()["reads"] for s in _disk_stores(lm)) - reads0
+                             if io == "direct" else None)
+        r["page_cache_dropped_files"] = cold
+        # Evidence that the cold run really read from the device: the store's pages resident
+        # after the drop, and the bytes this process read from block devices during the run.
+        r["page_cache_mib_after_drop"] = None if cached is None else round(cached / 2**20, 1)
+        r["page_cache_mib_after_run"] = None if cached is None else round(page_cache_bytes(lm) / 2**20, 1)
+        r["device_read_mib"] = None if io0 is None else round((io1 - io0) / 2**20, 1)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="offload-bench", help="where to write the model and its store")
@@ -215,6 +245,10 @@ def main() -> None:
     ap.add_argument("--layout", action="store_true",
                     help="also run every disk configuration on a second store whose rows are in co-access order "
                          "(profiled on the same train tokens as the static cache; runs named *_layout)")
+    ap.add_argument("--io-scheduler", nargs="+", metavar="NAME",
+                    help="the store device's I/O scheduler for the disk runs (e.g. none, as NVMe devices default "
+                         "to; needs root; the previous one is restored after each run); with several names every "
+                         "disk configuration runs under each (runs named *@NAME); default: leave it")
     ap.add_argument("--out")
     args = ap.parse_args()
     from engram.data import prepare_data
@@ -278,11 +312,14 @@ def main() -> None:
                 configs.append((run + suffix, "disk", cb, policy, io, sdir, 1024))
                 if args.caller_fetch:
                     configs.append((run + suffix + "_caller", "disk", cb, policy, io, sdir, 1 << 62))
-    if args.only:
-        unknown = set(args.only) - {c[0] for c in configs}
+    if args.io_scheduler and len(args.io_scheduler) > 1:
+        configs = [configs[0], *((c[0] + "@" + sched, *c[1:]) for c in configs[1:] for sched in args.io_scheduler)]
+    if args.only:  # a name without "@NAME" selects it under every scheduler given
+        names = {c[0] for c in configs} | {c[0].partition("@")[0] for c in configs}
+        unknown = set(args.only) - names
         if unknown:
-            ap.error(f"--only: unknown configuration(s) {sorted(unknown)}; choose from {[c[0] for c in configs]}")
-        configs = [c for c in configs if c[0] in args.only]
+            ap.error(f"--only: unknown configuration(s) {sorted(unknown)}; choose from {sorted(names)}")
+        configs = [c for c in configs if c[0] in args.only or c[0].partition("@")[0] in args.only]
     res["backbone"] = {"d_model": cfg.d_model, "n_layers": cfg.n_layers,
                        "params": sum(p.numel() for p in model.backbone_parameters())}
     plain = _Plain(model)
@@ -291,31 +328,16 @@ def main() -> None:
         ref_losses = [float(model(x, y).loss) for x, y in batches]
         ref_gen = plain.generate(prompts, args.new_tokens)
     rounds: list[dict] = []
+    res["io_scheduler"] = blockdev.io_scheduler(store_dir)
     with torch.no_grad():
         for rnd in range(max(1, args.rounds)):
             runs = {}
             for name, memory, cb, policy, io, sdir, sync_rows in configs:
-                lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb, sync_rows=sync_rows,
-                                 policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
-                with lm:
-                    cold = lm.drop_page_cache() if memory == "disk" else None
-                    cached = page_cache_bytes(lm) if memory == "disk" else None
-                    lm.reset_stats()
-                    reads0 = sum(s.direct_counts()["reads"] for s in _disk_stores(lm))  # minus the static preload
-                    io0 = proc_read_bytes()
-                    r = paired_run(plain, lm, batches, prompts, args.new_tokens, ref_losses, ref_gen, text,
-                                   flip=rnd % 2)
-                    io1 = proc_read_bytes()
-                    r["io"] = io
-                    r["tiers"] = lm.tier_stats()
-                    r["device_reads"] = (sum(s.direct_counts()["reads"] for s in _disk_stores(lm)) - reads0
-                                         if io == "direct" else None)
-                    r["page_cache_dropped_files"] = cold
-                    # Evidence that the cold run really read from the device: the store's pages resident
-                    # after the drop, and the bytes this process read from block devices during the run.
-                    r["page_cache_mib_after_drop"] = None if cached is None else round(cached / 2**20, 1)
-                    r["page_cache_mib_after_run"] = None if cached is None else round(page_cache_bytes(lm) / 2**20, 1)
-                    r["device_read_mib"] = None if io0 is None else round((io1 - io0) / 2**20, 1)
+                sched = name.partition("@")[2] or (args.io_scheduler[0] if args.io_scheduler else None)
+                with blockdev.scheduler_set(store_dir, sched if memory == "disk" else None) as sched_info:
+                    r = _one_run(plain, name, memory, cb, policy, io, sdir, sync_rows, args, model_dir, profile,
+                                 batches, prompts, text, ref_losses, ref_gen, rnd, open_memory)
+                r["io_scheduler"] = sched_info["during"] if sched_info and memory == "disk" else None
                 runs[name] = r
             rounds.append(runs)
     summary = {}
@@ -338,7 +360,7 @@ def main() -> None:
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in per),
             "all_equal_ram": all(r["loss_equal_ram"] and r["decode_equal_ram"] and r["tokens_equal_ram"] for r in per),
         }
-        for k in ("io", "tiers", "device_reads", "device_read_mib", "page_cache_mib_after_drop",
+        for k in ("io", "io_scheduler", "tiers", "device_reads", "device_read_mib", "page_cache_mib_after_drop",
                   "page_cache_mib_after_run"):
             if k in per[0]:
                 summary[name][k] = per[0][k]
