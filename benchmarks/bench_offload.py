@@ -109,6 +109,7 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
     RAM / ``lm`` / RAM as a whole-run check that the tokens are equal (and timed, for reference).
     """
     t_ram, t_lm, losses = [], [], []
+    cpu0 = lm.prefetcher.cpu_seconds if lm.prefetcher is not None else 0.0
     for i, (x, y) in enumerate(batches):
         for who in ((plain.model, lm) if (i + flip) % 2 == 0 else (lm, plain.model)):
             t0 = time.perf_counter()
@@ -119,6 +120,7 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
                 losses.append(loss)
             else:
                 t_ram.append(dt)
+    fetch_cpu = (lm.prefetcher.cpu_seconds if lm.prefetcher is not None else 0.0) - cpu0
     B, P = text.shape[0], prompts.shape[1]
     s_ram = plain.model.new_decode_state(B, max_len=text.shape[1])
     s_lm = lm.model.new_decode_state(B, max_len=text.shape[1])
@@ -147,6 +149,8 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
     ntok = sum(x.numel() for x, _ in batches)
     return {"prefill_pair_ratios": [a / b for a, b in zip(t_ram, t_lm, strict=True)],
             "prefill_tok_s": round(ntok / sum(t_lm), 1), "ram_prefill_s": t_ram,
+            # CPU of the prefetch workers per prefill batch (what the fetches take from the model's cores)
+            "prefill_fetch_cpu_ms_per_batch": round(1e3 * fetch_cpu / len(batches), 1),
             "decode_pair_ratios": [a / b for a, b in zip(d_ram, d_lm, strict=True)],
             "decode_tok_s": round(B * len(d_lm) / sum(d_lm), 1), "ram_decode_step_s": d_ram,
             "generate_vs_ram": round((t_gen[0] + t_gen[2]) / 2 / t_gen[1], 3),
@@ -354,6 +358,7 @@ def main() -> None:
         summary[name] = {
             "prefill_vs_ram": median_ci(pairs),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in per),
+            "prefill_fetch_cpu_ms_per_batch": statistics.median(r["prefill_fetch_cpu_ms_per_batch"] for r in per),
             "decode_vs_ram": median_ci(dpairs),
             "generate_vs_ram": statistics.median(r["generate_vs_ram"] for r in per),
             "generate_vs_ram_rounds": [r["generate_vs_ram"] for r in per],

@@ -5,12 +5,14 @@
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from engram.config import EngramConfig, ModelConfig
+from engram.memory import blockdev
 from engram.memory.prefetch import CancelledError
 from engram.memory.store import RamStore
 from engram.model import EngramLM
@@ -183,9 +185,20 @@ def test_cli_export_generate_and_eval(cli_model, capsys, monkeypatch):
     disk = json.loads(capsys.readouterr().out)
     assert disk["val_loss"] == ram["val_loss"] and disk["tokens"] == ram["tokens"] > 0
     assert disk["tiers"]["disk"]["requested"] == ram["tiers"]["ram"]["requested"] > 0
+    assert disk["io_scheduler"] == blockdev.io_scheduler(Path(store) / "layer_1.engram")  # None on tmpfs
     assert main([*ev, "--memory", "disk", "--store", store]) == 0
     text = capsys.readouterr().out
     assert "val loss" in text and "tokens/s" in text and "bytes read" in text and " KiB" in text
+    seen = []  # the store device's scheduler is printed, with a hint where 'none' is offered but not used
+    monkeypatch.setattr(blockdev, "io_scheduler", lambda p: seen.append(Path(p).name) or
+                        {"device": "vdz", "active": "mq-deadline", "available": ["none", "mq-deadline"]})
+    assert main([*ev, "--memory", "disk", "--store", store]) == 0
+    assert "store device vdz: I/O scheduler mq-deadline (random direct reads cost less CPU under 'none'" in \
+        capsys.readouterr().out and seen == ["layer_1.engram"]
+    assert main([*ev, "--memory", "ram"]) == 0
+    assert "store device" not in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setenv("ENGRAM_CACHE", str(cli_model / "cache"))
     assert main([*ev, "--memory", "disk", "--store", str(cli_model / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     laid = str(cli_model / "laid")  # co-access layout profiled on the corpus: same answers

@@ -252,3 +252,27 @@ def test_reads_overlap_with_the_callers_work():
         time.sleep(0.3)  # the caller's own work, e.g. the blocks before the Engram layer
         h[0].result(timeout=10)
         assert time.monotonic() - t0 < 0.55
+
+
+def test_cpu_seconds_counts_the_workers_cpu_not_their_waiting():
+    """A fetch that computes for ~0.1 s adds about that much; one that sleeps 0.2 s adds almost none."""
+
+    class BusyStore(GatedStore):
+        def gather(self, rows_N, out_Nd=None):
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.1:
+                pass
+            return super().gather(rows_N, out_Nd)
+
+    class SleepyStore(GatedStore):
+        def gather(self, rows_N, out_Nd=None):
+            time.sleep(0.2)
+            return super().gather(rows_N, out_Nd)
+
+    with Prefetcher({0: BusyStore(table()), 1: SleepyStore(table())}, workers=1) as pf:
+        assert pf.cpu_seconds == 0.0
+        pf.submit({0: rows_for(50, (2, 3))})[0].result(timeout=10)
+        busy = pf.cpu_seconds
+        assert 0.1 <= busy < 0.5
+        pf.submit({1: rows_for(50, (2, 3))})[1].result(timeout=10)
+        assert busy <= pf.cpu_seconds < busy + 0.05

@@ -136,6 +136,22 @@ def _print_memory_stats(lm, file) -> None:
     tiers = lm.tier_stats()
     logging.getLogger("engram.serve").info("memory tier stats: %s", tiers)
     print(format_tier_stats(tiers), file=file)
+    sched = _store_io_scheduler(lm)
+    if sched is not None:
+        hint = ("" if sched["active"] == "none" or "none" not in sched["available"] else
+                " (random direct reads cost less CPU under 'none', NVMe's default; see README)")
+        print(f"store device {sched['device']}: I/O scheduler {sched['active']}{hint}", file=file)
+
+
+def _store_io_scheduler(lm) -> dict | None:
+    """The I/O scheduler of the device under the first disk store behind ``lm`` (None: no disk store)."""
+    from engram.memory.blockdev import io_scheduler
+
+    for s in lm.stores.values():
+        disk = getattr(s, "backing", s)
+        if getattr(disk, "tier", None) == "disk":
+            return io_scheduler(disk.path)
+    return None
 
 
 def _train_windows(args, seq_len: int, tokens: int | None = None):
@@ -227,7 +243,8 @@ def _eval(args) -> int:
         if args.json:
             print(json.dumps({"val_loss": loss, "tokens": tokens, "seconds": seconds,
                               "tokens_per_s": tokens / seconds, "memory": args.memory, "cache_mb": args.cache_mb,
-                              "policy": args.policy, "prefetch": not args.no_prefetch, "tiers": tiers}))
+                              "policy": args.policy, "prefetch": not args.no_prefetch, "tiers": tiers,
+                              "io_scheduler": _store_io_scheduler(lm)}))
             return 0
         cache = f", cache {args.cache_mb:g} MiB {args.policy}" if args.cache_mb > 0 else ""
         print(f"val loss  {loss:.4f}  ({tokens:,} tokens in {len(batches)} batches of {seq_len})")

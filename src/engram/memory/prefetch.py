@@ -157,6 +157,7 @@ class Prefetcher:
         self._queue: deque[_Job] = deque()
         self._running_jobs: dict[int, _Job] = {}  # jobs being read, to cancel their handles on close
         self._in_flight = 0  # submissions with unfinished jobs
+        self._cpu_s = 0.0  # CPU the workers spent in fetches
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"engram-prefetch-{i}", daemon=True)
                          for i in range(int(workers))]
@@ -173,6 +174,13 @@ class Prefetcher:
         """Submissions queued or being read right now."""
         with self._cv:
             return self._in_flight
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time the workers have spent fetching so far (their threads' CPU clocks, not wall time):
+        on a machine whose cores also run the model, this is what the fetches take from it."""
+        with self._cv:
+            return self._cpu_s
 
     def submit(self, rows: dict, timeout: float | None = None) -> dict[int, Pending]:
         """Start fetching ``{layer: flat row ids [B, T, H]}``; returns ``{layer: Pending}`` at once.
@@ -258,6 +266,7 @@ class Prefetcher:
                     return  # close() has taken whatever was queued
                 job = self._queue.popleft()
                 self._running_jobs[id(job)] = job
+            c0 = time.thread_time()
             try:
                 value, ready = self._fetch(job)
                 job.pending._set(value=value, ready=ready)
@@ -267,6 +276,7 @@ class Prefetcher:
             finally:
                 with self._cv:
                     self._running_jobs.pop(id(job), None)
+                    self._cpu_s += time.thread_time() - c0
                 self._finish(job)
 
     def _finish(self, job: _Job) -> None:
