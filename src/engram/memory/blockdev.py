@@ -6,7 +6,8 @@ cores also run the model its cost is the CPU the kernel spends per request. An I
 512-byte reads gain nothing from it and pay its locking and bookkeeping on every request. NVMe devices
 default to ``none``; virtual disks (virtio-blk) often default to ``mq-deadline``. Measured on this
 project's 2-core virtio VM (5,000 random 512-byte direct reads through io_uring,
-``benchmarks/bench_disk_reads.py --io-schedulers mq-deadline none``): see benchmarks/RESULTS.md.
+``benchmarks/bench_disk_reads.py --io-schedulers mq-deadline none``): 4.2 us of CPU per row under
+``mq-deadline``, 3.2 us under ``none``.
 
 Nothing here runs on the read path. :func:`io_scheduler` is informational (the CLI prints it with the
 tier statistics); :func:`set_io_scheduler` changes a machine-wide setting, so only benchmarks and users
