@@ -64,6 +64,17 @@ class RowLayout:
         self._idx = np.dtype(np.int32) if self.num_rows < 2**31 else np.dtype(np.int64)
         self._sorted_P = sorted_P.astype(self._idx)
         self._slot_P = order.astype(self._idx)  # file position of _sorted_P[i]
+        # Rank index (a bitmap of placed rows + placed rows before each 64-row word, 0.19 bytes per row):
+        # physical() is then O(1) per row. A binary search of _sorted_P costs ~0.8 us per row here (a cache
+        # miss per level), as much as the disk reads the layout saves.
+        n_words = -(-self.num_rows // 64)
+        mask = np.zeros(n_words * 64, dtype=bool)
+        mask[sorted_P] = True
+        self._bits_W = np.packbits(mask, bitorder="little").view("<u8")
+        del mask
+        counts = np.bitwise_count(self._bits_W)
+        self._before_W = np.zeros(n_words, dtype=self._idx)
+        np.cumsum(counts[:-1], out=self._before_W[1:])
 
     @property
     def num_placed(self) -> int:
@@ -72,7 +83,7 @@ class RowLayout:
     @property
     def nbytes(self) -> int:
         """RAM this layout holds."""
-        return self._sorted_P.nbytes + self._slot_P.nbytes
+        return self._sorted_P.nbytes + self._slot_P.nbytes + self._bits_W.nbytes + self._before_W.nbytes
 
     @property
     def placed_P(self) -> np.ndarray:
@@ -83,15 +94,19 @@ class RowLayout:
 
     def physical(self, rows_N: np.ndarray) -> np.ndarray:
         """File positions (int64) of logical rows (any shape, int64, already range-checked)."""
-        s = self._sorted_P
-        if s.size == 0:
+        P = self._sorted_P.size
+        if P == 0:
             return rows_N
-        # query in the table's index dtype: searchsorted would otherwise convert all of `s` on every call
-        i = np.searchsorted(s, rows_N.astype(s.dtype, copy=False))
-        j = np.minimum(i, s.size - 1)
-        hit = s[j] == rows_N
-        # an unplaced row x comes after all placed rows, behind the i placed rows with smaller ids
-        return np.where(hit, self._slot_P[j], s.size + rows_N - i).astype(np.int64, copy=False)
+        x = np.asarray(rows_N, dtype=np.int64)
+        word = self._bits_W[x >> 6]
+        bit = (x & 63).astype(np.uint64)
+        hit = ((word >> bit) & np.uint64(1)).astype(bool)
+        rank = self._before_W[x >> 6] + np.bitwise_count(word & ((np.uint64(1) << bit) - np.uint64(1)))
+        # a placed row sits where it was written; an unplaced row x comes after all placed rows, behind
+        # the `rank` placed rows with smaller ids
+        out = P + x - rank
+        out[hit] = self._slot_P[rank[hit]]
+        return out
 
     def logical(self, pos_N: np.ndarray) -> np.ndarray:
         """Logical rows at file positions ``pos_N`` (the inverse of :meth:`physical`)."""
