@@ -30,7 +30,9 @@ batches of 8 x 256 held-out tokens, each run through the all-in-RAM model and th
 offloaded one back to back (order alternating), `OffloadedLM.forward` per batch: the batch's rows
 are fetched when its forward starts and overlap only with the layers before the Engram layer.
 The prefill ratio is the median over all (batch, round) pairs of RAM time / offloaded time, with
-a bootstrap 95% interval. Decode: 4 held-out sequences (text after the prefill batches'), a
+a bootstrap 95% interval. `prefill_fetch_cpu_ms_per_batch`: the prefetch workers' thread CPU
+per prefill batch (`Prefetcher.cpu_seconds`), what the fetches take from the model's cores.
+Decode: 4 held-out sequences (text after the prefill batches'), a
 64-token prompt each, then `--new-tokens` steps of one given token per sequence with the KV cache
 (teacher forcing: the model's weights are random, so its own greedy output is not text and would
 touch rows no real decode touches; measured: 31% cache hits instead of ~65%). Each step runs on
