@@ -200,9 +200,11 @@ def _disk_stores(lm) -> list:
     return [s for s in stores if hasattr(s, "direct_counts")]
 
 
-def _one_run(plain, name, memory, cb, policy, io, sdir, sync_rows, args, model_dir, profile, batches, prompts, text,
-             ref_losses, ref_gen, rnd, open_memory) -> dict:
+def _one_run(plain, memory, cb, policy, io, sdir, sync_rows, args, model_dir, profile, batches, prompts, text,
+             ref_losses, ref_gen, rnd) -> dict:
     """One configuration opened afresh (page cache dropped for disk), timed against the RAM model."""
+    from engram.serve.offload import open_memory
+
     lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb, sync_rows=sync_rows,
                      policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
     with lm:
@@ -259,7 +261,7 @@ def main() -> None:
     args = ap.parse_args()
     from engram.data import prepare_data
     from engram.serve.export import co_access_layouts, export_tables
-    from engram.serve.offload import access_profiles, open_memory
+    from engram.serve.offload import access_profiles
 
     rows_per_head = 16_384 if args.quick else args.rows_per_head
     n_batches = 3 if args.quick else args.batches
@@ -341,8 +343,8 @@ def main() -> None:
             for name, memory, cb, policy, io, sdir, sync_rows in configs:
                 sched = name.partition("@")[2] or (args.io_scheduler[0] if args.io_scheduler else None)
                 with blockdev.scheduler_set(store_dir, sched if memory == "disk" else None) as sched_info:
-                    r = _one_run(plain, name, memory, cb, policy, io, sdir, sync_rows, args, model_dir, profile,
-                                 batches, prompts, text, ref_losses, ref_gen, rnd, open_memory)
+                    r = _one_run(plain, memory, cb, policy, io, sdir, sync_rows, args, model_dir, profile,
+                                 batches, prompts, text, ref_losses, ref_gen, rnd)
                 r["io_scheduler"] = sched_info["during"] if sched_info and memory == "disk" else None
                 runs[name] = r
             rounds.append(runs)

@@ -59,8 +59,10 @@ def parse_scheduler(text: str) -> tuple[str, list[str]]:
 def io_scheduler(path: str | os.PathLike) -> dict | None:
     """``{"device", "active", "available"}`` for the device holding ``path``, or None (see module)."""
     q = queue_dir(path)
-    if q is None:
-        return None
+    return None if q is None else _read(q)
+
+
+def _read(q: Path) -> dict | None:
     try:
         active, avail = parse_scheduler((q / "scheduler").read_text())
     except (OSError, ValueError):
@@ -75,8 +77,8 @@ def set_io_scheduler(path: str | os.PathLike, name: str) -> str:
     PermissionError (with what to do) where the process may not change it.
     """
     q = queue_dir(path)
-    info = io_scheduler(path)
-    if q is None or info is None:
+    info = None if q is None else _read(q)
+    if info is None:
         raise ValueError(f"{path}: not on a block device with an I/O scheduler setting")
     if name not in info["available"]:
         raise ValueError(f"device {info['device']} offers the I/O schedulers {info['available']}, not {name!r}")
@@ -93,14 +95,14 @@ def set_io_scheduler(path: str | os.PathLike, name: str) -> str:
 def scheduler_set(path: str | os.PathLike, name: str | None) -> Iterator[dict | None]:
     """Within the block, the device holding ``path`` uses I/O scheduler ``name`` (None: leave it); the
     previous scheduler is restored on exit, also after an error. Yields ``{"device", "before", "during"}``."""
+    info = io_scheduler(path)
     if name is None:
-        info = io_scheduler(path)
         yield None if info is None else {"device": info["device"], "before": info["active"],
                                          "during": info["active"]}
         return
     before = set_io_scheduler(path, name)
     try:
-        yield {"device": queue_dir(path).parent.name, "before": before, "during": name}
+        yield {"device": info["device"], "before": before, "during": name}
     finally:
         if before != name:
             set_io_scheduler(path, before)

@@ -98,10 +98,11 @@ class RowLayout:
         if P == 0:
             return rows_N
         x = np.asarray(rows_N, dtype=np.int64)
-        word = self._bits_W[x >> 6]
+        w = x >> 6
+        word = self._bits_W[w]
         bit = (x & 63).astype(np.uint64)
         hit = ((word >> bit) & np.uint64(1)).astype(bool)
-        rank = self._before_W[x >> 6] + np.bitwise_count(word & ((np.uint64(1) << bit) - np.uint64(1)))
+        rank = self._before_W[w] + np.bitwise_count(word & ((np.uint64(1) << bit) - np.uint64(1)))
         # a placed row sits where it was written; an unplaced row x comes after all placed rows, behind
         # the `rank` placed rows with smaller ids
         out = P + x - rank
