@@ -11,6 +11,8 @@ table much larger than any cache, with the file's page cache dropped before each
 
 CPU = this process's user + system time during the gather (`os.times`); reads done on behalf of the
 process in kernel threads or interrupts may escape it. Rounds alternate the modes; medians reported.
+`interference`: what N background reads add to a two-thread computation running meanwhile, per row,
+next to the reading thread's own CPU and the VM's steal time (see `interference`).
 `submit_latency`: wall time to submit n random direct reads and to collect them 3 ms later (median
 of 40), which shows whether the device takes submissions asynchronously.
 
@@ -25,6 +27,7 @@ import argparse
 import os
 import shutil
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from engram.memory import blockdev, native_io
 from engram.memory.disk_store import DiskStore
 from engram.memory.store import write_store
 
-from common import emit, machine_info
+from common import emit, machine_info, steal_seconds
 
 
 def submit_latency(path: Path, R: int, dim: int, rng, reps: int = 40) -> dict:
@@ -72,6 +75,62 @@ def submit_latency(path: Path, R: int, dim: int, rng, reps: int = 40) -> dict:
     return out
 
 
+def interference(path: Path, R: int, dim: int, rng, reads: int, reps: int) -> dict:
+    """What ``reads`` cold direct reads in a background thread cost a two-thread computation running
+    meanwhile (~0.5 s of matrix products, the model's kind of work), paired over ``reps``.
+
+    Each rep runs the computation alone and with the reads (order alternating) and records wall
+    time, the reading thread's own CPU (``time.thread_time``) and the VM's steal (``/proc/stat``):
+    the extra wall time over the reads' own CPU is what the reads cost beyond their guest CPU
+    (a compute thread descheduled while the other waits at a barrier, host-side device emulation
+    taking the vCPUs).
+    """
+    a, w = torch.randn(2048, 512), torch.randn(512, 1536)
+
+    def compute():
+        for _ in range(8):
+            torch.relu(a @ w) @ w.T
+
+    def read(rows, out):
+        c0 = time.thread_time()
+        with DiskStore.open(path, io="direct") as store:
+            got = store.gather(rows)
+            assert torch.equal(got[:, 0], rows.to(torch.float32)), "rows read back wrong"
+            out["reads"] = store.direct_counts()["reads"]
+        out["cpu_s"] = time.thread_time() - c0
+
+    compute()
+    extra, cpu, steal_with, steal_alone, n_reads, alone = [], [], [], [], [], []
+    for rep in range(reps):
+        rows = torch.from_numpy(np.unique(rng.integers(0, R, reads)))
+        t = {}
+        for mode in (("alone", "with") if rep % 2 == 0 else ("with", "alone")):
+            out: dict = {}
+            th = threading.Thread(target=read, args=(rows, out)) if mode == "with" else None
+            s0, t0 = steal_seconds(), time.perf_counter()
+            if th is not None:
+                th.start()
+            compute()
+            if th is not None:
+                th.join()
+            t[mode] = (time.perf_counter() - t0, (steal_seconds() or 0.0) - (s0 or 0.0))
+            if th is not None:
+                if "cpu_s" not in out:
+                    raise RuntimeError("the background reads failed (see the thread's traceback above)")
+                cpu.append(out["cpu_s"] / rows.numel())
+                n_reads.append(out["reads"])
+        alone.append(t["alone"][0])
+        extra.append((t["with"][0] - t["alone"][0]) / rows.numel())
+        steal_with.append(t["with"][1] / rows.numel())
+        steal_alone.append(t["alone"][1] / rows.numel())
+    us = lambda v: round(1e6 * statistics.median(v), 2)  # noqa: E731
+    return {"rows": reads, "reps": reps, "compute_s": round(statistics.median(alone), 3),
+            "reads_per_rep": statistics.median(n_reads),
+            "extra_wall_us_per_row": us(extra), "reader_cpu_us_per_row": us(cpu),
+            "steal_us_per_row_with_reads": round(1e6 * statistics.mean(steal_with), 2),
+            "steal_us_per_row_alone": round(1e6 * statistics.mean(steal_alone), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="disk-reads-bench")
@@ -82,6 +141,9 @@ def main() -> None:
     ap.add_argument("--io-schedulers", nargs="+", metavar="NAME",
                     help="also run the direct reads under each of these I/O schedulers of the file's device "
                          "(e.g. mq-deadline none; runs named direct@NAME; needs root, restored after each run)")
+    ap.add_argument("--interference-rows", type=int, default=5000,
+                    help="rows read in the background of a two-thread computation (0: skip that part)")
+    ap.add_argument("--interference-reps", type=int, default=30)
     ap.add_argument("--out")
     args = ap.parse_args()
     res: dict = {"benchmark": "disk_reads", "machine": machine_info(),
@@ -127,6 +189,9 @@ def main() -> None:
                                    "reads": store.direct_counts()["reads"] if kw["io"] == "direct" else None})
     if native_io.available():
         res["submit_latency"] = submit_latency(path, R, args.dim, rng)
+        if args.interference_rows > 0:
+            res["interference"] = interference(path, R, args.dim, rng, args.interference_rows,
+                                               args.interference_reps)
     res["modes"] = {}
     for name, rs in runs.items():
         n = rs[0]["rows"]

@@ -31,7 +31,13 @@ offloaded one back to back (order alternating), `OffloadedLM.forward` per batch:
 are fetched when its forward starts and overlap only with the layers before the Engram layer.
 The prefill ratio is the median over all (batch, round) pairs of RAM time / offloaded time, with
 a bootstrap 95% interval. `prefill_fetch_cpu_ms_per_batch`: the prefetch workers' thread CPU
-per prefill batch (`Prefetcher.cpu_seconds`), what the fetches take from the model's cores.
+per prefill batch (`Prefetcher.cpu_seconds`), what the fetches take from the model's cores;
+`prefill_steal_ms_per_batch` / `ram_prefill_steal_ms_per_batch`: the vCPU time the hypervisor took
+(`/proc/stat` steal in clock ticks, mean per batch) during the offloaded / the RAM model's turns: on a
+VM whose disk emulation shares host cores with the vCPUs, part of a read's cost shows only there.
+`ram_steal_ms_after_offloaded_turn` / `..._after_ram_turn`: the RAM model's turns split by what ran
+just before them (does host work for the reads outlast the turn that issued them?);
+`ram_prefill_s_median`: the RAM model's batch time during this configuration's runs.
 Decode: 4 held-out sequences (text after the prefill batches'), a
 64-token prompt each, then `--new-tokens` steps of one given token per sequence with the KV cache
 (teacher forcing: the model's weights are random, so its own greedy output is not text and would
@@ -63,7 +69,7 @@ from engram.memory import blockdev
 from engram.model import EngramLM
 from engram.tokenizer import CompressedVocab
 
-from common import emit, machine_info, median_ci
+from common import emit, machine_info, median_ci, steal_seconds
 
 
 def config(rows_per_head: int, vocab_size: int, d_model: int = 256, n_layers: int = 6) -> ModelConfig:
@@ -95,6 +101,11 @@ def time_run(lm, batches, prompts, new_tokens: int) -> dict:
             "prefill_s": round(t_prefill, 2), "decode_s": round(t_decode, 2)}
 
 
+def _mean_ms(seconds) -> float | None:
+    v = list(seconds)
+    return round(1e3 * statistics.mean(v), 1) if v else None
+
+
 def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[float], ref_gen: torch.Tensor,
                text: torch.Tensor, flip: int = 0) -> dict:
     """Time ``lm`` against the all-in-RAM model step by step, in alternation.
@@ -111,12 +122,23 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
     RAM / ``lm`` / RAM as a whole-run check that the tokens are equal (and timed, for reference).
     """
     t_ram, t_lm, losses = [], [], []
+    # Host steal during each turn, and for the RAM turns whether the turn just before was the
+    # offloaded model's (host work for its reads that outlasts the turn would land there).
+    steal = {"ram": 0.0, "lm": 0.0, "ram_after_lm": [], "ram_after_ram": []}
+    prev = None
     cpu0 = lm.prefetcher.cpu_seconds if lm.prefetcher is not None else 0.0
     for i, (x, y) in enumerate(batches):
         for who in ((plain.model, lm) if (i + flip) % 2 == 0 else (lm, plain.model)):
+            s0 = steal_seconds()
             t0 = time.perf_counter()
             loss = float(who(x, y).loss)
             dt = time.perf_counter() - t0
+            s1 = steal_seconds()
+            if s0 is not None and s1 is not None:
+                steal["lm" if who is lm else "ram"] += s1 - s0
+                if who is not lm and prev is not None:
+                    steal["ram_after_lm" if prev is lm else "ram_after_ram"].append(s1 - s0)
+            prev = who
             if who is lm:
                 t_lm.append(dt)
                 losses.append(loss)
@@ -153,6 +175,10 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             "prefill_tok_s": round(ntok / sum(t_lm), 1), "ram_prefill_s": t_ram,
             # CPU of the prefetch workers per prefill batch (what the fetches take from the model's cores)
             "prefill_fetch_cpu_ms_per_batch": round(1e3 * fetch_cpu / len(batches), 1),
+            # vCPU time the host took during the offloaded / the RAM model's prefill turns
+            "prefill_steal_ms_per_batch": round(1e3 * steal["lm"] / len(batches), 1),
+            "ram_prefill_steal_ms_per_batch": round(1e3 * steal["ram"] / len(batches), 1),
+            "ram_after_offloaded_steal_s": steal["ram_after_lm"], "ram_after_ram_steal_s": steal["ram_after_ram"],
             "decode_pair_ratios": [a / b for a, b in zip(d_ram, d_lm, strict=True)],
             "decode_tok_s": round(B * len(d_lm) / sum(d_lm), 1), "ram_decode_step_s": d_ram,
             "generate_vs_ram": round((t_gen[0] + t_gen[2]) / 2 / t_gen[1], 3),
@@ -349,7 +375,7 @@ def main() -> None:
                 runs[name] = r
             rounds.append(runs)
     summary = {}
-    ram_prefill = [t for rd in rounds for r in rd.values() for t in r.pop("ram_prefill_s")]
+    ram_prefill = [t for rd in rounds for r in rd.values() for t in r["ram_prefill_s"]]
     ram_decode = [t for rd in rounds for r in rd.values() for t in r.pop("ram_decode_step_s")]
     ntok = sum(x.numel() for x, _ in batches)
     dec_tok = text.shape[0]
@@ -363,12 +389,21 @@ def main() -> None:
             "prefill_vs_ram": median_ci(pairs),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in per),
             "prefill_fetch_cpu_ms_per_batch": statistics.median(r["prefill_fetch_cpu_ms_per_batch"] for r in per),
+            "prefill_steal_ms_per_batch": round(statistics.mean(r["prefill_steal_ms_per_batch"] for r in per), 1),
+            "ram_prefill_steal_ms_per_batch": round(statistics.mean(r["ram_prefill_steal_ms_per_batch"] for r in per),
+                                                    1),
+            # the RAM model's own turns during this configuration's runs (not paired across configurations)
+            "ram_prefill_s_median": round(statistics.median(t for r in per for t in r["ram_prefill_s"]), 3),
+            "ram_steal_ms_after_offloaded_turn": _mean_ms(t for r in per for t in r.pop("ram_after_offloaded_steal_s")),
+            "ram_steal_ms_after_ram_turn": _mean_ms(t for r in per for t in r.pop("ram_after_ram_steal_s")),
             "decode_vs_ram": median_ci(dpairs),
             "generate_vs_ram": statistics.median(r["generate_vs_ram"] for r in per),
             "generate_vs_ram_rounds": [r["generate_vs_ram"] for r in per],
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in per),
             "all_equal_ram": all(r["loss_equal_ram"] and r["decode_equal_ram"] and r["tokens_equal_ram"] for r in per),
         }
+        for r in per:
+            del r["ram_prefill_s"]
         for k in ("io", "io_scheduler", "tiers", "device_reads", "device_read_mib", "page_cache_mib_after_drop",
                   "page_cache_mib_after_run"):
             if k in per[0]:

@@ -72,3 +72,17 @@ def median_ci(ratios, seed: int = 0, resamples: int = 2000) -> dict:
     return {"median": round(float(np.median(r)), 3),
             "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
             "pairs": len(r)}
+
+
+def steal_seconds(stat: str | Path = "/proc/stat") -> float | None:
+    """CPU time the hypervisor ran something else on this VM's vCPUs, all CPUs together (Linux
+    ``/proc/stat`` "steal", in clock ticks); None where not available.
+
+    On a virtual machine whose device emulation shares the host cores with the vCPUs, a disk read
+    also costs host CPU that the guest sees only as steal while its vCPUs are busy.
+    """
+    try:
+        fields = Path(stat).read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
