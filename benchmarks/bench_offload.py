@@ -30,7 +30,9 @@ batches of 8 x 256 held-out tokens, each run through the all-in-RAM model and th
 offloaded one back to back (order alternating), `OffloadedLM.forward` per batch: the batch's rows
 are fetched when its forward starts and overlap only with the layers before the Engram layer.
 The prefill ratio is the median over all (batch, round) pairs of RAM time / offloaded time, with
-a bootstrap 95% interval. `prefill_fetch_cpu_ms_per_batch`: the prefetch workers' thread CPU
+a bootstrap 95% interval; `prefill_vs_ram_total` is the throughput ratio itself, total RAM time
+over total offloaded time of the same pairs (slow outliers count in full; bootstrap over pairs).
+`prefill_fetch_cpu_ms_per_batch`: the prefetch workers' thread CPU
 per prefill batch (`Prefetcher.cpu_seconds`), what the fetches take from the model's cores;
 `prefill_steal_ms_per_batch` / `ram_prefill_steal_ms_per_batch`: the vCPU time the hypervisor took
 (`/proc/stat` steal in clock ticks, mean per batch) during the offloaded / the RAM model's turns: on a
@@ -69,7 +71,7 @@ from engram.memory import blockdev
 from engram.model import EngramLM
 from engram.tokenizer import CompressedVocab
 
-from common import emit, machine_info, median_ci, steal_seconds
+from common import emit, machine_info, median_ci, steal_seconds, total_ratio_ci
 
 
 def config(rows_per_head: int, vocab_size: int, d_model: int = 256, n_layers: int = 6) -> ModelConfig:
@@ -172,6 +174,8 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             tokens_equal = bool(torch.equal(gen, ref_gen))
     ntok = sum(x.numel() for x, _ in batches)
     return {"prefill_pair_ratios": [a / b for a, b in zip(t_ram, t_lm, strict=True)],
+            "prefill_pairs_s": list(zip(t_ram, t_lm, strict=True)),
+            "decode_pairs_s": list(zip(d_ram, d_lm, strict=True)),
             "prefill_tok_s": round(ntok / sum(t_lm), 1), "ram_prefill_s": t_ram,
             # CPU of the prefetch workers per prefill batch (what the fetches take from the model's cores)
             "prefill_fetch_cpu_ms_per_batch": round(1e3 * fetch_cpu / len(batches), 1),
@@ -385,8 +389,13 @@ def main() -> None:
         per = [rd[name] for rd in rounds]
         pairs = [p for r in per for p in r.pop("prefill_pair_ratios")]
         dpairs = [p for r in per for p in r.pop("decode_pair_ratios")]
+        times = [p for r in per for p in r.pop("prefill_pairs_s")]
+        dtimes = [p for r in per for p in r.pop("decode_pairs_s")]
         summary[name] = {
             "prefill_vs_ram": median_ci(pairs),
+            # throughput over all pairs (total RAM time / total offloaded time): slow outliers count in full
+            "prefill_vs_ram_total": total_ratio_ci(times),
+            "decode_vs_ram_total": total_ratio_ci(dtimes),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in per),
             "prefill_fetch_cpu_ms_per_batch": statistics.median(r["prefill_fetch_cpu_ms_per_batch"] for r in per),
             "prefill_steal_ms_per_batch": round(statistics.mean(r["prefill_steal_ms_per_batch"] for r in per), 1),

@@ -26,3 +26,13 @@ def test_median_ci_brackets_the_median():
     assert r["median"] == pytest.approx(1.0)
     assert r["ci95"][0] <= r["median"] <= r["ci95"][1]
     assert r["pairs"] == 50
+
+
+def test_total_ratio_counts_slow_pairs_in_full():
+    from common import total_ratio_ci
+
+    pairs = [(1.0, 1.0)] * 9 + [(1.0, 2.0)]  # one pair twice as slow
+    r = total_ratio_ci(pairs)
+    assert r["ratio"] == pytest.approx(10 / 11, abs=1e-3)  # the median of ratios would say 1.0
+    assert median_ci([a / b for a, b in pairs])["median"] == 1.0
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] <= 1.0
