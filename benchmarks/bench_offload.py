@@ -40,6 +40,9 @@ VM whose disk emulation shares host cores with the vCPUs, part of a read's cost 
 `ram_steal_ms_after_offloaded_turn` / `..._after_ram_turn`: the RAM model's turns split by what ran
 just before them (does host work for the reads outlast the turn that issued them?);
 `ram_prefill_s_median`: the RAM model's batch time during this configuration's runs.
+`--settle 30` (default): idle 30 s after opening each configuration, before its pairs. Without it,
+on a VM with free page reporting, the host reclaiming the 4 GiB a RAM store just freed stole 30-70
+ms per batch from both models for the next configuration's first minute (measured).
 Decode: 4 held-out sequences (text after the prefill batches'), a
 64-token prompt each, then `--new-tokens` steps of one given token per sequence with the KV cache
 (teacher forcing: the model's weights are random, so its own greedy output is not text and would
@@ -127,6 +130,7 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
     # Host steal during each turn, and for the RAM turns whether the turn just before was the
     # offloaded model's (host work for its reads that outlasts the turn would land there).
     steal = {"ram": 0.0, "lm": 0.0, "ram_after_lm": [], "ram_after_ram": []}
+    per_turn: dict[str, list] = {"ram": [], "offloaded": []}  # in batch order, kept in the JSON's runs
     prev = None
     cpu0 = lm.prefetcher.cpu_seconds if lm.prefetcher is not None else 0.0
     for i, (x, y) in enumerate(batches):
@@ -138,6 +142,7 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             s1 = steal_seconds()
             if s0 is not None and s1 is not None:
                 steal["lm" if who is lm else "ram"] += s1 - s0
+                per_turn["offloaded" if who is lm else "ram"].append(round(s1 - s0, 3))
                 if who is not lm and prev is not None:
                     steal["ram_after_lm" if prev is lm else "ram_after_ram"].append(s1 - s0)
             prev = who
@@ -182,6 +187,7 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             # vCPU time the host took during the offloaded / the RAM model's prefill turns
             "prefill_steal_ms_per_batch": round(1e3 * steal["lm"] / len(batches), 1),
             "ram_prefill_steal_ms_per_batch": round(1e3 * steal["ram"] / len(batches), 1),
+            "prefill_steal_s_per_turn": per_turn,
             "ram_after_offloaded_steal_s": steal["ram_after_lm"], "ram_after_ram_steal_s": steal["ram_after_ram"],
             "decode_pair_ratios": [a / b for a, b in zip(d_ram, d_lm, strict=True)],
             "decode_tok_s": round(B * len(d_lm) / sum(d_lm), 1), "ram_decode_step_s": d_ram,
@@ -240,6 +246,11 @@ def _one_run(plain, memory, cb, policy, io, sdir, sync_rows, args, model_dir, pr
     with lm:
         cold = lm.drop_page_cache() if memory == "disk" else None
         cached = page_cache_bytes(lm) if memory == "disk" else None
+        if args.settle > 0:
+            # Memory the previous configuration freed (a 4 GiB RAM store) goes back to the host (virtio
+            # free page reporting); the host's work on it shows as steal from busy vCPUs for ~20 s after
+            # (measured). Idle vCPUs let it finish before the timed pairs, for every configuration alike.
+            time.sleep(args.settle)
         lm.reset_stats()
         reads0 = sum(s.direct_counts()["reads"] for s in _disk_stores(lm))  # minus the static preload
         io0 = proc_read_bytes()
@@ -262,6 +273,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="offload-bench", help="where to write the model and its store")
     ap.add_argument("--quick", action="store_true", help="a 64 MiB table and few batches (smoke test)")
+    ap.add_argument("--settle", type=float, default=None,
+                    help="seconds to idle after opening each configuration, before its timed pairs (lets a VM's "
+                         "host finish reclaiming memory the previous configuration freed; default 30, 0 with --quick)")
     ap.add_argument("--rows-per-head", type=int, default=1_048_576)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -289,6 +303,8 @@ def main() -> None:
                          "disk configuration runs under each (runs named *@NAME); default: leave it")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.settle is None:
+        args.settle = 0.0 if args.quick else 30.0
     from engram.data import prepare_data
     from engram.serve.export import co_access_layouts, export_tables
     from engram.serve.offload import access_profiles
@@ -421,6 +437,7 @@ def main() -> None:
     res["decode"] = {"text": list(text.shape), "prompt": 64, "steps": args.new_tokens,
                      "generate_prompts": list(prompts.shape), "new_tokens": args.new_tokens}
     res["rounds"] = len(rounds)
+    res["settle_s"] = args.settle
     res["summary"] = summary
     res["runs"] = rounds
     emit(res, args.out)
