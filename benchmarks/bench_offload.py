@@ -127,10 +127,11 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
     RAM / ``lm`` / RAM as a whole-run check that the tokens are equal (and timed, for reference).
     """
     t_ram, t_lm, losses = [], [], []
-    # Host steal during each turn, and for the RAM turns whether the turn just before was the
-    # offloaded model's (host work for its reads that outlasts the turn would land there).
-    steal = {"ram": 0.0, "lm": 0.0, "ram_after_lm": [], "ram_after_ram": []}
-    per_turn: dict[str, list] = {"ram": [], "offloaded": []}  # in batch order, kept in the JSON's runs
+    # Host steal during each turn (in batch order, kept in the JSON's runs), and for the RAM turns
+    # whether the turn just before was the offloaded model's (host work for its reads that outlasts
+    # the turn would land there).
+    per_turn: dict[str, list] = {"ram": [], "offloaded": []}
+    after: dict[str, list] = {"lm": [], "ram": []}
     prev = None
     cpu0 = lm.prefetcher.cpu_seconds if lm.prefetcher is not None else 0.0
     for i, (x, y) in enumerate(batches):
@@ -141,10 +142,9 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             dt = time.perf_counter() - t0
             s1 = steal_seconds()
             if s0 is not None and s1 is not None:
-                steal["lm" if who is lm else "ram"] += s1 - s0
                 per_turn["offloaded" if who is lm else "ram"].append(round(s1 - s0, 3))
                 if who is not lm and prev is not None:
-                    steal["ram_after_lm" if prev is lm else "ram_after_ram"].append(s1 - s0)
+                    after["lm" if prev is lm else "ram"].append(s1 - s0)
             prev = who
             if who is lm:
                 t_lm.append(dt)
@@ -185,10 +185,10 @@ def paired_run(plain, lm, batches, prompts, new_tokens: int, ref_losses: list[fl
             # CPU of the prefetch workers per prefill batch (what the fetches take from the model's cores)
             "prefill_fetch_cpu_ms_per_batch": round(1e3 * fetch_cpu / len(batches), 1),
             # vCPU time the host took during the offloaded / the RAM model's prefill turns
-            "prefill_steal_ms_per_batch": round(1e3 * steal["lm"] / len(batches), 1),
-            "ram_prefill_steal_ms_per_batch": round(1e3 * steal["ram"] / len(batches), 1),
+            "prefill_steal_ms_per_batch": round(1e3 * sum(per_turn["offloaded"]) / len(batches), 1),
+            "ram_prefill_steal_ms_per_batch": round(1e3 * sum(per_turn["ram"]) / len(batches), 1),
             "prefill_steal_s_per_turn": per_turn,
-            "ram_after_offloaded_steal_s": steal["ram_after_lm"], "ram_after_ram_steal_s": steal["ram_after_ram"],
+            "ram_after_offloaded_steal_s": after["lm"], "ram_after_ram_steal_s": after["ram"],
             "decode_pair_ratios": [a / b for a, b in zip(d_ram, d_lm, strict=True)],
             "decode_tok_s": round(B * len(d_lm) / sum(d_lm), 1), "ram_decode_step_s": d_ram,
             "generate_vs_ram": round((t_gen[0] + t_gen[2]) / 2 / t_gen[1], 3),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import median_ci, steal_seconds  # noqa: E402
+from common import median_ci, steal_seconds, total_ratio_ci  # noqa: E402
 
 
 def test_steal_seconds_reads_the_aggregate_cpu_line(tmp_path):
@@ -29,8 +29,6 @@ def test_median_ci_brackets_the_median():
 
 
 def test_total_ratio_counts_slow_pairs_in_full():
-    from common import total_ratio_ci
-
     pairs = [(1.0, 1.0)] * 9 + [(1.0, 2.0)]  # one pair twice as slow
     r = total_ratio_ci(pairs)
     assert r["ratio"] == pytest.approx(10 / 11, abs=1e-3)  # the median of ratios would say 1.0
