@@ -121,8 +121,10 @@ def requests_st(draw):
 @settings(max_examples=300, deadline=None)
 @given(policy=st.sampled_from(POLICIES), dtype=st.sampled_from(list(RAW)),
        capacity=st.sampled_from([1, 2, 5, 16, 40, R + 9]), slack=st.integers(0, 11),
-       pool_min=st.sampled_from([1, 3, 256]), use_out=st.booleans(), requests=requests_st(), data=st.data())
-def test_cache_matches_backing_and_reference_policy(policy, dtype, capacity, slack, pool_min, use_out, requests, data):
+       pool_min=st.sampled_from([1, 3, 256]), use_out=st.booleans(), native=st.booleans(), requests=requests_st(),
+       data=st.data())
+def test_cache_matches_backing_and_reference_policy(policy, dtype, capacity, slack, pool_min, use_out, native, requests,
+                                                    data):
     table = random_bits_table(dtype, seed=capacity)
     ram = RamStore(table)
     budget = capacity * ram.row_bytes + slack % ram.row_bytes  # a partial row's worth of bytes buys nothing
@@ -130,6 +132,7 @@ def test_cache_matches_backing_and_reference_policy(policy, dtype, capacity, sla
     if policy == "static":
         profile = np.array(data.draw(st.lists(st.integers(0, 4), min_size=R, max_size=R)), dtype=np.int64)
     cache = CachedStore(ram, budget, policy, profile=profile)
+    cache.native = cache.native and native  # static: the native split or the numpy path
     C = min(capacity, R)
     assert cache.capacity == C
     if policy != "static":

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory import native_io
+from engram.memory import native_cache, native_io
 from engram.memory.disk_format import (
     RAW_NUMPY,
     RAW_TORCH,
@@ -243,10 +243,13 @@ class DiskStore(RowStore):
             return Ready(self.gather(torch.from_numpy(uniq_U), out_Nd))
         if self.layout is not None:  # read in file order; rank_U[j] = where logical uniq_U[j] lands
             pos_U = self.layout.physical(uniq_U)
-            order_U = np.argsort(pos_U)
-            rank_U = np.empty_like(order_U)
-            rank_U[order_U] = np.arange(order_U.size)
-            uniq_U = pos_U[order_U]
+            if pos_U.size <= native_cache.SMALL and native_cache.available():
+                uniq_U, rank_U = native_cache.sort_rank(pos_U)
+            else:
+                order_U = np.argsort(pos_U)
+                rank_U = np.empty_like(order_U)
+                rank_U[order_U] = np.arange(order_U.size)
+                uniq_U = pos_U[order_U]
             inv_N = rank_U if inv_N is None else rank_U[inv_N]
         return self._start_positions(uniq_U, out_Nd, inv_N)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.memory import native_cache
 from engram.memory.disk_format import StoreFormatError, atomic_write, read_header, write_store
 
 __all__ = ["CoAccessCounter", "RowLayout", "co_access_order", "read_layout_file", "remove_stale_layouts",
@@ -97,6 +98,12 @@ class RowLayout:
         P = self._sorted_P.size
         if P == 0:
             return rows_N
+        if native_cache.available():  # one pass instead of ~10 array operations
+            return native_cache.physical(rows_N, self._bits_W, self._before_W, self._slot_P, P)
+        return self._physical_numpy(rows_N)
+
+    def _physical_numpy(self, rows_N: np.ndarray) -> np.ndarray:
+        P = self._sorted_P.size
         x = np.asarray(rows_N, dtype=np.int64)
         w = x >> 6
         word = self._bits_W[w]

@@ -40,18 +40,19 @@ class TierStats:
         self.requested = self.unique = self.hits = self.misses = self.bytes_read = 0
 
 
-def check_rows(rows_N, num_rows: int) -> torch.Tensor:
+def check_rows(rows_N, num_rows: int, *, check_range: bool = True) -> torch.Tensor:
     """Validate row ids and return them as a 1-D int64 CPU tensor (no copy when already one).
 
     Accepts a 1-D integer torch tensor or numpy array; raises ValueError for any other type, a float
-    or bool dtype, another rank, or an id outside ``[0, num_rows)`` (naming the first bad id).
+    or bool dtype, another rank, or an id outside ``[0, num_rows)`` (naming the first bad id). With
+    ``check_range=False`` the ids' range is left to the caller (a native kernel that checks as it goes).
     """
     if isinstance(rows_N, np.ndarray):
         if rows_N.dtype.kind not in "iu":
             raise ValueError(f"row ids must have an integer dtype, got numpy {rows_N.dtype}")
         if rows_N.ndim != 1:
             raise ValueError(f"row ids must be 1-D (flatten [B, T, H] first), got shape {list(rows_N.shape)}")
-        if rows_N.size and (rows_N.min() < 0 or rows_N.max() >= num_rows):
+        if check_range and rows_N.size and (rows_N.min() < 0 or rows_N.max() >= num_rows):
             bad = int(np.flatnonzero((rows_N < 0) | (rows_N >= num_rows))[0])
             raise ValueError(f"row id {rows_N[bad]} at position {bad} is out of range [0, {num_rows})")
         rows_N = np.ascontiguousarray(rows_N, dtype=np.int64)
@@ -63,7 +64,7 @@ def check_rows(rows_N, num_rows: int) -> torch.Tensor:
     if rows_N.dim() != 1:
         raise ValueError(f"row ids must be 1-D (flatten [B, T, H] first), got shape {list(rows_N.shape)}")
     rows_N = rows_N.detach().to("cpu", torch.int64).contiguous()
-    if rows_N.numel():
+    if check_range and rows_N.numel():
         # a decode step's few dozen ids: numpy's min/max cost ~2 us, torch.aminmax ~20 us of dispatch
         a = rows_N.numpy()
         lo, hi = (a.min(), a.max()) if a.size <= 4096 else torch.aminmax(rows_N)
@@ -159,9 +160,10 @@ class RowStore:
             s.misses += misses
             s.bytes_read += bytes_read
 
-    def _prepare(self, rows_N, out_Nd: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated ``(rows_N int64, out_Nd)``; allocates ``out_Nd`` when not given."""
-        rows_N = check_rows(rows_N, self.num_rows)
+    def _prepare(self, rows_N, out_Nd: torch.Tensor | None, *, check_range: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``(rows_N int64, out_Nd)``; allocates ``out_Nd`` when not given (see :func:`check_rows`)."""
+        rows_N = check_rows(rows_N, self.num_rows, check_range=check_range)
         shape = (rows_N.numel(), self.dim)
         if out_Nd is None:
             return rows_N, torch.empty(shape, dtype=self.dtype)
