@@ -25,6 +25,13 @@ Configurations, each measured on the same token batches:
     *_layout): the rows of each n-gram seen in the same profile tokens side by side, most frequent
     first (engram.memory.layout), so a cold n-gram's head rows share one read.
 
+Every offloaded configuration serves through the all-in-RAM model's own backbone (`open_memory(model=...)`;
+its tables are not used), so a pair compares where the rows come from and nothing else. Two copies of
+one model are not equally fast here: measured, a deep copy of the plain model took 0.906 of its decode
+speed in one process and 0.99-1.01 in six others (which pages their weights landed on), and a
+configuration that loaded its own backbone carried that as a per-round offset no pairing removes.
+`--separate-backbone` loads one per configuration (as all runs before 2026-12-02, fifth session).
+
 Timing is paired, because this kind of shared machine drifts by +-15% within a minute. Prefill:
 batches of 8 x 256 held-out tokens, each run through the all-in-RAM model and through the
 offloaded one back to back (order alternating), `OffloadedLM.forward` per batch: the batch's rows
@@ -242,7 +249,8 @@ def _one_run(plain, memory, cb, policy, io, sdir, sync_rows, args, model_dir, pr
     from engram.serve.offload import open_memory
 
     lm = open_memory(model_dir, memory, store_dir=sdir, cache_bytes=cb, sync_rows=sync_rows,
-                     policy=policy, profile=profile if policy == "static" else None, io=io or "auto")
+                     policy=policy, profile=profile if policy == "static" else None, io=io or "auto",
+                     model=None if args.separate_backbone else plain.model)
     with lm:
         cold = lm.drop_page_cache() if memory == "disk" else None
         cached = page_cache_bytes(lm) if memory == "disk" else None
@@ -290,6 +298,9 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256, help="backbone width (compute per token)")
     ap.add_argument("--layers", type=int, default=6, help="backbone depth (compute per token)")
     ap.add_argument("--only", nargs="+", help="run only these configurations (e.g. disk_static)")
+    ap.add_argument("--separate-backbone", action="store_true",
+                    help="give each offloaded configuration its own copy of the backbone (loaded from the model "
+                         "directory) instead of serving through the all-in-RAM model's own (open_memory(model=...))")
     ap.add_argument("--caller-fetch", action="store_true",
                     help="also run every disk configuration with all fetches started in the calling thread "
                          "(OffloadedLM sync_rows=inf: direct reads submitted there, collected by the Engram layer; "
@@ -438,6 +449,7 @@ def main() -> None:
                      "generate_prompts": list(prompts.shape), "new_tokens": args.new_tokens}
     res["rounds"] = len(rounds)
     res["settle_s"] = args.settle
+    res["backbone_shared"] = not args.separate_backbone
     res["summary"] = summary
     res["runs"] = rounds
     emit(res, args.out)

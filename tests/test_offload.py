@@ -16,7 +16,8 @@ from engram.memory.store import DiskStore, RamStore, StoreFormatError
 from engram.model import EngramLM
 from engram.serve import access_profiles, export_tables, open_memory, open_store_dir, read_manifest
 from engram.serve.export import MANIFEST, co_access_layouts, layer_file, verify_against_weights
-from tiny_models import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
+from engram.tokenizer import CompressedVocab
+from tiny_models import Saved, V, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -245,6 +246,34 @@ def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefet
         assert c["hits"] + c["misses"] == c["unique"] <= c["requested"]
     if policy:
         assert tiers[memory]["requested"] == tiers["cache"]["misses"]  # misses are passed on to the next tier
+
+
+def test_a_loaded_model_can_share_its_backbone_with_the_served_memory(saved):
+    """open_memory(model=...): the model (tables and all) serves through a store; its outputs are unchanged,
+    its own tables unused; a model of another config or vocabulary is refused."""
+    profile = access_profiles(saved.model, saved.profile_batches)
+    with open_memory(saved.model_dir, "disk", saved.store_dir, cache_bytes=int(0.1 * table_bytes(saved.model)),
+                     policy="static", profile=profile, model=saved.model) as lm:
+        assert lm.model is saved.model
+        tables = [p.detach().clone() for p in saved.model.engram_parameters()]
+        with torch.no_grad():
+            for p in saved.model.engram_parameters():
+                p.zero_()  # not read by the served path: still the stored rows
+            try:
+                assert torch.equal(lm(saved.idx).logits, saved.logits)
+                assert torch.equal(lm.generate(saved.prompt, 8, temperature=0), saved.greedy)
+            finally:
+                for p, t in zip(saved.model.engram_parameters(), tables, strict=True):
+                    p.copy_(t)
+        assert lm.tier_stats()["cache"]["requested"] > 0
+    assert torch.equal(saved.model(saved.idx).logits, saved.logits)  # closing leaves the model as it was
+    with pytest.raises(ValueError, match="does not have the config saved"):
+        open_memory(saved.model_dir, "ram", model=make_model(saved.model.cfg.engram.table_dtype, d_model=64))
+    other = EngramLM(saved.model.cfg, CompressedVocab(np.arange(V) % 31)).eval()
+    with pytest.raises(ValueError, match="compresses the vocabulary differently"):
+        open_memory(saved.model_dir, "ram", model=other)
+    with pytest.raises(ValueError, match="must be an EngramLM"):
+        open_memory(saved.model_dir, "ram", model=object())
 
 
 _BUILT: dict = {}

@@ -269,7 +269,7 @@ def _ram_tables(model_dir: Path, model: EngramLM) -> dict[int, torch.Tensor]:
 def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: str | os.PathLike | None = None,
                 cache_bytes: int = 0, policy: str = "lru", profile: dict | None = None, *, prefetch: bool = True,
                 workers: int = 2, max_pending: int = 4, verify: str = "header", sync_rows: int = 1024,
-                io: str = "auto") -> OffloadedLM:
+                io: str = "auto", model: EngramLM | None = None) -> OffloadedLM:
     """An :class:`OffloadedLM` for the model in ``model_dir`` (loaded without its tables).
 
     memory: ``"ram"``: the tables in RAM (read from the model's weights file, or from ``store_dir``
@@ -280,13 +280,19 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
         latter needs ``profile={layer: per-row counts}``, see :func:`access_profiles`).
     prefetch, workers, max_pending, sync_rows: see :class:`OffloadedLM`; verify: see :func:`open_store_dir`.
     io: how disk stores read rows, ``"auto"``, ``"direct"`` or ``"mmap"`` (see :class:`DiskStore`).
+    model: the model of ``model_dir`` already loaded (e.g. with its tables, to compare against): its
+        backbone is used as it is and its own tables are not, so two servings share one backbone in
+        memory. Must have the directory's config. None loads the backbone from ``model_dir``.
     """
     if memory not in ("ram", "disk"):
         raise ValueError(f"memory must be 'ram' or 'disk', got {memory!r}")
     if cache_bytes < 0:
         raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
     model_dir = Path(model_dir)
-    model = EngramLM.from_pretrained(model_dir, tables=False).eval()
+    if model is None:
+        model = EngramLM.from_pretrained(model_dir, tables=False).eval()
+    else:
+        _check_same_config(model, model_dir)
     if model.hasher is None:
         raise ValueError(f"the model in {model_dir} has no Engram layers: nothing to serve from memory")
     if memory == "disk" and store_dir is None:
@@ -322,6 +328,33 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
         for s in [*stores.values(), *backing.values()]:
             s.close()
         raise
+
+
+def _check_same_config(model, model_dir: Path) -> None:
+    import json
+
+    from engram.config import ModelConfig
+    from engram.model.transformer import CONFIG_FILE
+
+    if not isinstance(model, EngramLM):
+        raise ValueError(f"model must be an EngramLM, got {type(model).__name__}")
+    path = model_dir / CONFIG_FILE
+    try:
+        cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {model_dir} (expected a directory written by "
+                                f"save_pretrained)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid model config ({e})") from None
+    if cfg != model.cfg:
+        raise ValueError(f"model= does not have the config saved in {path}: pass the model of that directory")
+    if cfg.engram is not None:  # same config, other tokenizer: the rows would be hashed differently
+        from engram.model.transformer import VOCAB_FILE
+        from engram.tokenizer import CompressedVocab
+
+        saved = torch.from_numpy(CompressedVocab.load(model_dir / VOCAB_FILE).lookup.astype("int64"))
+        if not torch.equal(saved, model.vocab_lookup.cpu()):
+            raise ValueError(f"model= compresses the vocabulary differently from {model_dir / VOCAB_FILE}")
 
 
 def _with_cache(stores: dict, cache_bytes: int, policy: str, profile: dict | None) -> dict:
