@@ -40,6 +40,29 @@ def test_split_copies_hits_and_lists_distinct_misses(R, d, data):
     assert np.array_equal(sp.miss_rows_M[sp.miss_inv_K], ids_N[sp.miss_pos_K])
 
 
+@pytest.mark.parametrize("R,n", [(70, 65), (5_000_000, 20_000)])
+def test_split_of_larger_requests_sorts_by_radix(R, n):
+    """Over 64 ids the kernel sorts by radix (11-bit digits: 1 or 3 passes here): same answers as numpy."""
+    rng = np.random.default_rng(R)
+    slot_of_R = np.zeros(R, dtype=np.int32)
+    cached = rng.choice(R, size=R // 10, replace=False)
+    slot_of_R[cached] = np.arange(1, cached.size + 1, dtype=np.int32)
+    slots_Cd = rng.integers(-2**31, 2**31, (cached.size, 4)).astype(np.int32)
+    ids_N = np.concatenate([rng.choice(cached, n // 2), rng.integers(0, R, n - n // 2)])
+    rng.shuffle(ids_N)
+    out_Nd = np.zeros((n, 4), dtype=np.int32)
+    sp = native_cache.split(ids_N, R, slot_of_R, slots_Cd, out_Nd)
+    hit_N = slot_of_R[ids_N] > 0
+    assert np.array_equal(out_Nd[hit_N], slots_Cd[slot_of_R[ids_N[hit_N]] - 1])
+    assert (sp.unique, sp.hits) == (np.unique(ids_N).size, np.unique(ids_N[hit_N]).size)
+    assert np.array_equal(sp.miss_rows_M, np.unique(ids_N[~hit_N]))
+    assert np.array_equal(sp.miss_pos_K, np.flatnonzero(~hit_N)[np.argsort(ids_N[~hit_N], kind="stable")])
+    assert np.array_equal(sp.miss_rows_M[sp.miss_inv_K], ids_N[sp.miss_pos_K])
+    pos = rng.choice(2**40, size=n, replace=False)
+    sorted_M, rank_M = native_cache.sort_rank(pos)
+    assert np.array_equal(sorted_M, np.sort(pos)) and np.array_equal(sorted_M[rank_M], pos)
+
+
 def test_split_rejects_an_out_of_range_id_before_writing():
     slot_of_R = np.array([1, 0, 2, 0], dtype=np.int32)
     slots_Cd = np.arange(6, dtype=np.int32).reshape(2, 3)

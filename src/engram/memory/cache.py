@@ -100,7 +100,7 @@ class CachedStore(RowStore):
         self._raw_dtype = RAW_TORCH[backing.dtype]
         self._lock = threading.Lock()
         self._closed = False
-        # Small static-policy requests (decode steps) take one native pass; False keeps the numpy path.
+        # Static-policy requests take one native pass (native_cache.split); False keeps the numpy path.
         self.native = policy == "static" and native_cache.available()
         self._slot_of_R = np.zeros(backing.num_rows, dtype=np.int32)  # calloc: committed lazily
         self._used = 0  # slots [0, used) hold rows; slots are only freed all at once (see _refill)
@@ -209,17 +209,18 @@ class CachedStore(RowStore):
         return _Then(misses, finish)
 
     def _native_static(self, rows_N) -> bool:
-        """Whether a static-policy request goes through :meth:`_start_native` (small, native kernel built)."""
+        """Whether a static-policy request goes through :meth:`_start_native` (kernel built, <= MAX_IDS ids)."""
         if not (self.native and self.policy == "static"):
             return False
         n = (rows_N.numel() if isinstance(rows_N, torch.Tensor)
-             else rows_N.size if isinstance(rows_N, np.ndarray) else native_cache.SMALL + 1)
-        return n <= native_cache.SMALL
+             else rows_N.size if isinstance(rows_N, np.ndarray) else native_cache.MAX_IDS + 1)
+        return n <= native_cache.MAX_IDS
 
     def _start_native(self, rows_N, out_Nd: torch.Tensor | None):
         """The static policy's gather_start in one native pass (:func:`native_cache.split_at`): hits copied to
         the output, ids checked, the distinct misses handed to the backing store already sorted. A decode
-        step's request costs tens of microseconds here instead of ~15 numpy calls."""
+        step's request costs tens of microseconds here instead of ~15 numpy calls; a prefill batch's
+        rows are copied once (numpy: hits staged, then expanded) and sorted by radix."""
         if (out_Nd is None and type(rows_N) is torch.Tensor and rows_N.dtype == torch.int64 and rows_N.dim() == 1
                 and rows_N.is_cpu and rows_N.is_contiguous()):  # the usual request, checked cheaply
             out_Nd = torch.empty((rows_N.shape[0], self.dim), dtype=self.dtype)

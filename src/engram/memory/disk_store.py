@@ -243,7 +243,7 @@ class DiskStore(RowStore):
             return Ready(self.gather(torch.from_numpy(uniq_U), out_Nd))
         if self.layout is not None:  # read in file order; rank_U[j] = where logical uniq_U[j] lands
             pos_U = self.layout.physical(uniq_U)
-            if pos_U.size <= native_cache.SMALL and native_cache.available():
+            if pos_U.size <= native_cache.MAX_IDS and native_cache.available():
                 uniq_U, rank_U = native_cache.sort_rank(pos_U)
             else:
                 order_U = np.argsort(pos_U)

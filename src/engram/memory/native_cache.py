@@ -28,10 +28,10 @@ import numpy as np
 
 from engram.memory.native_build import NativeLibrary
 
-__all__ = ["SMALL", "Split", "available", "physical", "scatter_at", "sort_rank", "split", "split_at",
+__all__ = ["MAX_IDS", "Split", "available", "physical", "scatter_at", "sort_rank", "split", "split_at",
            "unavailable_reason"]
 
-SMALL = 4096  # requests up to this many ids take the native split (it sorts them: n log n)
+MAX_IDS = 1 << 20  # requests up to this many ids take the native paths (scratch: 56 bytes per id)
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -40,47 +40,63 @@ _SOURCE = r"""
 
 typedef struct { int64_t key, idx; } pair_t;
 
-static int cmp_pair(const void* a, const void* b) {
-  const pair_t* x = (const pair_t*)a; const pair_t* y = (const pair_t*)b;
-  if (x->key != y->key) return x->key < y->key ? -1 : 1;
-  return (x->idx > y->idx) - (x->idx < y->idx);
-}
-
-static void sort_pairs(pair_t* p, int64_t n) {
-  if (n > 32) { qsort(p, (size_t)n, sizeof *p, cmp_pair); return; }
-  for (int64_t i = 1; i < n; i++) {  /* a decode step's few dozen ids: insertion sort beats qsort's calls */
+static void insertion_sort(pair_t* p, int64_t n) {
+  for (int64_t i = 1; i < n; i++) {
     const pair_t v = p[i]; int64_t j = i;
-    while (j > 0 && cmp_pair(&p[j - 1], &v) > 0) { p[j] = p[j - 1]; j--; }
+    while (j > 0 && (p[j - 1].key > v.key || (p[j - 1].key == v.key && p[j - 1].idx > v.idx))) {
+      p[j] = p[j - 1]; j--;
+    }
     p[j] = v;
   }
 }
 
+/* Sort pairs by (key, idx) for keys in [0, 2^63) given in ascending idx order (so a stable sort by key
+   is enough): insertion sort for a decode step's few dozen, else LSD radix sort with 11-bit digits
+   (3 passes for 16M rows; tmp holds n more pairs). */
+static void sort_pairs(pair_t* p, pair_t* tmp, int64_t n, int64_t max_key) {
+  if (n <= 64) { insertion_sort(p, n); return; }
+  int bits = 0;
+  while (bits < 63 && (max_key >> bits) > 0) bits++;
+  pair_t *src = p, *dst = tmp;
+  int64_t count[2048];
+  for (int shift = 0; shift < bits; shift += 11) {
+    memset(count, 0, sizeof count);
+    for (int64_t i = 0; i < n; i++) count[(src[i].key >> shift) & 2047]++;
+    int64_t sum = 0;
+    for (int b = 0; b < 2048; b++) { const int64_t c = count[b]; count[b] = sum; sum += c; }
+    for (int64_t i = 0; i < n; i++) dst[count[(src[i].key >> shift) & 2047]++] = src[i];
+    pair_t* t = src; src = dst; dst = t;
+  }
+  if (src != p) memcpy(p, src, (size_t)n * sizeof *p);
+}
+
+#define AHEAD 16  /* ids ahead whose map entry is prefetched; rows are prefetched AHEAD / 2 ahead */
+
 /* Request ids[0..n) against a cache whose slot_of[r] is slot + 1 (0: not cached). Copies every cached
    row to out + i * rb now. Returns M, the number of distinct missed rows, written ascending to
    miss_rows[0..M); the K positions i holding a miss go to miss_pos[0..K) with miss_inv[k] the index of
-   their row in miss_rows. counts = {distinct ids, distinct cached ids, K}. An id outside [0, num_rows)
-   returns -(i + 1) for the first such position i, before anything is written. */
+   their row in miss_rows. counts = {distinct ids, distinct cached ids, K}. scratch holds 2n pairs. An id
+   outside [0, num_rows) returns -(i + 1) for the first such position i, before anything is written. */
 int64_t engram_cache_split(const int64_t* ids, int64_t n, int64_t num_rows, const int32_t* slot_of,
                            const char* slots, int64_t rb, char* out, pair_t* scratch, int64_t* miss_rows,
                            int64_t* miss_pos, int64_t* miss_inv, int64_t* counts) {
-  /* The map and the slots are hundreds of MiB, so every id costs two cache misses (map entry, then
-     row). Touch all map entries, then all rows, before using any: the misses overlap instead of
-     queueing one after another (~2x faster on a decode step's 64 ids). */
-  for (int64_t i = 0; i < n; i++) {
+  for (int64_t i = 0; i < n; i++)
     if (ids[i] < 0 || ids[i] >= num_rows) return -(i + 1);
-    __builtin_prefetch(&slot_of[ids[i]]);
-  }
+  /* The map and the slots are hundreds of MiB: every id costs two cache misses (map entry, then row).
+     Prefetching both ahead of use overlaps them instead of queueing one after another. */
+  for (int64_t i = 0; i < n && i < AHEAD; i++) __builtin_prefetch(&slot_of[ids[i]]);
   for (int64_t i = 0; i < n; i++) {
-    const int32_t s = slot_of[ids[i]];
-    if (s)
-      for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(slots + (int64_t)(s - 1) * rb + o);
-  }
-  for (int64_t i = 0; i < n; i++) {
+    if (i + AHEAD < n) __builtin_prefetch(&slot_of[ids[i + AHEAD]]);
+    if (i + AHEAD / 2 < n) {
+      const int32_t s2 = slot_of[ids[i + AHEAD / 2]];
+      if (s2)
+        for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(slots + (int64_t)(s2 - 1) * rb + o);
+    }
     const int64_t r = ids[i]; const int32_t s = slot_of[r];
     if (s) memcpy(out + i * rb, slots + (int64_t)(s - 1) * rb, (size_t)rb);
     scratch[i].key = r; scratch[i].idx = i;
   }
-  sort_pairs(scratch, n);
+  sort_pairs(scratch, scratch + n, n, num_rows - 1);
   int64_t U = 0, H = 0, M = 0, K = 0;
   for (int64_t a = 0; a < n;) {
     const int64_t r = scratch[a].key; int64_t b = a + 1;
@@ -118,8 +134,12 @@ void engram_scatter_rows(char* out, const char* buf, const int64_t* pos, const i
 
 /* sorted[0..n) = pos ascending; rank[j] = the place of pos[j] in it (ties keep input order). */
 void engram_sort_rank(const int64_t* pos, int64_t n, pair_t* scratch, int64_t* sorted, int64_t* rank) {
-  for (int64_t j = 0; j < n; j++) { scratch[j].key = pos[j]; scratch[j].idx = j; }
-  sort_pairs(scratch, n);
+  int64_t max_key = 0;
+  for (int64_t j = 0; j < n; j++) {
+    scratch[j].key = pos[j]; scratch[j].idx = j;
+    if (pos[j] > max_key) max_key = pos[j];
+  }
+  sort_pairs(scratch, scratch + n, n, max_key);
   for (int64_t k = 0; k < n; k++) { sorted[k] = scratch[k].key; rank[scratch[k].idx] = k; }
 }
 """
@@ -183,17 +203,17 @@ def split(ids_N: np.ndarray, num_rows: int, slot_of_R: np.ndarray, slots_raw_Cd:
 
 def split_at(ids: int, n: int, num_rows: int, slot_of: int, slots: int, row_bytes: int, out: int) -> Split:
     """:func:`split` on raw addresses (what a caller that keeps them saves: ~1-2 us per array and call)."""
-    buf = np.empty(5 * n + 3, dtype=np.int64)  # sort scratch (2n), miss rows, positions, inverse, counts (3)
+    buf = np.empty(7 * n + 3, dtype=np.int64)  # sort scratch (2n pairs), miss rows, positions, inverse, counts
     a = buf.ctypes.data
-    m = _lib().engram_cache_split(ids, n, num_rows, slot_of, slots, row_bytes, out, a, a + 16 * n, a + 24 * n,
-                                  a + 32 * n, a + 40 * n)
+    m = _lib().engram_cache_split(ids, n, num_rows, slot_of, slots, row_bytes, out, a, a + 32 * n, a + 40 * n,
+                                  a + 48 * n, a + 56 * n)
     if m < 0:
         bad = -m - 1
         bad_id = ctypes.c_int64.from_address(ids + 8 * bad).value
         raise ValueError(f"row id {bad_id} at position {bad} is out of range [0, {num_rows})")
-    k = int(buf[5 * n + 2])
-    return Split(int(buf[5 * n]), int(buf[5 * n + 1]), buf[2 * n:2 * n + m], buf[3 * n:3 * n + k],
-                 buf[4 * n:4 * n + k])
+    k = int(buf[7 * n + 2])
+    return Split(int(buf[7 * n]), int(buf[7 * n + 1]), buf[4 * n:4 * n + m], buf[5 * n:5 * n + k],
+                 buf[6 * n:6 * n + k])
 
 
 def scatter_at(out: int, buf: int, pos_K: np.ndarray, inv_K: np.ndarray, row_bytes: int) -> None:
@@ -219,7 +239,7 @@ def sort_rank(pos_M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(sorted_M, rank_M)``: ``pos_M`` ascending, and ``sorted_M[rank_M[j]] == pos_M[j]``."""
     pos = np.ascontiguousarray(pos_M, dtype=np.int64)
     n = pos.size
-    scratch = np.empty(2 * n, dtype=np.int64)
+    scratch = np.empty(4 * n, dtype=np.int64)  # 2n pairs
     sorted_M, rank_M = np.empty(n, np.int64), np.empty(n, np.int64)
     _lib().engram_sort_rank(pos.ctypes.data, n, scratch.ctypes.data, sorted_M.ctypes.data, rank_M.ctypes.data)
     return sorted_M, rank_M
