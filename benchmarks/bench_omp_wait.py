@@ -39,10 +39,11 @@ def child(args) -> None:
     import numpy as np
     import torch
 
-    from bench_offload import batches_of, config
     from engram.data import prepare_data
     from engram.model import EngramLM
     from engram.tokenizer import CompressedVocab
+
+    from bench_offload import batches_of, config
 
     data = prepare_data(progress=False)
     torch.manual_seed(0)
