@@ -55,6 +55,18 @@ def save_pretrained(model, directory: str | os.PathLike) -> Path:
     return d
 
 
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` saved in ``directory`` (FileNotFoundError / ValueError when missing / invalid)."""
+    d = Path(directory)
+    cfg_path = d / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {d} (expected a directory written by save_pretrained)")
+    try:
+        return ModelConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid model config ({e})") from None
+
+
 def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
                     tables: bool = True):
     """Load a model of class ``cls`` (:class:`EngramLM`) written by :func:`save_pretrained`.
@@ -75,10 +87,7 @@ def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | to
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"no {p.name} in {d} (expected a directory written by save_pretrained)")
-    try:
-        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise ValueError(f"{cfg_path} is not a valid model config ({e})") from None
+    cfg = load_config(d)
     vocab = None
     if cfg.engram is not None:
         if not (d / VOCAB_FILE).is_file():

@@ -331,27 +331,15 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
 
 
 def _check_same_config(model, model_dir: Path) -> None:
-    import json
-
-    from engram.config import ModelConfig
-    from engram.model.transformer import CONFIG_FILE
+    from engram.model.persistence import VOCAB_FILE, load_config
+    from engram.tokenizer import CompressedVocab
 
     if not isinstance(model, EngramLM):
         raise ValueError(f"model must be an EngramLM, got {type(model).__name__}")
-    path = model_dir / CONFIG_FILE
-    try:
-        cfg = ModelConfig.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {model_dir} (expected a directory written by "
-                                f"save_pretrained)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid model config ({e})") from None
+    cfg = load_config(model_dir)
     if cfg != model.cfg:
-        raise ValueError(f"model= does not have the config saved in {path}: pass the model of that directory")
+        raise ValueError(f"model= does not have the config saved in {model_dir}: pass the model of that directory")
     if cfg.engram is not None:  # same config, other tokenizer: the rows would be hashed differently
-        from engram.model.transformer import VOCAB_FILE
-        from engram.tokenizer import CompressedVocab
-
         saved = torch.from_numpy(CompressedVocab.load(model_dir / VOCAB_FILE).lookup.astype("int64"))
         if not torch.equal(saved, model.vocab_lookup.cpu()):
             raise ValueError(f"model= compresses the vocabulary differently from {model_dir / VOCAB_FILE}")
