@@ -11,6 +11,8 @@ Every run keeps each pair's (RAM seconds, offloaded seconds) in its JSON (`runs[
 * the ratio per pair is RAM time / offloaded time (above 1: the offloaded model was faster);
   `median`: median of all pooled pair ratios; `total`: total RAM time / total offloaded time (the
   throughput ratio, slow pairs count in full);
+* `meets_target_*`: the throughput ratio's whole 95% interval is at or above 0.97 (the target is on
+  tokens/s: <= 3% loss); `median_interval_above_target` says the same of the median of pair ratios;
 * 95% intervals by a stratified bootstrap: pairs are resampled within each run (each run keeps its
   number of pairs), so a run measured in a slow hour cannot take over a resample.
 
@@ -125,9 +127,13 @@ def pool(paths: list[str], configs: list[str] | None = None, same_sha: bool = Fa
                             "ram_prefill_tok_s": res["summary"]["ram_model"]["prefill_tok_s"],
                             "prefill": pooled([p]), "decode": pooled([d])})
         pf, dc = pooled(pre), pooled(dec)
+        # the target is on tokens/s, i.e. the total-time ratio: met when its whole 95% interval is at or
+        # above it; the median of pair ratios (robust to single slow pairs) is reported beside it
         out[name] = {"prefill": pf, "decode": dc,
-                     "meets_target_prefill": pf["median_ci95"][0] >= TARGET and pf["total_ci95"][0] >= TARGET,
-                     "meets_target_decode": dc["median_ci95"][0] >= TARGET and dc["total_ci95"][0] >= TARGET,
+                     "meets_target_prefill": pf["total_ci95"][0] >= TARGET,
+                     "meets_target_decode": dc["total_ci95"][0] >= TARGET,
+                     "median_interval_above_target": {"prefill": pf["median_ci95"][0] >= TARGET,
+                                                      "decode": dc["median_ci95"][0] >= TARGET},
                      "per_run": per_run}
     first = runs[0][1]
     return {"benchmark": "offload_pooled", "machine": machine_info(), "target": TARGET,

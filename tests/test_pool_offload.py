@@ -62,11 +62,13 @@ def test_pool_over_runs_and_rounds_and_the_target_verdict(tmp_path):
     c = res["configs"]["disk"]
     assert c["prefill"]["pairs"] == 60 and c["decode"]["pairs"] == 61
     assert c["meets_target_prefill"] and c["meets_target_decode"]
+    assert c["median_interval_above_target"] == {"prefill": True, "decode": True}
     assert res["git_shas"] == ["abc1234", "def5678"]
     assert [r["prefill"]["pairs"] for r in c["per_run"]] == [30, 30]
     p3 = _run(tmp_path / "c.json", bad, bad)
     c = pool([p1, p3])["configs"]["disk"]
-    assert not c["meets_target_prefill"]  # half the pairs 6% slower: the interval reaches below 0.97
+    assert not c["meets_target_prefill"]  # 2/3 of the pairs 6% slower: the interval reaches below 0.97
+    assert not c["median_interval_above_target"]["prefill"]
 
 
 def test_runs_that_measured_different_things_are_refused(tmp_path):
