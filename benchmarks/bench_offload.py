@@ -416,7 +416,7 @@ def main() -> None:
         per = [rd[name] for rd in rounds]
         pairs = [p for r in per for p in r.pop("prefill_pair_ratios")]
         dpairs = [p for r in per for p in r.pop("decode_pair_ratios")]
-        # the (RAM, offloaded) seconds of every pair stay in the runs: runs of one code can be pooled later
+        # the (RAM, offloaded) seconds of every pair stay in the runs: benchmarks/pool_offload.py pools runs
         times = [p for r in per for p in r["prefill_pairs_s"]]
         dtimes = [p for r in per for p in r["decode_pairs_s"]]
         summary[name] = {
