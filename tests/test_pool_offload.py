@@ -97,3 +97,16 @@ def test_unusable_files_give_a_clear_error_and_exit_code(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{")
     assert main([str(tmp_path / "broken.json")]) == 2
     assert "cannot read a bench_offload result" in capsys.readouterr().err
+
+
+def test_the_recorded_pooled_result_is_what_the_recorded_runs_give():
+    """benchmarks/results keeps four runs and their pooled result (RESULTS.md's table): recomputing it
+    from the runs must give the same numbers, so the table stays traceable to its data."""
+    d = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "offload_d512_2026-12-02"
+    recorded = json.loads((d / "pooled.json").read_text())
+    res = pool([str(p) for p in sorted(d.glob("c*.json"))])
+    for name, c in recorded["configs"].items():
+        for key in ("prefill", "decode", "meets_target_prefill", "meets_target_decode",
+                    "median_interval_above_target"):
+            assert res["configs"][name][key] == c[key], (name, key)
+    assert res["configs"]["disk_static_layout"]["prefill"]["pairs"] == 432
