@@ -63,18 +63,35 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1) -> dict:
     return {"median_s": times[len(times) // 2], "best_s": times[0], "repeat": repeat}
 
 
-def median_ci(ratios, seed: int = 0, resamples: int = 2000) -> dict:
-    """Median of paired ratios with a bootstrap 95% interval: ``{"median", "ci95", "pairs"}``."""
+def _resample_idx(n: int, seed: int, resamples: int, strata: list[int] | None):
+    """Bootstrap indices (resamples, n) into n items; with ``strata`` (group sizes summing to n, the
+    items ordered by group) each group is resampled within itself and keeps its size."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sizes = [n] if strata is None else list(strata)
+    if sum(sizes) != n:
+        raise ValueError(f"strata sizes {sizes} do not add up to {n} items")
+    parts, start = [], 0
+    for k in sizes:
+        parts.append(start + rng.integers(0, k, size=(resamples, k)))
+        start += k
+    return np.concatenate(parts, axis=1)
+
+
+def median_ci(ratios, seed: int = 0, resamples: int = 2000, strata: list[int] | None = None) -> dict:
+    """Median of paired ratios with a bootstrap 95% interval: ``{"median", "ci95", "pairs"}``
+    (``strata``: see :func:`_resample_idx`)."""
     import numpy as np
 
     r = np.asarray(ratios, dtype=np.float64)
-    boot = np.median(r[np.random.default_rng(seed).integers(0, len(r), size=(resamples, len(r)))], axis=1)
+    boot = np.median(r[_resample_idx(len(r), seed, resamples, strata)], axis=1)
     return {"median": round(float(np.median(r)), 3),
             "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],
             "pairs": len(r)}
 
 
-def total_ratio_ci(pairs, seed: int = 0, resamples: int = 2000) -> dict:
+def total_ratio_ci(pairs, seed: int = 0, resamples: int = 2000, strata: list[int] | None = None) -> dict:
     """Throughput ratio of paired timings ``[(reference_s, candidate_s), ...]``: total reference time
     over total candidate time, with a bootstrap 95% interval over the pairs: ``{"ratio", "ci95", "pairs"}``.
 
@@ -83,7 +100,7 @@ def total_ratio_ci(pairs, seed: int = 0, resamples: int = 2000) -> dict:
     import numpy as np
 
     t = np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
-    idx = np.random.default_rng(seed).integers(0, len(t), size=(resamples, len(t)))
+    idx = _resample_idx(len(t), seed, resamples, strata)
     boot = t[idx, 0].sum(axis=1) / t[idx, 1].sum(axis=1)
     return {"ratio": round(float(t[:, 0].sum() / t[:, 1].sum()), 3),
             "ci95": [round(float(np.quantile(boot, 0.025)), 3), round(float(np.quantile(boot, 0.975)), 3)],

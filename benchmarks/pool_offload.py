@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import emit, machine_info
+from common import emit, machine_info, median_ci, total_ratio_ci
 
 # fields of a run that must agree for its pairs to measure the same thing
 SAME = ("table", "cache_bytes", "backbone", "prefill_batch", "decode", "backbone_shared", "layout_used")
@@ -73,15 +73,6 @@ def check_compatible(runs: list[tuple[str, dict]], same_sha: bool) -> None:
                             f"{first_path} at {first['machine'].get('git_sha')}")
 
 
-def _stratified_idx(sizes: list[int], rng, resamples: int) -> np.ndarray:
-    """Indices into the concatenated pairs, resampled within each group: (resamples, sum(sizes))."""
-    parts, start = [], 0
-    for n in sizes:
-        parts.append(start + rng.integers(0, n, size=(resamples, n)))
-        start += n
-    return np.concatenate(parts, axis=1)
-
-
 def pooled(groups: list[np.ndarray], seed: int = 0, resamples: int = 4000) -> dict:
     """Median pair ratio and total-time ratio over groups of (reference_s, candidate_s) pairs, with
     stratified-bootstrap 95% intervals."""
@@ -91,16 +82,9 @@ def pooled(groups: list[np.ndarray], seed: int = 0, resamples: int = 4000) -> di
     t = np.concatenate([np.asarray(g, dtype=np.float64).reshape(-1, 2) for g in groups])
     if not np.all(t > 0):
         raise PoolError("pair timings must be positive seconds")
-    ratio = t[:, 0] / t[:, 1]
-    idx = _stratified_idx(sizes, np.random.default_rng(seed), resamples)
-    boot_med = np.median(ratio[idx], axis=1)
-    boot_tot = t[idx, 0].sum(axis=1) / t[idx, 1].sum(axis=1)
-
-    def ci(b):
-        return [round(float(np.quantile(b, 0.025)), 3), round(float(np.quantile(b, 0.975)), 3)]
-
-    return {"median": round(float(np.median(ratio)), 3), "median_ci95": ci(boot_med),
-            "total": round(float(t[:, 0].sum() / t[:, 1].sum()), 3), "total_ci95": ci(boot_tot),
+    med = median_ci(t[:, 0] / t[:, 1], seed, resamples, strata=sizes)
+    tot = total_ratio_ci(t, seed, resamples, strata=sizes)
+    return {"median": med["median"], "median_ci95": med["ci95"], "total": tot["ratio"], "total_ci95": tot["ci95"],
             "pairs": int(len(t)), "runs": len(groups)}
 
 
