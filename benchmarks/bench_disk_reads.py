@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory import blockdev, native_io
-from engram.memory.disk_store import DiskStore
-from engram.memory.store import write_store
+from engram.store import blockdev, native_io
+from engram.store.base import write_store
+from engram.store.disk import DiskStore
 
 from common import emit, machine_info, steal_seconds
 

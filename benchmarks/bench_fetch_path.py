@@ -3,7 +3,7 @@
 Same model, table, text, profile and co-access store as `bench_offload.py` (d=64 fp32 rows, 16.8M rows: a
 4 GiB table; backbone `--d-model` x `--layers`; static-hot cache of 10% ranked on train-split tokens).
 Two caches over one direct-read disk store, one with the native split (`CachedStore.native`, see
-`engram.memory.native_cache`), one with it off (the numpy path), both bit-identical (checked).
+`engram.store.native_cache`), one with it off (the numpy path), both bit-identical (checked).
 
 * decode: held-out text, 4 sequences, one given token per step with the KV cache, through the plain
   all-in-RAM model and through `OffloadedLM` over each cache (all three share one backbone), order
@@ -64,11 +64,11 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     from engram.data import prepare_data
-    from engram.memory import native_cache, native_io
-    from engram.memory.cache import CachedStore
     from engram.model import EngramLM
     from engram.serve.export import co_access_layouts, export_tables, open_store_dir
     from engram.serve.offload import OffloadedLM, access_profiles
+    from engram.store import native_cache, native_io
+    from engram.store.cache import CachedStore
     from engram.tokenizer import CompressedVocab
 
     res: dict = {"benchmark": "fetch_path", "machine": machine_info()}

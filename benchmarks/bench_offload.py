@@ -23,7 +23,7 @@ Configurations, each measured on the same token batches:
     (never the evaluated text); it is loaded when the store opens, before the timed run.
   * with `--layout`, each disk configuration also on a store written in co-access order (runs named
     *_layout): the rows of each n-gram seen in the same profile tokens side by side, most frequent
-    first (engram.memory.layout), so a cold n-gram's head rows share one read.
+    first (engram.store.layout), so a cold n-gram's head rows share one read.
 
 Every offloaded configuration serves through the all-in-RAM model's own backbone (`open_memory(model=...)`;
 its tables are not used), so a pair compares where the rows come from and nothing else. Two copies of
@@ -77,8 +77,8 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig, ModelConfig
-from engram.memory import blockdev
 from engram.model import EngramLM
+from engram.store import blockdev
 from engram.tokenizer import CompressedVocab
 
 from common import emit, machine_info, median_ci, steal_seconds, total_ratio_ci

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig, ModelConfig
-from engram.memory import DiskStore, RowStore, write_store
-from engram.memory.cache import CachedStore
 from engram.model import EngramLM
 from engram.serve.offload import OffloadedLM
+from engram.store import DiskStore, RowStore, write_store
+from engram.store.cache import CachedStore
 
 from common import emit, machine_info
 

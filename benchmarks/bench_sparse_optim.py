@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.hashing import NgramHasher
-from engram.memory.optim import SparseRowAdam, clip_grad_norm_
 from engram.model import Engram
+from engram.optim.sparse_adam import SparseRowAdam, clip_grad_norm_
 from engram.tokenizer import CompressedVocab
 
 from common import emit, machine_info, timeit

@@ -99,7 +99,7 @@ def engram_parts(cfg: ModelConfig, data, dtype: str, repeat: int = 9) -> dict:
     """Milliseconds per training step of each Engram part, timed alone on a real batch."""
     import torch
 
-    from engram.memory.optim import coalesce_
+    from engram.optim.sparse_adam import coalesce_
 
     run = Run(cfg, data, dtype)
     try:

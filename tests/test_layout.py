@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import layout, native_io
-from engram.memory.cache import CachedStore
-from engram.memory.disk_format import read_header, write_store
-from engram.memory.disk_store import DiskStore, StoreFormatError
-from engram.memory.layout import RowLayout, co_access_order, write_store_with_layout
 from engram.serve import open_memory
 from engram.serve.export import co_access_layouts, export_tables, layer_file
+from engram.store import layout, native_io
+from engram.store.cache import CachedStore
+from engram.store.disk import DiskStore, StoreFormatError
+from engram.store.format import read_header, write_store
+from engram.store.layout import RowLayout, co_access_order, write_store_with_layout
 from tiny_models import Saved, ids, one_thread  # noqa: F401
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import native_cache, native_io
-from engram.memory.cache import CachedStore
-from engram.memory.disk_store import DiskStore
-from engram.memory.layout import RowLayout, write_store_with_layout
-from engram.memory.store import RamStore
+from engram.store import native_cache, native_io
+from engram.store.base import RamStore
+from engram.store.cache import CachedStore
+from engram.store.disk import DiskStore
+from engram.store.layout import RowLayout, write_store_with_layout
 
 pytestmark = pytest.mark.skipif(not native_cache.available(),
                                 reason=f"native cache kernels unavailable: {native_cache.unavailable_reason()}")

@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import native_io
-from engram.memory.cache import CachedStore
-from engram.memory.store import DiskStore, write_store
+from engram.store import native_io
+from engram.store.base import DiskStore, write_store
+from engram.store.cache import CachedStore
 
 pytestmark = pytest.mark.skipif(not native_io.available(),
                                 reason=f"direct I/O unavailable here: {native_io.unavailable_reason()}")
@@ -218,7 +218,7 @@ def test_read_rows_checks_its_buffer_and_ring(tmp_path):
 
 
 def test_env_switch_disables_direct_io():
-    code = ("from engram.memory import native_io, store; import torch, tempfile, pathlib;"
+    code = ("from engram.store import native_io, base as store; import torch, tempfile, pathlib;"
             "d = pathlib.Path(tempfile.mkdtemp()); p = store.write_store(d / 't', torch.randn(4, 4));"
             "s = store.DiskStore.open(p); print(native_io.available(), native_io.unavailable_reason(), s.io)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

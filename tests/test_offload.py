@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engram.config import EngramConfig
-from engram.memory.store import DiskStore, RamStore, StoreFormatError
 from engram.model import EngramLM
 from engram.serve import access_profiles, export_tables, open_memory, open_store_dir, read_manifest
 from engram.serve.export import MANIFEST, co_access_layouts, layer_file, verify_against_weights
+from engram.store.base import DiskStore, RamStore, StoreFormatError
 from engram.tokenizer import CompressedVocab
 from tiny_models import Saved, V, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
@@ -207,7 +207,7 @@ def test_interrupted_export_never_leaves_a_valid_store(tmp_path, monkeypatch):
 
 def _needs_cache(policy):
     if policy is not None:
-        pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
+        pytest.importorskip("engram.store.cache", reason="CachedStore (engram.store.cache) not available yet")
 
 
 MEMORY = [("ram", 0.0, None), ("disk", 0.0, None), ("ram", 0.1, "lru")] + [
@@ -284,7 +284,7 @@ _BUILT: dict = {}
        frac=st.just(0.0) | st.floats(0.02, 0.5),
        policy=st.sampled_from(["lru", "lfu"]), layout=st.booleans())
 def test_random_sequences_through_a_disk_cache_are_bit_identical(tmp_path_factory, seed, B, T, frac, policy, layout):
-    pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
+    pytest.importorskip("engram.store.cache", reason="CachedStore (engram.store.cache) not available yet")
     if "prop" not in _BUILT:  # built once: hypothesis calls this test many times
         root = tmp_path_factory.mktemp("prop")
         s = _BUILT["prop"] = Saved(root, "bfloat16")

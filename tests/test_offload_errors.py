@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from engram.config import EngramConfig, ModelConfig
-from engram.memory import blockdev
-from engram.memory.prefetch import CancelledError
-from engram.memory.store import RamStore
 from engram.model import EngramLM
 from engram.serve import OffloadedLM, open_memory
+from engram.store import blockdev
+from engram.store.base import RamStore
+from engram.store.prefetch import CancelledError
 from engram.tokenizer.compression import CompressedVocab
 from tiny_models import Saved, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
@@ -97,7 +97,7 @@ def test_open_memory_errors(tmp_path):
         open_memory(tmp_path / "m", "disk")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_memory(tmp_path / "m", "disk", tmp_path / "missing")
-    pytest.importorskip("engram.memory.cache", reason="CachedStore (engram.memory.cache) not available yet")
+    pytest.importorskip("engram.store.cache", reason="CachedStore (engram.store.cache) not available yet")
     with pytest.raises(ValueError, match="access profile"):
         open_memory(tmp_path / "m", "ram", cache_bytes=1000, policy="static")
     with pytest.raises(ValueError, match="less than one row"):

@@ -1,4 +1,4 @@
-"""Tests for engram.memory.optim: SparseRowAdam and the sparse-aware clip_grad_norm_."""
+"""Tests for engram.optim.sparse_adam: SparseRowAdam and the sparse-aware clip_grad_norm_."""
 
 # Shapes: R table rows, d row width, U touched rows.
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engram.memory import SparseRowAdam, clip_grad_norm_
-from engram.memory.optim import coalesce_, sparse_rows
+from engram.optim import SparseRowAdam, clip_grad_norm_
+from engram.optim.sparse_adam import coalesce_, sparse_rows
 
 R, D = 40, 4
 CONFIGS = [
@@ -519,7 +519,7 @@ def test_validation():
 
 
 # ------------------------------------------------------------------ the native kernel
-native_adam = pytest.importorskip("engram.memory.native_adam")
+native_adam = pytest.importorskip("engram.optim.native_adam")
 needs_native = pytest.mark.skipif(not native_adam.available(), reason="no C compiler for the native kernel")
 
 

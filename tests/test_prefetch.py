@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory.prefetch import CancelledError, Pending, Prefetcher
-from engram.memory.store import RamStore
+from engram.store.base import RamStore
+from engram.store.prefetch import CancelledError, Pending, Prefetcher
 
 
 class GatedStore:

@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import readahead
-from engram.memory.cache import CachedStore
-from engram.memory.prefetch import Prefetcher
-from engram.memory.readahead import PAGE, SeenPages, page_runs
-from engram.memory.store import DiskStore, write_store
+from engram.store import readahead
+from engram.store.base import DiskStore, write_store
+from engram.store.cache import CachedStore
+from engram.store.prefetch import Prefetcher
+from engram.store.readahead import PAGE, SeenPages, page_runs
 
 # 6 fp32 = 24-byte rows do not divide a page: rows 170, 341, ... straddle page boundaries.
 R, D = 2000, 6

@@ -20,9 +20,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.memory import disk_format
-from engram.memory.disk_format import ALIGN, MAGIC, read_header
-from engram.memory.store import DiskStore, RamStore, StoreFormatError, TierStats, write_store
+from engram.store import format as disk_format
+from engram.store.base import DiskStore, RamStore, StoreFormatError, TierStats, write_store
+from engram.store.format import ALIGN, MAGIC, read_header
 
 R, D = 203, 6
 RAW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -288,7 +288,7 @@ def test_interrupted_iterator_keeps_existing_file(good_file):
 
 _KILLED_WRITER = """
 import sys, time, torch
-from engram.memory.store import write_store
+from engram.store.base import write_store
 def pieces():
     for i in range(100):
         if i == 3:

@@ -145,7 +145,7 @@ def _print_memory_stats(lm, file) -> None:
 
 def _store_io_scheduler(lm) -> dict | None:
     """The I/O scheduler of the device under the first disk store behind ``lm`` (None: no disk store)."""
-    from engram.memory.blockdev import io_scheduler
+    from engram.store.blockdev import io_scheduler
 
     for s in lm.stores.values():
         disk = getattr(s, "backing", s)
@@ -194,8 +194,8 @@ def _generate(args) -> int:
 
 
 def _export_memory(args) -> int:
-    from engram.memory.disk_format import read_header
     from engram.serve import export_tables, read_manifest
+    from engram.store.format import read_header
 
     layouts = None
     if args.layout_tokens < 0:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engram.atomic import atomic_write
+
 if TYPE_CHECKING:
     from .corpus import Corpus
 
@@ -49,19 +51,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("ENGRAM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "engram"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and `os.replace`: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class TokenCodec:
@@ -171,10 +160,10 @@ def get_bpe(corpus: Corpus, vocab_size: int = 8192, cache_dir: str | os.PathLike
             "vocab_size": tok.get_vocab_size(), "corpus_fingerprint": corpus.fingerprint(),
             "corpus_source": corpus.source, "train_documents": len(corpus.train), "train_chars": n_chars,
             "train_seconds": round(seconds, 3)}
-    write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2).encode())
-    write_atomic(out / _BPE_META, json.dumps(meta, indent=2).encode())
+    atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2).encode())
+    atomic_write(out / _BPE_META, json.dumps(meta, indent=2).encode())
     # tokenizer.json last: its presence is what marks the directory complete.
-    write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
+    atomic_write(out / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
     return out
 
 

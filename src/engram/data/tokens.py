@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bpe import TokenCodec, cache_root, get_tokenizer, log, tokenizer_fingerprint, write_atomic
+from engram.atomic import atomic_path, atomic_write
+
+from .bpe import TokenCodec, cache_root, get_tokenizer, log, tokenizer_fingerprint
 from .corpus import Corpus, Document, load_corpus
 
 FORMAT_VERSION = 1
@@ -54,15 +56,11 @@ def encode_documents(codec: TokenCodec, docs: Sequence[Document], eos_id: int, d
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arr.dtype, shape=arr.shape)
         out[:] = arr
         out.flush()
         del out  # close the map before the rename
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def tokens_dir(corpus: Corpus, tokenizer_fp: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -111,7 +109,7 @@ def load_tokens(corpus: Corpus, codec: TokenCodec, tokenizer_spec: str, cache_di
         meta.update({f"{split}_tokens": int(arr.size), f"{split}_documents": len(docs),
                      f"{split}_chars": corpus.num_chars(split)})
     meta["encode_seconds"] = round(time.perf_counter() - t0, 3)
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2).encode())  # last: marks the cache complete
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2).encode())  # last: marks the cache complete
     if progress:
         log(f"tokenised in {meta['encode_seconds']:.1f} s: {meta['train_tokens']:,} train and "
             f"{meta['val_tokens']:,} val tokens ({dtype.name})")

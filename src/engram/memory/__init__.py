@@ -1,35 +1,10 @@
-"""Engram memory: hashed n-gram tables, their sparse-row optimizer, and tiered row stores."""
+"""Engram memory as the model sees it: the hashed n-gram table and the provider interface.
 
-from engram.memory.cache import POLICIES, CachedStore, access_profile, coverage_curve, simulate_hit_rate
-from engram.memory.disk_store import DiskStore
-from engram.memory.optim import SparseRowAdam, clip_grad_norm_
-from engram.memory.prefetch import Pending, Prefetcher
-from engram.memory.store import (
-    RamStore,
-    RowStore,
-    StoreFormatError,
-    TierStats,
-    check_rows,
-    write_store,
-)
+Where the rows live (a local table, a store behind a cache and prefetcher, a table sharded across
+ranks) is the provider's business; the model only asks :class:`MemoryProvider` for the rows of its
+row ids. Stores live in :mod:`engram.store`, the sparse-row optimizer in :mod:`engram.optim`.
+"""
+
 from engram.memory.table import MultiHeadTable
 
-__all__ = [
-    "POLICIES",
-    "CachedStore",
-    "access_profile",
-    "coverage_curve",
-    "simulate_hit_rate",
-    "DiskStore",
-    "MultiHeadTable",
-    "Pending",
-    "Prefetcher",
-    "RamStore",
-    "RowStore",
-    "SparseRowAdam",
-    "StoreFormatError",
-    "TierStats",
-    "check_rows",
-    "clip_grad_norm_",
-    "write_store",
-]
+__all__ = ["MultiHeadTable"]

@@ -42,16 +42,15 @@ def save_pretrained(model, directory: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    from engram.atomic import atomic_path, write_json_atomic
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if model.vocab is not None:
         model.vocab.save(d / VOCAB_FILE)  # atomic on its own
-    tmp = d / (WEIGHTS_FILE + ".tmp")
-    save_file(_weights_to_save(model), str(tmp), metadata={"format": _FORMAT})
-    os.replace(tmp, d / WEIGHTS_FILE)
-    tmp = d / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    os.replace(tmp, d / CONFIG_FILE)
+    with atomic_path(d / WEIGHTS_FILE) as tmp:
+        save_file(_weights_to_save(model), str(tmp), metadata={"format": _FORMAT})
+    write_json_atomic(d / CONFIG_FILE, model.cfg.to_dict())
     return d
 
 

@@ -2,7 +2,7 @@
 
 A store directory holds::
 
-    layer_<i>.engram   one row store per Engram layer i (layout: engram.memory.disk_format), the layer's
+    layer_<i>.engram   one row store per Engram layer i (layout: engram.store.format), the layer's
                        flat [num_rows, d] table with every hash head side by side (MultiHeadTable order)
     manifest.json      what the directory holds and for which model; written last, atomically
 
@@ -14,7 +14,7 @@ wrong rows. Exporting removes an old manifest first and writes the new one only 
 durable (each is written crash-safely by :func:`write_store`), so an interrupted export never leaves a
 directory that opens as valid.
 
-With ``layouts`` (see :func:`co_access_layouts` and :mod:`engram.memory.layout`), a layer file stores its
+With ``layouts`` (see :func:`co_access_layouts` and :mod:`engram.store.layout`), a layer file stores its
 rows in co-access order and names a sidecar ``layer_<i>.engram.layout-<id>.npy`` holding that order:
 the rows one n-gram looks up sit side by side, so a cold n-gram costs one disk read instead of K.
 """
@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory.disk_format import DTYPE_NAMES, atomic_write, fsync_dir
-from engram.memory.disk_store import DiskStore
-from engram.memory.layout import CoAccessCounter, RowLayout, remove_stale_layouts, write_store_with_layout
-from engram.memory.store import write_store
+from engram.atomic import atomic_write, fsync_dir
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
+from engram.store.base import write_store
+from engram.store.disk import DiskStore
+from engram.store.format import DTYPE_NAMES
+from engram.store.layout import CoAccessCounter, RowLayout, remove_stale_layouts, write_store_with_layout
 
 __all__ = ["MANIFEST", "check_manifest", "co_access_layouts", "config_hash", "export_tables", "layer_file",
            "layer_meta", "open_store_dir", "read_manifest", "verify_against_weights", "vocab_hash", "write_manifest"]
@@ -99,7 +100,7 @@ def co_access_layouts(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> di
     """Per-layer co-access layouts ``{layer: RowLayout}`` from token-id batches (a profile corpus).
 
     Each position's K head rows of each n-gram order form a group; the groups seen, most frequent first,
-    decide the file order (:func:`engram.memory.layout.co_access_order`). Profile on data other than what
+    decide the file order (:func:`engram.store.layout.co_access_order`). Profile on data other than what
     is then evaluated (e.g. the train split). The rows read back are the same whatever the layout.
     """
     engrams = _engrams(model)

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from engram.memory.prefetch import Prefetcher
-from engram.memory.store import RamStore
 from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput, engram_table_key
 from engram.serve.export import open_store_dir, verify_against_weights
+from engram.store.base import RamStore
+from engram.store.prefetch import Prefetcher
 
 __all__ = ["OffloadedLM", "access_profiles", "format_tier_stats", "open_memory"]
 
@@ -235,7 +235,7 @@ def access_profiles(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> dict
 
     Profile on data other than what is then evaluated (e.g. the train split), or the cache knows the future.
     """
-    from engram.memory.cache import access_profile
+    from engram.store.cache import access_profile
 
     batches = list(id_batches)
     engrams = {blk.layer: blk.engram for blk in model.blocks if blk.engram is not None}
@@ -346,7 +346,7 @@ def _check_same_config(model, model_dir: Path) -> None:
 
 
 def _with_cache(stores: dict, cache_bytes: int, policy: str, profile: dict | None) -> dict:
-    from engram.memory.cache import CachedStore
+    from engram.store.cache import CachedStore
 
     if policy == "static":
         if profile is None or sorted(profile) != sorted(stores):

@@ -217,6 +217,8 @@ class CompressedVocab:
         """Save the map as a small safetensors file (int32 ids + metadata), atomically."""
         from safetensors.numpy import save_file
 
+        from engram.atomic import atomic_path
+
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"compressed vocab files end in .safetensors, got {path.name!r}")
@@ -227,9 +229,8 @@ class CompressedVocab:
         }
         if self.keys is not None:  # canonical texts, so stats work without the tokenizer
             meta["keys"] = json.dumps(self.keys, ensure_ascii=False)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"lookup": self.lookup.astype(np.int32)}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under `path`
+        with atomic_path(path) as tmp:  # a crash never leaves a half-written file under `path`
+            save_file({"lookup": self.lookup.astype(np.int32)}, str(tmp), metadata=meta)
         return path
 
     @classmethod

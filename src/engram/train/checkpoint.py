@@ -20,21 +20,11 @@ from pathlib import Path
 
 import torch
 
-from engram.memory.disk_format import fsync_dir
+from engram.atomic import atomic_write
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or belongs to another configuration."""
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class _HashingWriter:
@@ -69,18 +59,20 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict, cfg_dic
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    final, tmp = ckpt_dir / f"{name}.pt", ckpt_dir / f"{name}.pt.tmp"
+    final = ckpt_dir / f"{name}.pt"
     payload = {**state, "step": step, "config": cfg_dict}
-    with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
-        torch.save(payload, w)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    writers = []
+
+    def save(f) -> None:
+        writers.append(_HashingWriter(f))
+        torch.save(payload, writers[0])
+
+    atomic_write(final, save)
+    w = writers[0]
     manifest = {"file": final.name, "step": step, "size": w.n, "sha256": w.h.hexdigest(),
                 "config_fingerprint": config_fingerprint(cfg_dict), "format": "engram-ckpt-1"}
-    _fsync_write(ckpt_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())
-    _fsync_write(ckpt_dir / "latest.json", json.dumps({"name": name, "step": step}).encode())
+    atomic_write(ckpt_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())
+    atomic_write(ckpt_dir / "latest.json", json.dumps({"name": name, "step": step}).encode())
     for old in sorted(ckpt_dir.glob("step-*.json"))[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".pt").unlink(missing_ok=True)

@@ -12,8 +12,9 @@ import json
 import time
 from pathlib import Path
 
+from engram.atomic import write_json_atomic
 from engram.train.config import RunConfig
-from engram.train.run import plot_losses, read_metrics, write_json_atomic
+from engram.train.run import plot_losses, read_metrics
 
 
 def variants(base: RunConfig, n_experts_moved: int) -> dict[str, RunConfig]:

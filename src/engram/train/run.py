@@ -7,12 +7,13 @@ versions of the libraries that matter, so a number in a table can be traced back
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from engram.atomic import write_json_atomic
 
 
 def git_sha() -> str | None:
@@ -39,12 +40,6 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def init_run_dir(run_dir: Path, cfg_dict: dict) -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from engram.atomic import write_json_atomic
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.train.config import RunConfig
-from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics, write_json_atomic
+from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -144,7 +145,7 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_optimizers(self):
-        from engram.memory.optim import SparseRowAdam
+        from engram.optim.sparse_adam import SparseRowAdam
 
         tc = self.cfg.train
         tables = list(self.model.engram_parameters())
@@ -225,7 +226,7 @@ class Trainer:
         return total / max(1, n)
 
     def _train_step(self, x_BT, y_BT) -> tuple[float, float]:
-        from engram.memory.optim import clip_grad_norm_
+        from engram.optim.sparse_adam import clip_grad_norm_
 
         tc = self.cfg.train
         lr = lr_at(self.step, tc)

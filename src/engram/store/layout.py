@@ -4,7 +4,7 @@ Why: an n-gram's K hash heads land on K unrelated rows of the flat table, so a c
 separate disk reads (measured: when an n-gram misses the static cache, 6-8 of its 8 head rows miss).
 Each direct read costs ~4-5 us of CPU here, taken from the model's compute. If the rows of the n-grams
 a corpus uses are stored side by side, the reader merges them into one read (rows in adjacent blocks
-share a read, see :mod:`engram.memory.native_io`).
+share a read, see :mod:`engram.store.native_io`).
 
 A :class:`RowLayout` says where each logical row (the id the hashing computes) sits in the file: the
 ``placed`` rows first, in the given order, then every other row in ascending id order. It is a bijection,
@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory import native_cache
-from engram.memory.disk_format import StoreFormatError, atomic_write, read_header, write_store
+from engram.atomic import atomic_write
+from engram.store import native_cache
+from engram.store.format import StoreFormatError, read_header, write_store
 
 __all__ = ["CoAccessCounter", "RowLayout", "co_access_order", "read_layout_file", "remove_stale_layouts",
            "write_layout_file", "write_store_with_layout"]

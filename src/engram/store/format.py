@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.atomic import atomic_path
+
 MAGIC = b"ENGRMROW"
 FORMAT_VERSION = 1
 ALIGN = 4096
@@ -285,32 +287,39 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-def fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
-    """Write a small file durably: ``write(f)`` into ``<path>.tmp-<pid>``, fsync, rename over ``path``,
-    fsync the directory. A crash leaves the old file or the new one; the temp file is removed on failure."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path
+def _write_rows(fd: int, pieces: Iterator, fields: dict, num_rows: int, dim: int, dtype, chunk_rows: int,
+                row_bytes: int) -> None:
+    """Write the row data piece by piece, then the header (last: a torn file has no magic)."""
+    data_offset = fields["data_offset"]
+    crcs, done, synced = [0] * fields["num_chunks"], 0, data_offset
+    # Not enumerate()/zip(): their reused result tuple keeps the previous piece alive while the next is made.
+    for i in itertools.count():
+        piece = next(pieces, None)
+        if piece is None:
+            break
+        arr = _raw_piece(piece, dim, dtype, i)
+        n = arr.shape[0]
+        if done + n > num_rows:
+            raise ValueError(f"pieces hold more than num_rows={num_rows} rows (piece {i} ends at row {done + n})")
+        r, mv = 0, None
+        while r < n:  # split at chunk boundaries: each chunk's crc accumulates across pieces
+            c = (done + r) // chunk_rows
+            take = min(n - r, (c + 1) * chunk_rows - (done + r))
+            mv = memoryview(arr[r : r + take]).cast("B")
+            crcs[c] = zlib.crc32(mv, crcs[c])
+            _pwrite_all(fd, mv, data_offset + (done + r) * row_bytes)
+            r += take
+        done += n
+        del arr, piece, mv  # drop the piece before the generator makes the next one
+        end = data_offset + done * row_bytes
+        if end - synced >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            os.fdatasync(fd)  # written-back pages are clean, so DONTNEED can drop them
+            os.posix_fadvise(fd, synced, end - synced, os.POSIX_FADV_DONTNEED)
+            synced = end
+    if done != num_rows:
+        raise ValueError(f"pieces hold {done} rows, expected num_rows={num_rows}")
+    _pwrite_all(fd, memoryview(_encode_header(fields, crcs)), 0)  # last: a torn file has no magic
+    os.fsync(fd)
 
 
 def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Tensor | np.ndarray], *,
@@ -354,7 +363,7 @@ def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Ten
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta must be JSON-serialisable: {e}") from None
     fields = _layout(num_rows, dim, dtype, chunk_rows, meta)
-    data_offset, total = fields["data_offset"], fields["data_offset"] + num_rows * row_bytes
+    total = fields["data_offset"] + num_rows * row_bytes
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if free < total:
@@ -362,45 +371,10 @@ def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Ten
 
     pieces: Iterator = (rows[i : i + chunk_rows] for i in range(0, num_rows, chunk_rows)) \
         if isinstance(rows, torch.Tensor) else iter(rows)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        crcs, done, synced = [0] * fields["num_chunks"], 0, data_offset
-        # Not enumerate()/zip(): their reused result tuple keeps the previous piece alive while the next is made.
-        for i in itertools.count():
-            piece = next(pieces, None)
-            if piece is None:
-                break
-            arr = _raw_piece(piece, dim, dtype, i)
-            n = arr.shape[0]
-            if done + n > num_rows:
-                raise ValueError(f"pieces hold more than num_rows={num_rows} rows (piece {i} ends at row {done + n})")
-            r, mv = 0, None
-            while r < n:  # split at chunk boundaries: each chunk's crc accumulates across pieces
-                c = (done + r) // chunk_rows
-                take = min(n - r, (c + 1) * chunk_rows - (done + r))
-                mv = memoryview(arr[r : r + take]).cast("B")
-                crcs[c] = zlib.crc32(mv, crcs[c])
-                _pwrite_all(fd, mv, data_offset + (done + r) * row_bytes)
-                r += take
-            done += n
-            del arr, piece, mv  # drop the piece before the generator makes the next one
-            end = data_offset + done * row_bytes
-            if end - synced >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-                os.fdatasync(fd)  # written-back pages are clean, so DONTNEED can drop them
-                os.posix_fadvise(fd, synced, end - synced, os.POSIX_FADV_DONTNEED)
-                synced = end
-        if done != num_rows:
-            raise ValueError(f"pieces hold {done} rows, expected num_rows={num_rows}")
-        _pwrite_all(fd, memoryview(_encode_header(fields, crcs)), 0)  # last: a torn file has no magic
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if fd >= 0:
+    with atomic_path(path, fsync_file=False) as tmp:  # _write_rows flushes the file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            _write_rows(fd, pieces, fields, num_rows, dim, dtype, chunk_rows, row_bytes)
+        finally:
             os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
     return path

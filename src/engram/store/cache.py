@@ -43,9 +43,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from engram.memory import native_cache
-from engram.memory.disk_format import RAW_TORCH
-from engram.memory.store import Ready, RowStore, check_rows
+from engram.store import native_cache
+from engram.store.base import Ready, RowStore, check_rows
+from engram.store.format import RAW_TORCH
 
 __all__ = ["POLICIES", "CachedStore", "access_profile", "coverage_curve", "simulate_hit_rate"]
 

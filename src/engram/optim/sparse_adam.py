@@ -51,8 +51,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from engram.memory import native_adam
 from engram.memory.hugepages import advise_hugepages
+from engram.optim import native_adam
 
 __all__ = ["SparseRowAdam", "clip_grad_norm_", "coalesce_", "sparse_rows"]
 
@@ -118,7 +118,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             the random bits hash (row, column, step), so resumed runs stay bit-identical) instead
             of to nearest, so updates smaller than half a bf16 ulp are not lost on average.
         native: run the update in one pass per row with the C kernel of
-            :mod:`engram.memory.native_adam` where it applies (fp32 CPU tables, default modes;
+            :mod:`engram.optim.native_adam` where it applies (fp32 CPU tables, default modes;
             ~10x faster, equal to the torch path up to a few float32 ulps).
 
     Gradients: sparse COO (uncoalesced is fine; duplicates are summed) or dense; for a dense

@@ -1,7 +1,7 @@
 """Build small C kernels on first use with the system C compiler, cached per source, and load them.
 
-The project's native pieces (:mod:`engram.memory.native_gather`, :mod:`engram.memory.native_io`) are
-single C files embedded as strings: no build step at install time, nothing to ship per platform. The
+The project's native pieces (:mod:`engram.memory.native_gather`, :mod:`engram.store.native_io`) are
+single C files shipped beside this module: no build step at install time, nothing to ship per platform. The
 first call compiles one into a shared library under ``$XDG_CACHE_HOME/engram`` (default
 ``~/.cache/engram``), named by a hash of the source, compiler and platform, and loads it with ctypes;
 later processes load the cached file. Where no C compiler works, callers fall back to pure-Python/torch

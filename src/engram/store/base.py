@@ -2,9 +2,9 @@
 
 Every store answers ``gather(rows_N) -> [N, d]``, bit-identical to ``table[rows_N]``; callers do not need
 to know where the rows live. :class:`RamStore` wraps an in-memory tensor, :class:`DiskStore` maps a file
-written by :func:`write_store` (layout in :mod:`engram.memory.disk_format`).
+written by :func:`write_store` (layout in :mod:`engram.store.format`).
 
-:class:`DiskStore` (in :mod:`engram.memory.disk_store`, importable from here too) documents how disk
+:class:`DiskStore` (in :mod:`engram.store.disk`, importable from here too) documents how disk
 reads work and how the page cache is made cold for measurements.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from engram.memory.disk_format import DTYPE_NAMES, RAW_NUMPY, RAW_TORCH, StoreFormatError, write_store
+from engram.store.format import DTYPE_NAMES, RAW_NUMPY, RAW_TORCH, StoreFormatError, write_store
 
 __all__ = ["RamStore", "Ready", "RowStore", "StoreFormatError", "TierStats", "check_rows", "write_store"]
 
@@ -229,9 +229,9 @@ class RamStore(RowStore):
 
 
 def __getattr__(name: str):
-    # DiskStore lives in engram.memory.disk_store, which imports this module: resolved on first use.
+    # DiskStore lives in engram.store.disk, which imports this module: resolved on first use.
     if name == "DiskStore":
-        from engram.memory.disk_store import DiskStore
+        from engram.store.disk import DiskStore
 
         return DiskStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

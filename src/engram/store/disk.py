@@ -5,7 +5,7 @@ Disk reads, and how the page cache is made cold for measurements:
 * A gather de-duplicates its ids and reads the distinct rows in ascending file order, then expands them
   with the inverse index; ``bytes_read`` counts ``unique * row_bytes`` (logical bytes; the device reads
   whole aligned blocks).
-* ``io="direct"`` (the default where available, see :mod:`engram.memory.native_io`): the rows are read
+* ``io="direct"`` (the default where available, see :mod:`engram.store.native_io`): the rows are read
   with ``O_DIRECT`` through io_uring, up to 128 reads in flight, each widened only to the device's
   block alignment (512 bytes here) and merged with adjacent rows. No page cache: the file's pages
   never take RAM beyond the cache the caller budgets, and a cold row costs ~4 us of CPU instead of
@@ -13,11 +13,11 @@ Disk reads, and how the page cache is made cold for measurements:
 * ``io="mmap"``: the data region is mapped read-only and advised ``MADV_RANDOM`` (Engram rows are
   hashed, so the kernel's default 128 KiB read-around would read ~500x the bytes needed). Before
   copying, a gather asks the kernel for all its distinct pages not advised before at once
-  (``posix_fadvise(WILLNEED)`` per run of adjacent pages, see :mod:`engram.memory.readahead`): the reads
+  (``posix_fadvise(WILLNEED)`` per run of adjacent pages, see :mod:`engram.store.readahead`): the reads
   are queued together instead of one page fault at a time, ~3-4x faster from a cold cache. The copy
   still reads the mapping, so the advice changes speed, never bytes. ``readahead=False`` turns it off.
 * Either way the bytes are the file's bytes: every mode returns the same rows bit for bit.
-* A store written with a co-access layout (:mod:`engram.memory.layout`; its header names the sidecar)
+* A store written with a co-access layout (:mod:`engram.store.layout`; its header names the sidecar)
   holds row ``r`` at file position ``layout.physical(r)``: ids are mapped to positions before they are
   de-duplicated and sorted, so the reads walk the file forwards and the rows an n-gram uses together
   share a read. Opening checks the sidecar (present, checksum, a permutation of the right size).
@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.memory import native_cache, native_io
-from engram.memory.disk_format import (
+from engram.memory.hugepages import libc
+from engram.store import native_cache, native_io
+from engram.store.base import Ready, RowStore, check_rows
+from engram.store.format import (
     RAW_NUMPY,
     RAW_TORCH,
     StoreFormatError,
@@ -51,10 +53,8 @@ from engram.memory.disk_format import (
     read_header,
     verify_chunks,
 )
-from engram.memory.hugepages import libc
-from engram.memory.layout import RowLayout, read_layout_file
-from engram.memory.readahead import SeenPages, advise_willneed, page_runs
-from engram.memory.store import Ready, RowStore, check_rows
+from engram.store.layout import RowLayout, read_layout_file
+from engram.store.readahead import SeenPages, advise_willneed, page_runs
 
 __all__ = ["DiskStore", "StoreFormatError"]
 
@@ -114,7 +114,7 @@ class DiskStore(RowStore):
         expect: fields the file must have, e.g. ``{"num_rows": R, "dim": d, "dtype": torch.bfloat16,
             "meta": {"layer": 2}}``; a mismatch raises StoreFormatError listing every difference.
         io: how rows are read. ``"direct"``: ``O_DIRECT`` reads batched through io_uring
-            (:mod:`engram.memory.native_io`; about half the CPU per cold row, and the file stays out of
+            (:mod:`engram.store.native_io`; about half the CPU per cold row, and the file stays out of
             the page cache); ``"mmap"``: through the memory mapping; ``"auto"`` (default): direct where
             the kernel, file system and a C compiler allow it, else mmap. ``self.io`` is the choice made.
         readahead: (mmap reads) before copying a gather's rows, queue the reads of their pages not

@@ -1,0 +1,80 @@
+"""Crash-safe file writes: every file the project writes goes through here.
+
+A file is written under a temporary name in the same directory, flushed to the device, renamed over its
+final name, and the directory entry is flushed too. A crash (or an exception, or a full disk) at any
+point leaves either the old file or the new one under the final name, never a torn one, and no
+temporary file behind when the writer raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "write_json_atomic"]
+
+
+def fsync_dir(d: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename is durable only once its directory is)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync_file: bool = True) -> Iterator[Path]:
+    """Yield a temporary path ``<path>.tmp-<pid>`` beside ``path``; when the block ends without an
+    exception the temporary file is flushed (unless the writer did, ``fsync_file=False``), renamed over
+    ``path`` and the directory flushed. For writers that want a file name (``safetensors.save_file``,
+    ``np.lib.format.open_memmap``, ``os.open``). Stale ``*.tmp-<pid>`` files of killed writers may be deleted."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if fsync_file:
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable, mode: str = "wb") -> Path:
+    """Write ``data`` (bytes, text, or a callable ``write(f)`` given the open file) to ``path`` crash-safely.
+
+    ``mode`` is ``"wb"`` or ``"w"`` for a callable; bytes and str pick their own. Returns ``path``.
+    """
+    path = Path(path)
+    if isinstance(data, bytes | bytearray | memoryview):
+        mode, payload = "wb", data
+        data = lambda f: f.write(payload)  # noqa: E731
+    elif isinstance(data, str):
+        mode, payload = "w", data
+        data = lambda f: f.write(payload)  # noqa: E731
+    with atomic_path(path, fsync_file=False) as tmp:
+        with open(tmp, mode) as f:
+            data(f)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int | None = 2) -> Path:
+    """``obj`` as JSON (``default=str`` for paths and the like) at ``path``, crash-safely."""
+    return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
