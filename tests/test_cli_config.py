@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engram.cli import main
-from engram.config import ENGRAM_PRESETS, EngramConfig, engram_preset
+from engram.config import EngramConfig, engram_preset, presets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,21 +25,23 @@ def test_vocab_stats_json_and_save(capsys, tmp_path):
 def test_cli_errors_are_clear(capsys, tmp_path):
     assert main(["vocab-stats", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
-    assert main(["hash", "x", "--tokenizer", "mistral-sp", "--preset", "nope"]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: --preset takes the registered names only
+        main(["hash", "x", "--tokenizer", "mistral-sp", "--preset", "demo"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'demo'" in capsys.readouterr().err
 
 
 def test_hash_command(capsys):
-    assert main(["hash", "Hello world", "--tokenizer", "mistral-sp", "--preset", "debug"]) == 0
+    assert main(["hash", "Hello world", "--tokenizer", "mistral-sp", "--preset", "engram-debug"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["rows"]["1"]) == len(out["ids"]) and len(out["rows"]["1"][0]) == 2 * 4
 
 
 def test_presets_valid_and_roundtrip():
-    for name in ENGRAM_PRESETS:
+    for name in presets("engram"):
         cfg = engram_preset(name)
         assert EngramConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(KeyError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown Engram-layer preset 'nope'"):
         engram_preset("nope")
 
 

@@ -40,8 +40,8 @@ def test_variants_are_iso_parameter(corpus):
 
 
 def test_compare_end_to_end(corpus, tmp_path):
-    lines = []
-    summary = run_compare(tiny(corpus), tmp_path / "cmp", n_experts_moved=2, seeds=(0, 1), progress=False,
+    lines, base = [], tiny(corpus)
+    summary = run_compare(base, tmp_path / "cmp", n_experts_moved=2, seeds=(0, 1), progress=False,
                           cache_dir=tmp_path / "cache", out=lines.append)
     rows = summary["rows"]
     assert [(r["model"], r["seed"]) for r in rows] == [("moe", 0), ("engram", 0), ("moe", 1), ("engram", 1)]
@@ -54,6 +54,7 @@ def test_compare_end_to_end(corpus, tmp_path):
     cfg = json.loads((tmp_path / "cmp" / "engram-seed1" / "config.json").read_text())
     assert cfg["train"]["seed"] == 1 and cfg["model"]["engram"] is not None and cfg["train"]["dtype"] == "float32"
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert base == tiny(corpus)  # the caller's config is not touched by either run
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["rows"] == rows
     table = (tmp_path / "cmp" / "compare.md").read_text()

@@ -1,5 +1,7 @@
 """Trainer: golden loss curve, exact resume after kill -9 and Ctrl-C, damaged checkpoints, NaN stop."""
 
+import copy
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from engram.config import ConfigError
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from engram.train.config import apply_overrides, run_preset
 from engram.train.run import read_metrics
@@ -66,6 +69,27 @@ def test_schedule():
     assert lr_at(tc.steps, tc) == pytest.approx(tc.lr * tc.min_lr_ratio)
 
 
+def test_trainer_resolves_into_its_own_copy(env, tmp_path):
+    """Vocabulary size, pad id, dtype=auto and threads=0 are resolved for the run, not in the caller's config."""
+    cfg = cfg_for(env, ["train.dtype='auto'", "train.threads=0", "train.steps=2", "model.vocab_size=8192"])
+    before = copy.deepcopy(cfg)
+    tr = Trainer(cfg, tmp_path / "run", data=env["data"], progress=False)
+    tr.train()
+    assert cfg == before
+    assert cfg.train.dtype == "auto" and cfg.train.threads == 0 and cfg.model.vocab_size == 8192
+    assert tr.cfg is not cfg and tr.cfg.model.engram is not cfg.model.engram
+    assert tr.cfg.model.vocab_size == env["data"].vocab_size != 8192
+    assert tr.cfg.model.engram.pad_id == env["data"].pad_id
+    assert tr.cfg.train.dtype in ("float32", "bfloat16") and tr.cfg.train.threads >= 1
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded == tr.cfg.to_dict()
+
+
+def test_corpus_too_small_for_seq_len_is_a_config_error(env, tmp_path):
+    small = dataclasses.replace(env["data"], val=env["data"].val[:40])
+    with pytest.raises(ConfigError, match="validation split has 40 tokens.*train.seq_len"):
+        Trainer(cfg_for(env), tmp_path / "run", data=small, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_autocast_dtype_resolution(env, tmp_path, monkeypatch):

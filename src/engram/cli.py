@@ -1,19 +1,40 @@
-"""The `engram` command. It only parses arguments and calls into the package."""
+"""The `engram` command. It only parses arguments and calls into the package.
+
+Errors: a known user error (see `is_user_error`) prints one line, ``engram: error: ...``, and
+exits with status 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+
+
+@contextlib.contextmanager
+def _reading_user_input():
+    """Wrap the loading of something the user named (a tokenizer, corpus, model or store
+    directory): there a ValueError means that input is unusable, and becomes a UserError."""
+    from engram.config import UserError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def _vocab_stats(args) -> int:
     from engram.tokenizer import CompressedVocab
 
-    vocab = CompressedVocab.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    with _reading_user_input():
+        vocab = CompressedVocab.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
     s = vocab.stats(top=args.top)
     if args.save:
-        vocab.save(args.save)
+        with _reading_user_input():
+            vocab.save(args.save)
     if args.json:
         print(json.dumps(s, ensure_ascii=False, indent=2))
         return 0
@@ -39,8 +60,10 @@ def _hash(args) -> int:
     from engram.hashing import NgramHasher
     from engram.tokenizer import CompressedVocab
 
-    vocab = CompressedVocab.from_pretrained(args.tokenizer)
-    hasher = NgramHasher.from_config(engram_preset(args.preset), vocab)
+    cfg = engram_preset(args.preset)
+    with _reading_user_input():
+        vocab = CompressedVocab.from_pretrained(args.tokenizer)
+    hasher = NgramHasher.from_config(cfg, vocab)
     ids = vocab.tokenizer(args.text).input_ids
     rows = hasher.hash(vocab(np.array([ids])))
     out = {"tokens": vocab.tokenizer.convert_ids_to_tokens(ids), "ids": ids,
@@ -74,12 +97,14 @@ def _train(args) -> int:
     import time
     from pathlib import Path
 
-    from engram.train.trainer import Trainer, TrainingDiverged
+    from engram.train.trainer import Trainer, TrainingDiverged, prepare_run_data
 
     cfg = _resolve_run_config(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with _reading_user_input():
+        data = prepare_run_data(cfg)
     try:
-        res = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress).train()
+        res = Trainer(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
     except TrainingDiverged as e:
         print(f"engram train: {e}", file=sys.stderr)
         return 3
@@ -95,12 +120,16 @@ def _compare(args) -> int:
     import time
     from pathlib import Path
 
-    from engram.train.compare import run_compare
+    from engram.train.compare import run_compare, variants
+    from engram.train.trainer import prepare_run_data
 
     cfg = _resolve_run_config(args)
+    variants(cfg, args.experts_moved)  # an impossible split fails before the corpus is read
     out = Path(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with _reading_user_input():
+        data = prepare_run_data(cfg)
     run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
-                progress=not args.no_progress)
+                progress=not args.no_progress, data=data)
     return 0
 
 
@@ -115,17 +144,23 @@ def _tokenizer_spec(model_dir: str, override: str | None) -> str:
 
 def _open_memory(args, profile_batches=None):
     """The OffloadedLM the --memory/--store/--cache-mb/--policy options describe."""
+    from engram.config import UserError
     from engram.serve import access_profiles, open_memory
 
+    if args.memory == "disk" and not args.store:
+        raise UserError("--memory disk needs --store DIR (a directory written by `engram export-memory`)")
     profile = None
     if args.policy == "static" and args.cache_mb > 0:
         from engram.model import EngramLM
 
+        with _reading_user_input():
+            bare = EngramLM.from_pretrained(args.model, tables=False)
         # Rank rows by their counts on the train split, never on what is evaluated.
-        profile = access_profiles(EngramLM.from_pretrained(args.model, tables=False), profile_batches())
-    return open_memory(args.model, args.memory, args.store, cache_bytes=int(args.cache_mb * 2**20),
-                       policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers,
-                       io=args.io)
+        profile = access_profiles(bare, profile_batches())
+    with _reading_user_input():
+        return open_memory(args.model, args.memory, args.store, cache_bytes=int(args.cache_mb * 2**20),
+                           policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers,
+                           io=args.io)
 
 
 def _print_memory_stats(lm, file) -> None:
@@ -158,7 +193,8 @@ def _train_windows(args, seq_len: int, tokens: int | None = None):
     """Token-id windows of the data's train split, for an access profile (``tokens``: --profile-tokens)."""
     from engram.data import BatchSampler, prepare_data
 
-    data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
+    with _reading_user_input():
+        data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
     n = max(1, (args.profile_tokens if tokens is None else tokens) // (8 * seq_len))
     sampler = BatchSampler(data.train, 8, seq_len, seed=0)
     return [sampler.batch_at(i)[0] for i in range(n)]
@@ -167,19 +203,22 @@ def _train_windows(args, seq_len: int, tokens: int | None = None):
 def _generate(args) -> int:
     import torch
 
+    from engram.config import UserError
     from engram.model import EngramLM
     from engram.model.generation import generate
     from engram.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(_tokenizer_spec(args.model, args.tokenizer))
+    with _reading_user_input():
+        tok = load_tokenizer(_tokenizer_spec(args.model, args.tokenizer))
     ids = tok(args.prompt, add_special_tokens=False).input_ids
     if not ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise UserError("the prompt encodes to no tokens")
     g = torch.Generator().manual_seed(args.seed)
     if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
-        raise ValueError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
+        raise UserError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
     if args.memory is None:
-        model = EngramLM.from_pretrained(args.model).eval()
+        with _reading_user_input():
+            model = EngramLM.from_pretrained(args.model).eval()
         with torch.no_grad():
             out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, generator=g)
@@ -194,20 +233,23 @@ def _generate(args) -> int:
 
 
 def _export_memory(args) -> int:
+    from engram.config import UserError
     from engram.serve import export_tables, read_manifest
     from engram.store.format import read_header
 
     layouts = None
     if args.layout_tokens < 0:
-        raise ValueError(f"--layout-tokens must be >= 0, got {args.layout_tokens}")
+        raise UserError(f"--layout-tokens must be >= 0, got {args.layout_tokens}")
     if args.layout_tokens:
         from engram.model import EngramLM
         from engram.serve.export import co_access_layouts
 
-        model = EngramLM.from_pretrained(args.model, tables=False)
+        with _reading_user_input():
+            model = EngramLM.from_pretrained(args.model, tables=False)
         seq_len = min(model.cfg.max_seq_len, 256)
         layouts = co_access_layouts(model, _train_windows(args, seq_len, args.layout_tokens))
-    out = export_tables(args.model, args.out, layouts=layouts)
+    with _reading_user_input():
+        out = export_tables(args.model, args.out, layouts=layouts)
     m = read_manifest(out)
     for lay, spec in sorted(m["layers"].items(), key=lambda kv: int(kv[0])):
         size = (out / spec["file"]).stat().st_size
@@ -222,17 +264,21 @@ def _export_memory(args) -> int:
 def _eval(args) -> int:
     import time
 
+    from engram.config import UserError
     from engram.data import prepare_data, val_batches
     from engram.model import EngramLM
 
-    cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
+    with _reading_user_input():
+        cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
     seq_len = args.seq_len or min(cfg.max_seq_len, 128)
     # The memory first: a bad store fails before the corpus is read (and tokenised, on a first run).
     with _open_memory(args, lambda: _train_windows(args, seq_len)) as lm:
-        data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
+        with _reading_user_input():
+            data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
         if data.vocab_size > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
-        batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
+            raise UserError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
+        with _reading_user_input():  # --batch-size, --seq-len, --eval-tokens against the split
+            batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
         if args.cold and lm.drop_page_cache() == 0:
             print("engram eval: --cold has no effect with --memory ram", file=sys.stderr)
         t0 = time.perf_counter()
@@ -271,8 +317,18 @@ def _add_memory_args(s, default: str | None) -> None:
     s.add_argument("--workers", type=int, default=2, help="prefetch threads")
 
 
-def _add_run_args(s) -> None:
-    s.add_argument("--preset", default="debug", help="run preset (debug, demo, ...)")
+def _preset_arg(s, kind: str, default: str) -> None:
+    """--preset, restricted to the registered presets of ``kind``, each described in --help."""
+    from engram.config import PRESET_KINDS, presets
+
+    known = presets(kind)
+    listing = "; ".join(f"{n}: {p.description}" for n, p in known.items()).replace("%", "%%")
+    s.add_argument("--preset", choices=list(known), default=default, metavar="NAME",
+                   help=f"{PRESET_KINDS[kind]} preset (default {default}). {listing}")
+
+
+def _add_run_args(s, default_preset: str) -> None:
+    _preset_arg(s, "run", default_preset)
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set train.steps=200 (repeatable)")
     s.add_argument("--data", nargs="+", help="corpus files/folders (text or JSONL); default: the Python stdlib")
@@ -296,18 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("hash", help="print the Engram row ids of a text (JSON)")
     s.add_argument("text")
     s.add_argument("--tokenizer", default="mistral-tekken")
-    s.add_argument("--preset", default="reference", help="EngramConfig preset (reference, demo, debug)")
+    _preset_arg(s, "engram", "engram-reference")
     s.set_defaults(func=_hash)
 
     s = sub.add_parser("train", help="train a model (see --preset and --set)")
-    _add_run_args(s)
+    _add_run_args(s, "debug")
     s.add_argument("--run-dir", help="run directory (default runs/PRESET-TIMESTAMP)")
     s.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("compare", help="train an MoE baseline and its iso-parameter Engram variant")
-    _add_run_args(s)
-    s.set_defaults(preset="demo")
+    _add_run_args(s, "demo")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--experts-moved", type=int, default=8,
                    help="routed experts per MoE layer moved into memory (8 of the demo's 32: 25%%)")
@@ -352,12 +407,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is a known user error, reported as one line rather than a traceback.
+
+    Exactly these: `engram.config.UserError` (its `ConfigError` included: an invalid setting,
+    override or preset name, and the ValueErrors raised while loading a tokenizer, corpus, model or
+    store the user named, which the commands convert); a missing, unreadable or wrong-kind path
+    (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError); a damaged or
+    foreign store file (`StoreFormatError`) or checkpoint (`CheckpointError`). Anything else, a
+    plain ValueError from the computation included, is a bug and keeps its traceback.
+    """
+    from engram.config import UserError
+    from engram.store.format import StoreFormatError
+    from engram.train.checkpoint import CheckpointError
+
+    return isinstance(e, (UserError, StoreFormatError, CheckpointError, FileNotFoundError, PermissionError,
+                          IsADirectoryError, NotADirectoryError))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError) as e:
-        print(f"engram {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"engram: error: {msg or type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -1,16 +1,33 @@
-"""Configuration dataclasses with named presets.
+"""Configuration dataclasses and the one registry of named presets.
 
-`EngramConfig` describes the memory (hashing + module); later issues add the backbone and
-training configs next to it. Every preset is a plain function of no arguments, so a run can
-record `preset name + overrides` and rebuild the exact config.
+`EngramConfig` describes one Engram memory (hashing + module), `ModelConfig` the whole language
+model; the training configs live in `engram.train.config`. Every preset is a plain function of no
+arguments, so a run can record `preset name + overrides` and rebuild the exact config.
+
+Presets come in two kinds that share one namespace, so a name never means two things:
+``"engram"`` presets build an `EngramConfig` (named ``engram-*``; `engram hash`, the demo tour)
+and ``"run"`` presets build a whole training run, a `RunConfig` (`engram train`, `engram compare`;
+registered by `engram.train.config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (an argument, a setting, an input file), as opposed to
+    a bug: the `engram` command prints it as one line instead of a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid setting, override or preset name. Also a ValueError, the type callers that
+    validate configs catch."""
 
 
 @dataclass
@@ -39,35 +56,35 @@ class EngramConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent setting."""
+        """Raise ConfigError (a ValueError) naming the first inconsistent setting."""
         if self.max_ngram_size < 2:
-            raise ValueError(f"max_ngram_size must be >= 2, got {self.max_ngram_size}")
+            raise ConfigError(f"max_ngram_size must be >= 2, got {self.max_ngram_size}")
         if len(self.engram_vocab_size) != self.max_ngram_size - 1:
-            raise ValueError(
+            raise ConfigError(
                 f"engram_vocab_size needs {self.max_ngram_size - 1} sizes (orders 2..{self.max_ngram_size}), "
                 f"got {len(self.engram_vocab_size)}"
             )
         if self.n_head_per_ngram < 1:
-            raise ValueError(f"n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
+            raise ConfigError(f"n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
         for n, s in enumerate(self.engram_vocab_size, start=2):
             if s < self.n_head_per_ngram:
-                raise ValueError(
+                raise ConfigError(
                     f"engram_vocab_size for order {n} ({s}) is smaller than n_head_per_ngram "
                     f"({self.n_head_per_ngram}); each head needs a table of its own"
                 )
         if self.n_embed_per_ngram % self.n_head_per_ngram:
-            raise ValueError(
+            raise ConfigError(
                 f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by n_head_per_ngram "
                 f"({self.n_head_per_ngram})"
             )
         if not self.layer_ids or len(set(self.layer_ids)) != len(self.layer_ids):
-            raise ValueError(f"layer_ids must be non-empty and distinct, got {self.layer_ids}")
+            raise ConfigError(f"layer_ids must be non-empty and distinct, got {self.layer_ids}")
         if self.table_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"table_dtype must be 'float32' or 'bfloat16', got {self.table_dtype!r}")
+            raise ConfigError(f"table_dtype must be 'float32' or 'bfloat16', got {self.table_dtype!r}")
         if not self.init_std >= 0:
-            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+            raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
         if self.conv_init not in ("zero", "default"):
-            raise ValueError(f"conv_init must be 'zero' or 'default', got {self.conv_init!r}")
+            raise ConfigError(f"conv_init must be 'zero' or 'default', got {self.conv_init!r}")
 
     @property
     def torch_table_dtype(self) -> torch.dtype:
@@ -81,19 +98,85 @@ class EngramConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown EngramConfig fields: {sorted(unknown)}")
+            raise ConfigError(f"unknown EngramConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 
-ENGRAM_PRESETS = {
-    # The reference demo's memory: 2 layers x 2 orders x 8 heads of ~646k rows, d = 64.
-    "reference": lambda: EngramConfig(),
-    # Small enough to build and run in a second on a laptop.
-    "debug": lambda: EngramConfig(engram_vocab_size=[4099, 4099], n_embed_per_ngram=64, n_head_per_ngram=4,
-                                  layer_ids=[1]),
-    # The demo's module: reference layout, tables of ~50k rows per head.
-    "demo": lambda: EngramConfig(engram_vocab_size=[50021, 50021], n_embed_per_ngram=256, layer_ids=[1, 3]),
-}
+# ------------------------------------------------------------------------------ presets
+
+PRESET_KINDS = {"engram": "Engram-layer", "run": "training-run"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named config factory: ``build()`` returns a fresh config of the preset's ``kind``."""
+
+    name: str
+    kind: str  # a key of PRESET_KINDS
+    description: str  # one line, shown by `engram ... --help` after "NAME: "
+    build: Callable[[], Any]
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(name: str, kind: str, description: str) -> Callable:
+    """Decorator: register a no-argument config function as preset ``name`` of ``kind``.
+
+    Names are unique across kinds; registering a name again is an error unless it is the same
+    function (a module reloaded).
+    """
+    if kind not in PRESET_KINDS:
+        raise ValueError(f"preset kind must be one of {', '.join(PRESET_KINDS)}, got {kind!r}")
+    if not description or "\n" in description:
+        raise ValueError(f"preset {name!r} needs a one-line description")
+
+    def register(fn: Callable[[], Any]) -> Callable[[], Any]:
+        old = _PRESETS.get(name)
+        if old is not None and (old.build.__module__, old.build.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"preset name {name!r} is already taken by the {PRESET_KINDS[old.kind]} preset "
+                             f"{old.build.__module__}.{old.build.__qualname__}")
+        _PRESETS[name] = Preset(name, kind, description, fn)
+        return fn
+
+    return register
+
+
+def presets(kind: str | None = None) -> dict[str, Preset]:
+    """The registered presets of ``kind`` (all of them for None), by name, in registration order."""
+    import engram.train.config  # noqa: F401  (the run presets register themselves there)
+
+    if kind is not None and kind not in PRESET_KINDS:
+        raise ValueError(f"preset kind must be one of {', '.join(PRESET_KINDS)}, got {kind!r}")
+    return {n: p for n, p in _PRESETS.items() if kind is None or p.kind == kind}
+
+
+def build_preset(name: str, kind: str) -> Any:
+    """A fresh config from preset ``name``, which must be of ``kind``; ConfigError (a ValueError)
+    listing the valid names of that kind otherwise."""
+    valid = presets(kind)
+    if name not in valid:
+        other = _PRESETS.get(name)
+        hint = f" ({name!r} is a {PRESET_KINDS[other.kind]} preset)" if other is not None else ""
+        raise ConfigError(f"unknown {PRESET_KINDS[kind]} preset {name!r}{hint}; valid: {', '.join(valid)}")
+    return valid[name].build()
+
+
+@register_preset("engram-reference", "engram",
+                 "the reference demo's memory, layers 1 and 15, orders 2-3, 8 heads x ~646k rows x 64 dims per order")
+def _engram_reference() -> EngramConfig:
+    return EngramConfig()
+
+
+@register_preset("engram-debug", "engram", "tiny, layer 1, 4 heads x ~4k rows x 16 dims per order, built at once")
+def _engram_debug() -> EngramConfig:
+    return EngramConfig(engram_vocab_size=[4099, 4099], n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=[1])
+
+
+@register_preset("engram-demo", "engram",
+                 "the `engram demo` tour's memory, layers 1 and 3, 8 heads x ~50k rows x 32 dims per order")
+def _engram_demo() -> EngramConfig:
+    return EngramConfig(engram_vocab_size=[50021, 50021], n_embed_per_ngram=256, layer_ids=[1, 3])
 
 
 @dataclass
@@ -143,27 +226,27 @@ class ModelConfig:
         return self.n_routed_experts > 0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent setting."""
+        """Raise ConfigError (a ValueError) naming the first inconsistent setting."""
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len", "hc_mult"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads or self.head_dim % 2:
-            raise ValueError(f"d_model ({self.d_model}) must split into {self.n_heads} heads of even width")
+            raise ConfigError(f"d_model ({self.d_model}) must split into {self.n_heads} heads of even width")
         if self.n_routed_experts < 0 or self.n_shared_experts < 0:
-            raise ValueError("expert counts must be >= 0")
+            raise ConfigError("expert counts must be >= 0")
         if self.is_moe and not 1 <= self.moe_top_k <= self.n_routed_experts:
-            raise ValueError(f"moe_top_k must be in [1, n_routed_experts={self.n_routed_experts}], "
+            raise ConfigError(f"moe_top_k must be in [1, n_routed_experts={self.n_routed_experts}], "
                              f"got {self.moe_top_k}")
         if self.is_moe and self.expert_hidden < 1:
-            raise ValueError(f"expert_hidden must be >= 1, got {self.expert_hidden}")
+            raise ConfigError(f"expert_hidden must be >= 1, got {self.expert_hidden}")
         if self.first_dense_layers < 0:
-            raise ValueError(f"first_dense_layers must be >= 0, got {self.first_dense_layers}")
+            raise ConfigError(f"first_dense_layers must be >= 0, got {self.first_dense_layers}")
         if self.router_aux_coef < 0:
-            raise ValueError(f"router_aux_coef must be >= 0, got {self.router_aux_coef}")
+            raise ConfigError(f"router_aux_coef must be >= 0, got {self.router_aux_coef}")
         if self.engram is not None:
             bad = [i for i in self.engram.layer_ids if not 0 <= i < self.n_layers]
             if bad:
-                raise ValueError(f"engram.layer_ids {bad} are not layers of a {self.n_layers}-layer model")
+                raise ConfigError(f"engram.layer_ids {bad} are not layers of a {self.n_layers}-layer model")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,12 +256,10 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+            raise ConfigError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 
 def engram_preset(name: str) -> EngramConfig:
-    """A fresh EngramConfig from a named preset."""
-    if name not in ENGRAM_PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(ENGRAM_PRESETS)}")
-    return ENGRAM_PRESETS[name]()
+    """A fresh EngramConfig from a named Engram-layer preset (``engram-*``)."""
+    return build_preset(name, "engram")

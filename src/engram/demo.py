@@ -31,7 +31,7 @@ def run(tokenizer: str = "mistral-tekken", out=print) -> dict:
         toks = ", ".join(repr(t) for t in g["tokens"][:6])
         out(f"      {g['key']!r:>6} <- {g['size']:3d} tokens: {toks}, ...")
 
-    cfg = engram_preset("demo")
+    cfg = engram_preset("engram-demo")
     hasher = NgramHasher.from_config(cfg, vocab)
     ids = vocab.tokenizer(SENTENCE).input_ids
     comp = vocab(np.array([ids]))

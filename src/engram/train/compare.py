@@ -13,33 +13,44 @@ import time
 from pathlib import Path
 
 from engram.atomic import write_json_atomic
+from engram.config import ConfigError
 from engram.train.config import RunConfig
 from engram.train.run import plot_losses, read_metrics
 
 
 def variants(base: RunConfig, n_experts_moved: int) -> dict[str, RunConfig]:
-    """The MoE baseline (no memory) and the iso-parameter Engram variant of it."""
+    """The MoE baseline (no memory) and the iso-parameter Engram variant of it.
+
+    ConfigError (a ValueError) where ``base`` and ``n_experts_moved`` admit no such pair.
+    """
     from engram.model.params import iso_engram_config
 
     moe = copy.deepcopy(base)
     template = moe.model.engram
     if template is None:
-        raise ValueError("the compare preset needs an engram template in model.engram")
+        raise ConfigError("the compare preset needs an engram template in model.engram")
     moe.model.engram = None
     eng = copy.deepcopy(base)
-    eng.model = iso_engram_config(moe.model, n_experts_moved, template, match_total=True)
+    try:
+        eng.model = iso_engram_config(moe.model, n_experts_moved, template, match_total=True)
+    except ValueError as e:  # its checks are all about the requested split
+        raise ConfigError(f"cannot build the iso-parameter Engram variant: {e}") from e
     return {"moe": moe, "engram": eng}
 
 
 def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, seeds=(0,), progress=True,
-                cache_dir=None, out=print) -> dict:
-    from engram.data import prepare_data
-    from engram.train.trainer import Trainer
+                cache_dir=None, data=None, out=print) -> dict:
+    """Train both variants for every seed into ``out_dir`` and write the table, plot and summary.
 
+    ``data``: the prepared `engram.data.DataBundle` of ``base.data`` (prepared here when None).
+    """
+    from engram.train.trainer import Trainer, prepare_run_data
+
+    variants(base, n_experts_moved)  # an impossible split fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(base.data.data, base.data.tokenizer, vocab_size=base.data.vocab_size, cache_dir=cache_dir,
-                        val_permille=base.data.val_permille)
+    if data is None:
+        data = prepare_run_data(base, cache_dir)
     rows, curves = [], {}
     t_start = time.time()
     for seed in seeds:

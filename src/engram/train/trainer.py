@@ -9,6 +9,7 @@ Legend: B batch, T time (sequence length).
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engram.atomic import write_json_atomic
+from engram.config import ConfigError
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.train.config import RunConfig
 from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics
@@ -95,32 +97,48 @@ class TrainResult:
     mfu: float | None
 
 
+def prepare_run_data(cfg: RunConfig, cache_dir: str | None = None):
+    """The `engram.data.DataBundle` that ``cfg.data`` names (tokenised once, then cached)."""
+    from engram.data import prepare_data
+
+    return prepare_data(cfg.data.data, cfg.data.tokenizer, vocab_size=cfg.data.vocab_size, cache_dir=cache_dir,
+                        val_permille=cfg.data.val_permille)
+
+
 class Trainer:
     """Train one model described by a `RunConfig` into `run_dir`.
 
-    `data` is a prepared `engram.data.DataBundle` (built from `cfg.data` when None).
+    `data` is a prepared `engram.data.DataBundle` (built from `cfg.data` when None). What the
+    data and the machine decide (vocabulary size, pad id, ``train.dtype="auto"``, ``train.threads=0``)
+    is resolved into the trainer's own copy, ``self.cfg``, which the run directory records; the
+    caller's ``cfg`` is never modified, so one config can start several runs.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data=None,
                  progress: bool = True, device: str | torch.device = "cpu", cache_dir: str | None = None):
-        from engram.data import prepare_data
         from engram.model import EngramLM
         from engram.tokenizer import CompressedVocab
 
         cfg.validate()
+        cfg = copy.deepcopy(cfg)
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = torch.device(device)
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        tc.dtype = resolve_dtype(tc.dtype, self.device)  # the run dir records the concrete choice
-        self.data = data or prepare_data(cfg.data.data, cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
-                                         cache_dir=cache_dir, val_permille=cfg.data.val_permille)
+        tc.threads = torch.get_num_threads()  # the run dir records the concrete choices
+        tc.dtype = resolve_dtype(tc.dtype, self.device)
+        self.data = data or prepare_run_data(cfg, cache_dir)
         # Resolve what the data decides: vocabulary size and the pad id the hashing pads with.
         cfg.model.vocab_size = self.data.vocab_size
         if cfg.model.engram is not None:
             cfg.model.engram.pad_id = self.data.pad_id
         cfg.validate()
+        for split, tokens in (("train", self.data.train), ("validation", self.data.val)):
+            if len(tokens) < tc.seq_len + 1:
+                raise ConfigError(f"the corpus's {split} split has {len(tokens)} tokens, fewer than one window of "
+                                  f"train.seq_len + 1 = {tc.seq_len + 1}: use a shorter train.seq_len or a larger "
+                                  f"corpus")
         self.cfg_dict = cfg.to_dict()
         ckpt_dir = self.run_dir / "ckpt"
         manifest = latest_checkpoint(ckpt_dir) if resume else None
