@@ -30,7 +30,7 @@ its tables are not used), so a pair compares where the rows come from and nothin
 one model are not equally fast here: measured, a deep copy of the plain model took 0.906 of its decode
 speed in one process and 0.99-1.01 in six others (which pages their weights landed on), and a
 configuration that loaded its own backbone carried that as a per-round offset no pairing removes.
-`--separate-backbone` loads one per configuration (as all runs before 2026-12-02, fifth session).
+`--separate-backbone` loads one per configuration, to reproduce that offset when studying it.
 
 Timing is paired, because this kind of shared machine drifts by +-15% within a minute. Prefill:
 batches of 8 x 256 held-out tokens, each run through the all-in-RAM model and through the

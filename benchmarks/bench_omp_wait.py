@@ -3,10 +3,11 @@
 Why this exists: with the tables on disk, a cold row costs CPU on the same two cores that run the
 model. libgomp's threads spin after every parallel region by default (OMP_WAIT_POLICY unset), so a
 prefetch thread that wakes up preempts a thread that is either computing or spinning, and the other
-compute thread waits for it at the next barrier: in bench_offload the loss was 2-3x the fetch's own
-CPU. With ``OMP_WAIT_POLICY=PASSIVE`` idle OpenMP threads sleep, so the fetch threads run on cores
-that would otherwise spin. The offloaded/RAM ratio only means something if the RAM model itself is
-not slowed by the setting: this script measures that.
+compute thread waits for it at the next barrier, one candidate reason why bench_offload's loss can be
+2-3x the fetch's own CPU (on a VM most of that excess is the host's work per read instead, see
+bench_disk_reads' `interference`). With ``OMP_WAIT_POLICY=PASSIVE`` idle OpenMP threads sleep, so the
+fetch threads run on cores that would otherwise spin. The offloaded/RAM ratio only means something
+if the RAM model itself is not slowed by the setting: this script measures that.
 
 Each round runs one child process per policy (order alternating between rounds; the policy must be
 set before the OpenMP runtime starts, hence processes). A child builds the benchmark model of

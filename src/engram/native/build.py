@@ -1,11 +1,11 @@
 """Build small C kernels on first use with the system C compiler, cached per source, and load them.
 
-The project's native pieces (:mod:`engram.memory.native_gather`, :mod:`engram.store.native_io`) are
-single C files shipped beside this module: no build step at install time, nothing to ship per platform. The
-first call compiles one into a shared library under ``$XDG_CACHE_HOME/engram`` (default
-``~/.cache/engram``), named by a hash of the source, compiler and platform, and loads it with ctypes;
-later processes load the cached file. Where no C compiler works, callers fall back to pure-Python/torch
-paths (each module says which).
+The project's native pieces (gather, sparse-row Adam, static-cache bookkeeping, direct I/O; their
+wrappers are listed in :mod:`engram.native`) are single C files shipped beside this module: no build
+step at install time, nothing to ship per platform. The first call compiles one into a shared library
+under ``$XDG_CACHE_HOME/engram`` (default ``~/.cache/engram``), named by a hash of the source, compiler
+and platform, and loads it with ctypes; later processes load the cached file. Where no C compiler
+works, callers fall back to pure-Python/torch paths (each module says which).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Why: a decode step asks for a few dozen rows. Served with numpy, the cache's bookkeeping is ~15
 array calls (unique with inverse, slot lookup, hit mask, staging copies, layout rank, sort, scatter),
 each a few microseconds, and several times that right after a forward pass has flushed the CPU's
-caches, which is when a decode step runs them. Here it is one pass in C. Measured with
-``benchmarks/bench_fetch_path.py`` (d=512, static-hot cache over a direct-read store): a decode
-step's fetch 0.71-0.96 -> 0.50-0.67 ms (the rest is submitting the reads), a prefill batch's fetch
-CPU -4%.
+caches, which is when a decode step runs them. That bookkeeping can cost a decode step more
+than the step's disk reads. Here it is one pass in C, which takes about a third off a decode step's
+fetch (what remains is mostly submitting the reads); ``benchmarks/bench_fetch_path.py`` times both
+paths side by side.
 
 * :func:`split` copies a request's cached rows straight to the output, checks every id, and returns
   the distinct missed rows (sorted, as a backing store reads them), where each miss goes, and the
