@@ -312,6 +312,7 @@ def _fwd_bwd(mod, h, rows):
     return out.detach(), h.grad, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hc_mult", [1, 2])
 def test_compiled_mix_matches_eager(hc_mult):
     """The torch.compile path (training) computes the same increment and gradients as eager."""
@@ -332,7 +333,7 @@ def test_compiled_mix_matches_eager(hc_mult):
 def test_compiled_mix_falls_back_to_eager(monkeypatch):
     """Where compiling fails (no C++ compiler, unsupported platform) training still runs, eagerly,
     with a warning; a genuine input error still raises."""
-    import engram.model.engram as em
+    import engram.model.mix as em
 
     def broken(*args):
         raise RuntimeError("no compiler here")
@@ -344,7 +345,7 @@ def test_compiled_mix_falls_back_to_eager(monkeypatch):
     h, rows = rand_h(2, 5, 2), rand_rows(2, 5)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         out = comp(h.requires_grad_(True), rows)
-    assert torch.equal(out, eager(h, rows))
+    torch.testing.assert_close(out, eager(h, rows), rtol=1e-5, atol=1e-6)  # eager float32: the fused form
     assert em._COMPILED_MIX[0].fn is em.engram_mix
     with pytest.raises(ValueError, match="conv state"):
         comp(h, rows, conv_state=torch.zeros(2, 1, 1))

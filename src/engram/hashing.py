@@ -239,6 +239,31 @@ class NgramHasher:
         rows_BLH = rows_BLOK.reshape(w.shape[0], len(self.layer_ids), self.num_heads)
         return {lay: rows_BLH[:, i] for i, lay in enumerate(self.layer_ids)}
 
+    def window_rows(self, window_BN: np.ndarray, compressed_ids_BT: torch.Tensor) -> dict:
+        """Row ids ``{layer: [B, T, H]}`` of a chunk that continues the sequences whose last N compressed
+        ids are ``window_BN``; the window is only read (:meth:`slide` advances it).
+
+        The one implementation of the decode window: a single token goes through :meth:`hash_step` in
+        numpy (a few small ops beat torch's per-op overhead), a longer chunk through :meth:`hash` with
+        the window's last N-1 ids as its prefix. Either equals hashing the whole sequence at once.
+        """
+        T = compressed_ids_BT.shape[1]
+        device = compressed_ids_BT.device
+        if T == 1:
+            window = self.push(window_BN.copy(), compressed_ids_BT[:, 0].cpu().numpy())
+            return {lay: torch.from_numpy(r).to(device).unsqueeze(1) for lay, r in self.hash_step(window).items()}
+        prefix_BP = torch.from_numpy(window_BN[:, 1:].copy()).to(device)
+        return self.hash(compressed_ids_BT, prefix_BP=prefix_BP, validate=False)
+
+    def slide(self, window_BN: np.ndarray, compressed_ids_BT: torch.Tensor) -> np.ndarray:
+        """Advance ``window_BN`` (in place) past a chunk of compressed ids; returns it."""
+        ids_BT = compressed_ids_BT.cpu().numpy()
+        if ids_BT.shape[1] == 1:
+            return self.push(window_BN, ids_BT[:, 0])
+        N = window_BN.shape[1]
+        window_BN[:] = np.concatenate([window_BN, ids_BT], axis=1)[:, -N:]
+        return window_BN
+
     def config(self) -> dict:
         """Constructor arguments, for saving beside a model."""
         return dict(compressed_vocab_size=self.vocab_size, engram_vocab_size=self.engram_vocab_size,

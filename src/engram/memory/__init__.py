@@ -5,6 +5,7 @@ ranks) is the provider's business; the model only asks :class:`MemoryProvider` f
 row ids. Stores live in :mod:`engram.store`, the sparse-row optimizer in :mod:`engram.optim`.
 """
 
+from engram.memory.provider import LocalMemory, MemoryProvider
 from engram.memory.table import MultiHeadTable
 
-__all__ = ["MultiHeadTable"]
+__all__ = ["LocalMemory", "MemoryProvider", "MultiHeadTable"]

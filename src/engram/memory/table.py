@@ -130,11 +130,13 @@ class MultiHeadTable(nn.Module):
             )
         if rows.numel() == 0:
             return
-        # Two reductions over the batch plus a single host sync; the slow path below only
-        # runs when something is already wrong.
         lo_H, hi_H = torch.aminmax(rows.reshape(-1, H), dim=0)
         sizes_H = self.head_sizes.to(rows.device)
         bad_H = (lo_H < 0) | (hi_H.to(torch.int64) >= sizes_H)
+        if rows.device.type != "cpu":
+            # No host sync on an accelerator: the device raises when the kernel runs.
+            torch._assert_async(~bad_H.any(), "row id out of range for its hash head (check_rows on the CPU names it)")
+            return
         if bool(bad_H.any()):
             h = int(torch.nonzero(bad_H)[0, 0])
             value = int(lo_H[h]) if int(lo_H[h]) < 0 else int(hi_H[h])
@@ -147,13 +149,38 @@ class MultiHeadTable(nn.Module):
     def forward(self, rows_BTH: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Gather one row per head: ``[..., H]`` per-head ids -> ``[..., H, d]`` embeddings.
 
-        Differentiable; with ``sparse=True`` the weight gradient is sparse.
-        ``validate=False`` skips :meth:`check_rows` (and its host sync) for trusted ids.
+        Differentiable; with ``sparse=True`` the weight gradient is sparse. Where no gradient is needed
+        and the native kernel applies (CPU, contiguous int64 ids) it gathers with that kernel, which
+        checks every id against its head as it copies. ``validate=False`` skips :meth:`check_rows` for
+        trusted ids (e.g. the hasher's); on an accelerator the check never syncs with the host.
         """
+        if not (torch.is_grad_enabled() and self.weight.requires_grad) and self._native_applies(rows_BTH):
+            out_BTHd = torch.empty((*rows_BTH.shape, self._dim), dtype=self.weight.dtype)
+            return self._native_gather(rows_BTH, out_BTHd)
         if validate:
             self.check_rows(rows_BTH)
         idx_BTH = rows_BTH.to(torch.int64) + self.offsets
         return F.embedding(idx_BTH, self.weight, sparse=self.sparse)
+
+    def _native_applies(self, rows_BTH: torch.Tensor) -> bool:
+        return (
+            self.weight.device.type == "cpu"
+            and isinstance(rows_BTH, torch.Tensor)
+            and rows_BTH.device.type == "cpu"
+            and rows_BTH.dtype == torch.int64
+            and rows_BTH.dim() > 0
+            and rows_BTH.shape[-1] == self.num_heads
+            and rows_BTH.is_contiguous()
+            and self.weight.is_contiguous()
+            and native_gather.available()
+        )
+
+    def _native_gather(self, rows_BTH: torch.Tensor, out_BTHd: torch.Tensor) -> torch.Tensor:
+        bad = native_gather.gather(self.weight.detach(), rows_BTH, self.offsets, self.head_sizes, out_BTHd)
+        if bad >= 0:
+            self.check_rows(rows_BTH)  # raises with the head and value
+            raise RuntimeError(f"native gather stopped at id position {bad}, which check_rows accepts")
+        return out_BTHd
 
     @torch.no_grad()
     def gather_into(
@@ -181,22 +208,8 @@ class MultiHeadTable(nn.Module):
             raise ValueError("out must be contiguous (it is written through a flat view)")
 
         weight = self.weight
-        if (
-            weight.device.type == "cpu"
-            and rows_BTH.device.type == "cpu"
-            and out_BTHd.device.type == "cpu"
-            and rows_BTH.dtype == torch.int64
-            and rows_BTH.dim() > 0
-            and rows_BTH.shape[-1] == self.num_heads
-            and rows_BTH.is_contiguous()
-            and weight.is_contiguous()
-            and native_gather.available()
-        ):
-            bad = native_gather.gather(weight, rows_BTH, self.offsets, self.head_sizes, out_BTHd)
-            if bad >= 0:
-                self.check_rows(rows_BTH)  # raises with the head and value
-                raise RuntimeError(f"native gather stopped at id position {bad}, which check_rows accepts")
-            return out_BTHd
+        if out_BTHd.device.type == "cpu" and self._native_applies(rows_BTH):
+            return self._native_gather(rows_BTH, out_BTHd)
 
         buf = self._idx_buf
         n = rows_BTH.numel()

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.memory.table import MultiHeadTable
+from engram.model.mix import (  # noqa: F401 - short_conv, engram_mix: public here too
+    FusedMix,
+    compiled_engram_mix,
+    engram_mix,
+    fused_mix_applies,
+    short_conv,
+)
 
 CONV_INITS = ("zero", "default")
 
@@ -37,84 +43,12 @@ class BranchRMSNorm(nn.Module):
 
 
 def _check_conv_state(state_BPC: torch.Tensor | None, shape_BTMD, P: int) -> None:
-    """Raise if a carried conv state does not fit an input of ``shape_BTMD`` (checked outside
-    :func:`short_conv` so that the compiled path never sees the error branch)."""
+    """Raise if a carried conv state does not fit an input of ``shape_BTMD`` (checked outside the mixing
+    functions so that the compiled path never sees the error branch)."""
     if state_BPC is not None:
         B, _, M, D = shape_BTMD
         if tuple(state_BPC.shape) != (B, P, M * D):
             raise ValueError(f"conv state must have shape {(B, P, M * D)}, got {tuple(state_BPC.shape)}")
-
-
-def short_conv(x_BTMD: torch.Tensor, norm_w_MD: torch.Tensor, w_C1k: torch.Tensor, dilation: int,
-               eps: float | None, state_BPC: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`ShortConv` as a function of its weights: ``(silu(conv(rmsnorm(x))), new_state_BPC)``."""
-    B, T, M, D = x_BTMD.shape
-    C, k = M * D, w_C1k.shape[-1]
-    P = (k - 1) * dilation
-    xn_BTC = (F.rms_norm(x_BTMD, (D,), eps=eps) * norm_w_MD).reshape(B, T, C)
-    if state_BPC is None:
-        state_BPC = xn_BTC.new_zeros(B, P, C)
-    full_BLC = torch.cat([state_BPC.to(xn_BTC.dtype), xn_BTC], dim=1)  # L = P + T
-    # Explicit sum of shifted products instead of F.conv1d(groups=C): activations stay
-    # channel-last, avoiding two transposes, and on CPU this measured ~1.1-4x faster than
-    # the depthwise conv kernel across training and single-token decode shapes.
-    w_kC = w_C1k[:, 0, :].t().to(xn_BTC.dtype)
-    y_BTC = full_BLC[:, 0:T] * w_kC[0]
-    for j in range(1, k):
-        s = j * dilation
-        y_BTC = y_BTC.addcmul_(full_BLC[:, s : s + T], w_kC[j])
-    return F.silu(y_BTC).view(B, T, M, D), full_BLC[:, full_BLC.shape[1] - P :]
-
-
-def engram_mix(e_BTE: torch.Tensor, h_BTMD: torch.Tensor, key_w: torch.Tensor, key_b: torch.Tensor,
-               value_w: torch.Tensor, value_b: torch.Tensor, key_norm_w_MD: torch.Tensor,
-               query_norm_w_MD: torch.Tensor, conv_norm_w_MD: torch.Tensor, conv_w_C1k: torch.Tensor,
-               dilation: int, conv_eps: float | None, conv_state_BPC: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Everything :class:`Engram` does after the lookup, as a function of its weights (so that it
-    can be compiled as one graph): ``(increment_BTMD, gate_BTM, new_conv_state_BPC)``."""
-    B, T, M, D = h_BTMD.shape
-    k_BTMD = F.rms_norm(F.linear(e_BTE, key_w, key_b).view(B, T, M, D), (D,)) * key_norm_w_MD
-    q_BTMD = F.rms_norm(h_BTMD, (D,)) * query_norm_w_MD
-    s_BTM = (k_BTMD * q_BTMD).sum(-1) / math.sqrt(D)
-    # Signed square root tames the dot product's scale before the sigmoid; the clamp keeps
-    # sqrt's gradient finite at s = 0.
-    s_BTM = torch.sign(s_BTM) * torch.sqrt(s_BTM.abs().clamp_min(1e-6))
-    gate_BTM = torch.sigmoid(s_BTM)
-    v_BTD = F.linear(e_BTE, value_w, value_b)
-    u_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
-    conv_BTMD, new_state = short_conv(u_BTMD, conv_norm_w_MD, conv_w_C1k, dilation, conv_eps, conv_state_BPC)
-    return u_BTMD + conv_BTMD, gate_BTM, new_state
-
-
-class _CompiledMix:
-    """``torch.compile(engram_mix)``, falling back to eager (one warning) where compiling fails."""
-
-    def __init__(self) -> None:
-        self.fn = torch.compile(engram_mix, dynamic=False)
-
-    def __call__(self, *args):
-        try:
-            return self.fn(*args)
-        except Exception as exc:  # noqa: BLE001 - a genuine input error re-raises from the eager call below
-            if self.fn is engram_mix:
-                raise
-            out = engram_mix(*args)
-            warnings.warn(f"torch.compile of the Engram mixing failed ({type(exc).__name__}: {exc}); "
-                          "running it eagerly", RuntimeWarning, stacklevel=2)
-            self.fn = engram_mix
-            return out
-
-
-_COMPILED_MIX: list[_CompiledMix] = []
-
-
-def compiled_engram_mix() -> _CompiledMix:
-    """The process-wide compiled :func:`engram_mix` (Inductor fuses the norms, gate, conv and their
-    backward into a few loops; graphs are cached per shape, so keep training shapes fixed)."""
-    if not _COMPILED_MIX:
-        _COMPILED_MIX.append(_CompiledMix())
-    return _COMPILED_MIX[0]
 
 
 class ShortConv(nn.Module):
@@ -368,9 +302,12 @@ class Engram(nn.Module):
         args = (e_BTE, h_BTMD, self.key_proj.weight, self.key_proj.bias, self.value_proj.weight,
                 self.value_proj.bias, self.key_norm.weight, self.query_norm.weight, self.short_conv.norm.weight,
                 self.short_conv.weight, self.short_conv.dilation, self.short_conv.norm.eps, conv_state)
-        mix = engram_mix
         if self.compiled_mix and torch.is_grad_enabled():
             mix = compiled_engram_mix()
+        elif fused_mix_applies(e_BTE, h_BTMD, *args[2:10]):
+            mix = FusedMix.apply
+        else:
+            mix = engram_mix
         out, gate_BTM, new_state = mix(*args)
         if squeeze:
             out = out.squeeze(2)
