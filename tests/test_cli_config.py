@@ -1,16 +1,11 @@
-"""The `engram` command, config presets/validation, the demo, and benchmark smoke runs."""
+"""The `engram` command, config presets/validation and the demo."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from engram.cli import main
 from engram.config import EngramConfig, engram_preset, presets
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_vocab_stats_json_and_save(capsys, tmp_path):
@@ -67,12 +62,3 @@ def test_demo_runs(capsys):
     res = run("mistral-sp")
     assert res["compressed_size"] == 21831
     assert res["decode_err"] < 1e-4  # token-by-token decode matches the full forward
-
-
-@pytest.mark.parametrize("script", ["bench_hashing.py"])
-def test_benchmark_smoke(script):
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT / "benchmarks")
-    assert res.returncode == 0, res.stderr[-2000:]
-    data = json.loads(res.stdout)
-    assert data["machine"]["cores"] >= 1

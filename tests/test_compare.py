@@ -1,16 +1,11 @@
 """`engram compare` end to end on a tiny MoE: iso-parameter variants, same data, table and plot."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from engram.train.compare import run_compare, variants
 from engram.train.config import apply_overrides, run_preset
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import make_corpus  # noqa: E402
 
 TINY_MOE = ["model.n_routed_experts=6", "model.moe_top_k=2", "model.expert_hidden=32", "model.first_dense_layers=1",
             "train.steps=6", "train.eval_every=3", "train.ckpt_every=6", "train.dtype='float32'", "train.threads=1",
@@ -18,7 +13,7 @@ TINY_MOE = ["model.n_routed_experts=6", "model.moe_top_k=2", "model.expert_hidde
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, make_corpus):
     return make_corpus(tmp_path_factory.mktemp("compare") / "corpus", n_files=20)
 
 

@@ -65,11 +65,6 @@ def test_normalizer_rules():
     assert norm("\x0b") == ""  # stripped to nothing: the caller falls back to the raw text
 
 
-@pytest.fixture(scope="module")
-def tekken():
-    return CompressedVocab.from_pretrained("mistral-tekken")
-
-
 def test_bundled_tekken_golden(tekken):
     # Golden values of the bundled Tekken 131k vocabulary (mistral-common's tekken_240911.json).
     assert tekken.original_size == 131072

@@ -7,12 +7,11 @@ import torch
 
 from engram.config import EngramConfig, ModelConfig
 from engram.model import EngramLM, generate
-from tiny_models import one_thread, tiny_vocab
 
 V = 48
 
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(kind: str, **kw) -> ModelConfig:
@@ -29,19 +28,25 @@ def make_cfg(kind: str, **kw) -> ModelConfig:
     return ModelConfig(**{**base, **extra, **kw})
 
 
-def make_model(kind: str, seed: int = 0, **kw) -> EngramLM:
-    torch.manual_seed(seed)
-    cfg = make_cfg(kind, **kw)
-    model = EngramLM(cfg, tiny_vocab() if cfg.engram is not None else None).eval()
-    with torch.no_grad():  # move everything off its symmetric init so every path matters
-        for name, p in model.named_parameters():
-            if "hc" in name or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+@pytest.fixture
+def make_model(tiny):
+    """``make_model(kind, seed=0, **config overrides)``: a tiny model of that kind, off its symmetric init."""
+
+    def make(kind: str, seed: int = 0, **kw) -> EngramLM:
+        torch.manual_seed(seed)
+        cfg = make_cfg(kind, **kw)
+        model = EngramLM(cfg, tiny.vocab() if cfg.engram is not None else None).eval()
+        with torch.no_grad():  # move everything off its symmetric init so every path matters
+            for name, p in model.named_parameters():
+                if "hc" in name or "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    return make
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "hc2", "hc4", "plain"])
-def test_step_by_step_matches_full_forward(kind):
+def test_step_by_step_matches_full_forward(kind, make_model):
     model = make_model(kind)
     B, T, P = 2, 14, 5
     idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
@@ -55,7 +60,7 @@ def test_step_by_step_matches_full_forward(kind):
     assert state.length == T
 
 
-def test_chunked_prefill_matches_full_forward():
+def test_chunked_prefill_matches_full_forward(make_model):
     """A multi-token chunk after a prefix takes the explicit-mask path and the prefix-hash path."""
     model = make_model("hc2")
     idx = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(2))
@@ -66,7 +71,7 @@ def test_chunked_prefill_matches_full_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
 
 
-def test_decode_hash_window_matches_batch_hash():
+def test_decode_hash_window_matches_batch_hash(make_model):
     model = make_model("dense")
     idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
     rows = model.engram_rows(idx)
@@ -77,7 +82,7 @@ def test_decode_hash_window_matches_batch_hash():
             assert torch.equal(step_rows[lay][:, 0], rows[lay][:, t])
 
 
-def test_greedy_generate_matches_naive_argmax():
+def test_greedy_generate_matches_naive_argmax(make_model):
     model = make_model("moe")
     prompt = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(4))
     out = generate(model, prompt, 8, temperature=0)
@@ -89,7 +94,7 @@ def test_greedy_generate_matches_naive_argmax():
     assert torch.equal(out, seq)
 
 
-def test_sampling_is_reproducible_and_top1_is_greedy():
+def test_sampling_is_reproducible_and_top1_is_greedy(make_model):
     model = make_model("dense")
     prompt = torch.randint(0, V, (1, 3), generator=torch.Generator().manual_seed(5))
     a = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
@@ -100,7 +105,7 @@ def test_sampling_is_reproducible_and_top1_is_greedy():
     assert torch.equal(generate(model, prompt, 0), prompt)
 
 
-def test_generate_rejects_bad_lengths():
+def test_generate_rejects_bad_lengths(make_model):
     model = make_model("dense")
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, torch.zeros(1, 41, dtype=torch.long), 1)

@@ -75,11 +75,9 @@ def test_golden_rows_and_bigint_derivation():
     assert GOLDEN_ROWS_L1[1][:4] == GOLDEN_ROWS_L1[5][:4] and GOLDEN_ROWS_L1[1][4:] != GOLDEN_ROWS_L1[5][4:]
 
 
-def test_golden_reference_config_on_tekken():
+def test_golden_reference_config_on_tekken(tekken):
     """The reference's default config (2 layers, N=3, 8 heads, 5 x 129280 rows) on a real sentence."""
-    from engram.tokenizer import CompressedVocab
-
-    vocab = CompressedVocab.from_pretrained("mistral-tekken")
+    vocab = tekken
     ids = vocab.tokenizer("Only Alexander the Great could tame the horse Bucephalus.").input_ids
     assert ids == [18585, 15230, 1278, 11560, 2481, 1257, 1509, 1278, 19932, 5258, 103812, 1374, 1046]
     c = vocab(np.array([ids]))
@@ -157,6 +155,7 @@ print(json.dumps({"sizes": {str(k): v for k, v in h.table_sizes.items()},
 """
 
 
+@pytest.mark.slow
 def test_deterministic_across_processes_and_hash_seeds():
     outs = []
     for seed in ("0", "12345"):

@@ -17,9 +17,8 @@ from engram.store.cache import CachedStore
 from engram.store.disk import DiskStore, StoreFormatError
 from engram.store.format import read_header, write_store
 from engram.store.layout import RowLayout, co_access_order, write_store_with_layout
-from tiny_models import Saved, ids, one_thread  # noqa: F401
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 IOS = ["mmap"] + (["direct"] if native_io.available() else [])
 
 
@@ -159,12 +158,12 @@ def test_an_interrupted_rewrite_keeps_the_previous_store_and_its_layout(tmp_path
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return Saved(tmp_path_factory.mktemp("layout"), "float32")
+def saved(tmp_path_factory, tiny):
+    return tiny.Saved(tmp_path_factory.mktemp("layout"), "float32")
 
 
 @pytest.mark.parametrize("source", ["model", "model_dir"])
-def test_export_with_co_access_layouts_serves_bit_identical_outputs(saved, tmp_path, source):
+def test_export_with_co_access_layouts_serves_bit_identical_outputs(saved, tmp_path, source, tiny):
     layouts = co_access_layouts(saved.model, saved.profile_batches)
     assert sorted(layouts) == [0, 2] and all(lo.num_placed > 0 for lo in layouts.values())
     for lay, lo in layouts.items():  # the most frequent n-gram group's K head rows open the file
@@ -187,4 +186,4 @@ def test_export_with_co_access_layouts_serves_bit_identical_outputs(saved, tmp_p
     export_tables(saved.model_dir, out)  # re-export without layouts: old sidecars go
     assert not list(out.glob("*.npy"))
     with open_memory(saved.model_dir, "disk", out) as lm:
-        assert torch.equal(lm(ids()).logits, saved.logits)
+        assert torch.equal(lm(tiny.ids()).logits, saved.logits)

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from engram.config import EngramConfig, ModelConfig
 from engram.model import EngramLM, HyperConnection, MoE, count_params, iso_engram_config
 from engram.tokenizer.compression import CompressedVocab
-from tiny_models import one_thread, tiny_vocab
 
 V = 48
 
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_engram(**kw) -> EngramConfig:
@@ -32,10 +31,16 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def build(seed=0, **kw) -> EngramLM:
-    torch.manual_seed(seed)
-    cfg = tiny_cfg(**kw)
-    return EngramLM(cfg, tiny_vocab() if cfg.engram is not None else None)
+@pytest.fixture
+def build(tiny):
+    """``build(seed=0, **config overrides)``: a tiny model, seeded (engram=None: no Engram, no vocabulary)."""
+
+    def make(seed=0, **kw) -> EngramLM:
+        torch.manual_seed(seed)
+        cfg = tiny_cfg(**kw)
+        return EngramLM(cfg, tiny.vocab() if cfg.engram is not None else None)
+
+    return make
 
 
 def ids(B=2, T=10, seed=1):
@@ -45,7 +50,7 @@ def ids(B=2, T=10, seed=1):
 # ------------------------------------------------------------------------------------ the LM
 
 @pytest.mark.parametrize("kw", [{}, dict(n_routed_experts=4, moe_top_k=2, expert_hidden=16), dict(hc_mult=3)])
-def test_causal(kw):
+def test_causal(kw, build):
     model = build(**kw).eval()
     a = ids(T=16)
     b = a.clone()
@@ -56,7 +61,7 @@ def test_causal(kw):
     assert not torch.allclose(la[:, 9:], lb[:, 9:])
 
 
-def test_forward_outputs_and_objective():
+def test_forward_outputs_and_objective(build):
     model = build(n_routed_experts=4, moe_top_k=2, expert_hidden=16, first_dense_layers=1)
     x = ids()
     out = model(x, x)
@@ -72,7 +77,7 @@ def test_forward_outputs_and_objective():
     assert torch.equal(model(x, engram_rows=rows).logits, out.logits)
 
 
-def test_bf16_autocast_runs_and_is_close():
+def test_bf16_autocast_runs_and_is_close(build):
     model = build(n_routed_experts=4, moe_top_k=2, expert_hidden=16, hc_mult=2, hc_dynamic=True)
     x = ids()
     ref = model(x, x).loss
@@ -83,7 +88,7 @@ def test_bf16_autocast_runs_and_is_close():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_training_steps_reduce_loss():
+def test_training_steps_reduce_loss(build):
     model = build(n_routed_experts=4, moe_top_k=2, expert_hidden=16, hc_mult=2)
     x = ids(B=4, T=16)
     dense_opt = torch.optim.AdamW(model.backbone_parameters(), lr=3e-3)
@@ -99,7 +104,7 @@ def test_training_steps_reduce_loss():
     assert out.loss.item() < first - 0.5
 
 
-def test_engram_table_grads_are_sparse_and_groups_partition():
+def test_engram_table_grads_are_sparse_and_groups_partition(build):
     model = build(n_routed_experts=4, moe_top_k=2, expert_hidden=16)
     model(ids(), ids(seed=2)).total_loss.backward()
     tables = model.engram_parameters()
@@ -111,7 +116,7 @@ def test_engram_table_grads_are_sparse_and_groups_partition():
     assert len(set(map(id, tables)) & set(map(id, backbone))) == 0
 
 
-def test_init_scales_and_tying():
+def test_init_scales_and_tying(build):
     model = build(n_layers=4, engram=None, tie_embeddings=True)
     assert model.lm_head.weight is model.tok_emb.weight
     assert abs(model.tok_emb.weight.std().item() - 0.02) < 2e-3
@@ -122,7 +127,7 @@ def test_init_scales_and_tying():
     assert abs(untied.blocks[0].engram.table.weight.std().item() - 1.0) < 0.1  # tables keep N(0, 1)
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(build):
     model = build()
     with pytest.raises(ValueError, match="out of range"):
         model(torch.tensor([[1, V]]))
@@ -154,7 +159,7 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("kw", [{}, dict(engram=None, tie_embeddings=False),
                                 dict(n_routed_experts=4, moe_top_k=2, expert_hidden=16, hc_mult=2, hc_dynamic=True,
                                      engram=tiny_engram(table_dtype="bfloat16"))])
-def test_save_load_roundtrip(tmp_path, kw):
+def test_save_load_roundtrip(tmp_path, kw, build):
     model = build(**kw)
     with torch.no_grad():
         for p in model.parameters():  # make sure nothing is left at a reproducible init
@@ -170,7 +175,7 @@ def test_save_load_roundtrip(tmp_path, kw):
     assert loaded.cfg == model.cfg
 
 
-def test_load_errors(tmp_path):
+def test_load_errors(tmp_path, build):
     model = build()
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -255,7 +260,7 @@ def test_moe_aux_is_one_when_uniform_and_bf16_works():
 
 # ------------------------------------------------------------------------------------ hyper-connections
 
-def test_hyper_connections_with_one_branch_equal_plain_residual():
+def test_hyper_connections_with_one_branch_equal_plain_residual(build):
     model = build(n_routed_experts=4, moe_top_k=2, expert_hidden=16, engram=tiny_engram()).eval()
     x = ids()
     with torch.no_grad():
@@ -293,7 +298,7 @@ def test_hyper_connection_formula_and_dynamic_init():
 
 # ------------------------------------------------------------------------------------ parameter accounting
 
-def test_count_params_by_group():
+def test_count_params_by_group(build):
     model = build(n_routed_experts=4, moe_top_k=2, expert_hidden=16, n_shared_experts=1, first_dense_layers=1,
                   hc_mult=2, tie_embeddings=False)
     c = count_params(model)

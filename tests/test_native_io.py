@@ -219,7 +219,7 @@ def test_read_rows_checks_its_buffer_and_ring(tmp_path):
 
 def test_env_switch_disables_direct_io():
     code = ("from engram.store import native_io, base as store; import torch, tempfile, pathlib;"
-            "d = pathlib.Path(tempfile.mkdtemp()); p = store.write_store(d / 't', torch.randn(4, 4));"
+            "d = pathlib.Path(tempfile.mkdtemp()); p = store.write_store(d / 't', torch.ones(4, 4));"
             "s = store.DiskStore.open(p); print(native_io.available(), native_io.unavailable_reason(), s.io)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "ENGRAM_DIRECT_IO": "0"})

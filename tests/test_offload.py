@@ -17,21 +17,20 @@ from engram.serve import access_profiles, export_tables, open_memory, open_store
 from engram.serve.export import MANIFEST, co_access_layouts, layer_file, verify_against_weights
 from engram.store.base import DiskStore, RamStore, StoreFormatError
 from engram.tokenizer import CompressedVocab
-from tiny_models import Saved, V, ids, make_cfg, make_model, one_thread, table_bytes, tiny_vocab  # noqa: F401
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def saved(request, tmp_path_factory):
-    return Saved(tmp_path_factory.mktemp(f"offload-{request.param}"), request.param)
+def saved(request, tmp_path_factory, tiny):
+    return tiny.Saved(tmp_path_factory.mktemp(f"offload-{request.param}"), request.param)
 
 
 # ------------------------------------------------------------------------------------ model integration
 
-def test_flat_rows_and_store_gather_equal_table_lookup():
-    model = make_model()
-    rows = model.engram_rows(ids())
+def test_flat_rows_and_store_gather_equal_table_lookup(tiny):
+    model = tiny.model()
+    rows = model.engram_rows(tiny.ids())
     for blk in model.blocks:
         if blk.engram is None:
             continue
@@ -42,9 +41,9 @@ def test_flat_rows_and_store_gather_equal_table_lookup():
             blk.engram.flat_rows(rows[blk.layer][..., :1])
 
 
-def test_engram_emb_equals_engram_rows_and_bad_inputs_are_clear():
-    model = make_model()
-    x = ids()
+def test_engram_emb_equals_engram_rows_and_bad_inputs_are_clear(tiny):
+    model = tiny.model()
+    x = tiny.ids()
     rows = model.engram_rows(x)
     emb = {lay: model.blocks[lay].engram.table(r) for lay, r in rows.items()}
     with torch.no_grad():
@@ -57,9 +56,9 @@ def test_engram_emb_equals_engram_rows_and_bad_inputs_are_clear():
             model(x, engram_emb={lay: e[:, :-1] for lay, e in emb.items()})
 
 
-def test_engram_rows_with_state_reads_without_advancing():
-    model = make_model()
-    x = ids(2, 9)
+def test_engram_rows_with_state_reads_without_advancing(tiny):
+    model = tiny.model()
+    x = tiny.ids(2, 9)
     full = model.engram_rows(x)
     state = model.new_decode_state(2)
     with torch.no_grad():
@@ -73,10 +72,10 @@ def test_engram_rows_with_state_reads_without_advancing():
         assert torch.equal(one[lay], full[lay][:, 4:5])
 
 
-def test_from_pretrained_without_tables_never_reads_them(tmp_path, monkeypatch):
+def test_from_pretrained_without_tables_never_reads_them(tmp_path, monkeypatch, tiny):
     import safetensors
 
-    model = make_model()
+    model = tiny.model()
     model.save_pretrained(tmp_path)
     read: list[str] = []
     real = safetensors.safe_open
@@ -109,7 +108,7 @@ def test_from_pretrained_without_tables_never_reads_them(tmp_path, monkeypatch):
     for k, v in bare.state_dict().items():
         assert torch.equal(v, full_sd[k]), k
     with pytest.raises(ValueError, match="without its Engram tables"):
-        bare(ids())
+        bare(tiny.ids())
     # Saved without tables: loads only with tables=False.
     bare.save_pretrained(tmp_path / "bare")
     with pytest.raises(ValueError, match="holds no Engram tables"):
@@ -147,17 +146,17 @@ def test_export_writes_layers_and_manifest_matching_the_model(saved):
                                b.gather(torch.arange(b.num_rows)).view(torch.uint8))
 
 
-def test_store_of_another_model_or_export_is_rejected(tmp_path):
-    model = make_model()
+def test_store_of_another_model_or_export_is_rejected(tmp_path, tiny):
+    model = tiny.model()
     d = export_tables(model, tmp_path / "a")
-    other = make_model(seed=1, max_seq_len=32)
+    other = tiny.model(seed=1, max_seq_len=32)
     with pytest.raises(ValueError, match=r"does not fit this model: model config differs \(max_seq_len"):
         open_store_dir(d, other)
     with pytest.raises(ValueError, match="head_sizes|num_rows|config"):
-        open_store_dir(d, make_model(engram=EngramConfig(engram_vocab_size=[61, 59], n_embed_per_ngram=16,
+        open_store_dir(d, tiny.model(engram=EngramConfig(engram_vocab_size=[61, 59], n_embed_per_ngram=16,
                                                          n_head_per_ngram=2, layer_ids=[0, 2], pad_id=0)))
     # Same config, other weights: only the row probe can tell.
-    retrained = make_model(seed=5)
+    retrained = tiny.model(seed=5)
     retrained.save_pretrained(tmp_path / "m5")
     stores = open_store_dir(d, retrained)
     try:
@@ -177,10 +176,10 @@ def test_store_of_another_model_or_export_is_rejected(tmp_path):
         open_store_dir(tmp_path / "nope", model)
 
 
-def test_interrupted_export_never_leaves_a_valid_store(tmp_path, monkeypatch):
+def test_interrupted_export_never_leaves_a_valid_store(tmp_path, monkeypatch, tiny):
     import engram.serve.export as export
 
-    model = make_model()
+    model = tiny.model()
     d = export_tables(model, tmp_path / "s")
     calls = []
 
@@ -216,12 +215,12 @@ MEMORY = [("ram", 0.0, None), ("disk", 0.0, None), ("ram", 0.1, "lru")] + [
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "sync"])
 @pytest.mark.parametrize("memory,frac,policy", MEMORY, ids=[f"{m}-{p or 'nocache'}-{f}" for m, f, p in MEMORY])
-def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefetch):
+def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefetch, tiny):
     _needs_cache(policy)
     profile = None
     if policy == "static":
         profile = access_profiles(saved.model, saved.profile_batches)
-    cache_bytes = int(frac * table_bytes(saved.model))
+    cache_bytes = int(frac * tiny.table_bytes(saved.model))
     with open_memory(saved.model_dir, memory, saved.store_dir if memory == "disk" else None,
                      cache_bytes=cache_bytes, policy=policy or "lru", profile=profile, prefetch=prefetch,
                      sync_rows=0) as lm:  # every request through the prefetcher when it is on
@@ -248,11 +247,11 @@ def test_offloaded_outputs_are_bit_identical(saved, memory, frac, policy, prefet
         assert tiers[memory]["requested"] == tiers["cache"]["misses"]  # misses are passed on to the next tier
 
 
-def test_a_loaded_model_can_share_its_backbone_with_the_served_memory(saved):
+def test_a_loaded_model_can_share_its_backbone_with_the_served_memory(saved, tiny):
     """open_memory(model=...): the model (tables and all) serves through a store; its outputs are unchanged,
     its own tables unused; a model of another config or vocabulary is refused."""
     profile = access_profiles(saved.model, saved.profile_batches)
-    with open_memory(saved.model_dir, "disk", saved.store_dir, cache_bytes=int(0.1 * table_bytes(saved.model)),
+    with open_memory(saved.model_dir, "disk", saved.store_dir, cache_bytes=int(0.1 * tiny.table_bytes(saved.model)),
                      policy="static", profile=profile, model=saved.model) as lm:
         assert lm.model is saved.model
         tables = [p.detach().clone() for p in saved.model.engram_parameters()]
@@ -268,8 +267,8 @@ def test_a_loaded_model_can_share_its_backbone_with_the_served_memory(saved):
         assert lm.tier_stats()["cache"]["requested"] > 0
     assert torch.equal(saved.model(saved.idx).logits, saved.logits)  # closing leaves the model as it was
     with pytest.raises(ValueError, match="does not have the config saved"):
-        open_memory(saved.model_dir, "ram", model=make_model(saved.model.cfg.engram.table_dtype, d_model=64))
-    other = EngramLM(saved.model.cfg, CompressedVocab(np.arange(V) % 31)).eval()
+        open_memory(saved.model_dir, "ram", model=tiny.model(saved.model.cfg.engram.table_dtype, d_model=64))
+    other = EngramLM(saved.model.cfg, CompressedVocab(np.arange(tiny.V) % 31)).eval()
     with pytest.raises(ValueError, match="compresses the vocabulary differently"):
         open_memory(saved.model_dir, "ram", model=other)
     with pytest.raises(ValueError, match="must be an EngramLM"):
@@ -283,18 +282,19 @@ _BUILT: dict = {}
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 20),
        frac=st.just(0.0) | st.floats(0.02, 0.5),
        policy=st.sampled_from(["lru", "lfu"]), layout=st.booleans())
-def test_random_sequences_through_a_disk_cache_are_bit_identical(tmp_path_factory, seed, B, T, frac, policy, layout):
+def test_random_sequences_through_a_disk_cache_are_bit_identical(tmp_path_factory, tiny, seed, B, T, frac, policy,
+                                                                  layout):
     pytest.importorskip("engram.store.cache", reason="CachedStore (engram.store.cache) not available yet")
     if "prop" not in _BUILT:  # built once: hypothesis calls this test many times
         root = tmp_path_factory.mktemp("prop")
-        s = _BUILT["prop"] = Saved(root, "bfloat16")
+        s = _BUILT["prop"] = tiny.Saved(root, "bfloat16")
         # the same tables with rows in co-access order (profiled on other ids than the test's)
         s.laid_dir = export_tables(s.model, root / "laid", layouts=co_access_layouts(s.model, s.profile_batches))
     s = _BUILT["prop"]
     with open_memory(s.model_dir, "disk", s.laid_dir if layout else s.store_dir,
-                     cache_bytes=int(frac * table_bytes(s.model)),
+                     cache_bytes=int(frac * tiny.table_bytes(s.model)),
                      policy=policy) as lm:
         for k in range(3):  # several passes: the cache state carries over
-            x = ids(B, T, seed=seed + k)
+            x = tiny.ids(B, T, seed=seed + k)
             with torch.no_grad():
                 assert torch.equal(lm(x).logits, s.model(x).logits)

@@ -20,31 +20,14 @@ from engram.train.config import apply_overrides, run_preset
 from engram.train.run import read_metrics
 from engram.train.trainer import Trainer, TrainingDiverged, lr_at, resolve_dtype
 
-WORDS = ("def class return self import from for while if else elif try except with as lambda yield "
-         "value index count total items result data node tree list dict open read write close print "
-         "the a of to and in is it for not on with").split()
-
 # The debug preset, made deterministic and small: fp32, one thread, a 512-token BPE.
 OVERRIDES = ["train.steps=24", "train.ckpt_every=8", "train.eval_every=8", "train.dtype='float32'",
              "train.threads=1", "data.vocab_size=512"]
-
-
-def make_corpus(root: Path, n_files: int = 40, seed: int = 0) -> Path:
-    """Deterministic pseudo-code text: numpy's Generator streams are stable across versions."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
-        lines = []
-        for _ in range(60):
-            n = int(rng.integers(3, 10))
-            indent = "    " * int(rng.integers(0, 3))
-            lines.append(indent + " ".join(WORDS[j] for j in rng.integers(0, len(WORDS), n)))
-        (root / f"doc{i:03d}.py").write_text("\n".join(lines) + "\n")
-    return root
+GOLDEN_NOTE = "debug preset on the synthetic corpus of tests/conftest.py, fp32, 1 thread, 12 steps"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_corpus):
     base = tmp_path_factory.mktemp("train")
     corpus = make_corpus(base / "corpus")
     cache = base / "cache"
@@ -120,13 +103,12 @@ def test_autocast_dtype_resolution(env, tmp_path, monkeypatch):
     assert recorded["train"]["dtype"] == tr.cfg.train.dtype in ("float32", "bfloat16")
 
 
-def test_golden_loss_curve(env, tmp_path):
-    torch.set_num_threads(1)
+def test_golden_loss_curve(env, tmp_path, one_thread, golden):
     res = Trainer(cfg_for(env, ["train.steps=12"]), tmp_path / "run", data=env["data"], progress=False).train()
     losses = [train_losses(tmp_path / "run")[s] for s in range(1, 13)]
     assert res.status == "finished" and res.step == 12
-    golden = json.loads((Path(__file__).parent / "golden" / "debug_loss_curve.json").read_text())
-    np.testing.assert_allclose(losses, golden["losses"], atol=2e-3)
+    want = golden("debug_loss_curve.json", {"note": GOLDEN_NOTE, "losses": losses})
+    np.testing.assert_allclose(losses, want["losses"], atol=2e-3)
     assert losses[-1] < losses[0] - 0.5  # it learns
     # the run directory records what produced it
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
@@ -167,6 +149,7 @@ def _run_until(cmd, sub_env, metrics: Path, step: int, sig) -> int:
             p.kill()
 
 
+@pytest.mark.slow
 def test_resume_after_kill9_and_ctrl_c_is_exact(env):
     base = env["base"]
     sub_env = _subenv(env)
@@ -177,7 +160,7 @@ def test_resume_after_kill9_and_ctrl_c_is_exact(env):
 
     # kill -9 somewhere between checkpoints, then resume
     killed = base / "killed"
-    kill_step = int(np.random.default_rng().integers(9, 15))
+    kill_step = int(np.random.default_rng(0).integers(9, 15))  # seeded: the same step on every run
     rc = _run_until(_cli(env, killed), sub_env, killed / "metrics.jsonl", kill_step, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     ck = latest_checkpoint(killed / "ckpt")
@@ -245,6 +228,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_generate_cli_on_trained_model(env, tmp_path):
     run = tmp_path / "run"
     Trainer(cfg_for(env, ["train.steps=4"]), run, data=env["data"], progress=False).train()

@@ -1,13 +1,10 @@
 """The benchmark helpers' own logic (benchmarks/common.py): steal accounting and paired-ratio summaries."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import median_ci, steal_seconds, total_ratio_ci  # noqa: E402
+from common import median_ci, steal_seconds, total_ratio_ci
 
 
 def test_steal_seconds_reads_the_aggregate_cpu_line(tmp_path):

@@ -1,14 +1,12 @@
 """Pooling bench_offload runs (benchmarks/pool_offload.py): what is pooled, how, and what is refused."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from pool_offload import PoolError, main, pool, pooled  # noqa: E402
+from pool_offload import PoolError, main, pool, pooled
 
 
 def _run(path, prefill, decode, *, sha="abc1234", d_model=512, name="disk", rounds=1, shared=True):
@@ -99,10 +97,10 @@ def test_unusable_files_give_a_clear_error_and_exit_code(tmp_path, capsys):
     assert "cannot read a bench_offload result" in capsys.readouterr().err
 
 
-def test_the_recorded_pooled_result_is_what_the_recorded_runs_give():
+def test_the_recorded_pooled_result_is_what_the_recorded_runs_give(results_dir):
     """benchmarks/results keeps four runs and their pooled result (RESULTS.md's table): recomputing it
     from the runs must give the same numbers, so the table stays traceable to its data."""
-    d = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "offload_d512_2026-12-02"
+    d = results_dir / "offload_d512_2026-12-02"
     recorded = json.loads((d / "pooled.json").read_text())
     res = pool([str(p) for p in sorted(d.glob("c*.json"))])
     for name, c in recorded["configs"].items():
