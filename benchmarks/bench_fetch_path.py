@@ -32,20 +32,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.memory import MemoryProvider
+
 from bench_offload import batches_of, config
 from common import emit, machine_info, median_ci, total_ratio_ci
 
 
-class _Timed:
-    """A gather handle (or rows) whose ``result()`` time is added to ``spent`` (where the layer calls it)."""
+class _Timed(MemoryProvider):
+    """A memory provider that times its inner provider: ``prepare`` (the fetch, before the pass) and
+    ``rows`` (the collect, where the Engram layer asks)."""
 
-    def __init__(self, handle, spent: list) -> None:
-        self.handle, self.spent = handle, spent
+    def __init__(self, memory) -> None:
+        self.memory, self.fetch_s, self.collect_s = memory, 0.0, 0.0
 
-    def result(self, timeout: float | None = None) -> torch.Tensor:
+    def prepare(self, rows) -> None:
         t0 = time.perf_counter()
-        out = self.handle.result() if hasattr(self.handle, "result") else self.handle
-        self.spent.append(time.perf_counter() - t0)
+        self.memory.prepare(rows)
+        self.fetch_s += time.perf_counter() - t0
+
+    def rows(self, layer: int, rows_BTH: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.memory.rows(layer, rows_BTH)
+        self.collect_s += time.perf_counter() - t0
         return out
 
 
@@ -132,16 +140,11 @@ def main() -> None:
                         outs[k] = model(tok, cache=states[k]).logits
                         times[k].append(time.perf_counter() - t0)
                         continue
-                    rows = model.engram_rows(tok, state=states[k])
-                    t1 = time.perf_counter()
-                    emb = lms[k].fetch(rows)
-                    t2 = time.perf_counter()
-                    spent: list = []  # the Engram layer collects its rows when it runs, after layer 0
-                    emb = {lay: _Timed(h, spent) for lay, h in emb.items()}
-                    outs[k] = model(tok, cache=states[k], engram_emb=emb).logits
+                    timed = _Timed(lms[k].memory)  # the Engram layer collects its rows when it runs
+                    outs[k] = model(tok, cache=states[k], memory=timed).logits
                     times[k].append(time.perf_counter() - t0)
-                    fetch[k].append(t2 - t1)
-                    collect[k].append(sum(spent))
+                    fetch[k].append(timed.fetch_s)
+                    collect[k].append(timed.collect_s)
                 equal &= all(torch.equal(outs[k], outs["plain"]) for k in lms)
         res["decode"] = {"steps": S, "sequences": 4, "plain_step_ms": _ms(times["plain"])}
         for k in lms:

@@ -75,11 +75,20 @@ def test_decode_hash_window_matches_batch_hash(make_model):
     model = make_model("dense")
     idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
     rows = model.engram_rows(idx)
-    state = model.new_decode_state(2)
-    for t in range(9):
-        step_rows = model._decode_rows(idx[:, t : t + 1], state, need_rows=True)
+    comp = model.vocab_lookup[idx]
+    hasher = model.hasher
+    window = hasher.new_window(2)
+    for t in range(9):  # one token at a time: the numpy fast path
+        step_rows = hasher.window_rows(window, comp[:, t : t + 1])
+        hasher.slide(window, comp[:, t : t + 1])
         for lay in rows:
             assert torch.equal(step_rows[lay][:, 0], rows[lay][:, t])
+    window = hasher.new_window(2)
+    for a, b in ((0, 2), (2, 3), (3, 9)):  # chunks: the prefix path, then the window slides past them
+        chunk_rows = hasher.window_rows(window, comp[:, a:b])
+        hasher.slide(window, comp[:, a:b])
+        for lay in rows:
+            assert torch.equal(chunk_rows[lay], rows[lay][:, a:b])
 
 
 def test_greedy_generate_matches_naive_argmax(make_model):

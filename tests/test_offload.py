@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engram.config import EngramConfig
+from engram.memory import LocalMemory, MemoryProvider
 from engram.model import EngramLM
 from engram.serve import access_profiles, export_tables, open_memory, open_store_dir, read_manifest
 from engram.serve.export import MANIFEST, co_access_layouts, layer_file, verify_against_weights
@@ -41,19 +42,42 @@ def test_flat_rows_and_store_gather_equal_table_lookup(tiny):
             blk.engram.flat_rows(rows[blk.layer][..., :1])
 
 
-def test_engram_emb_equals_engram_rows_and_bad_inputs_are_clear(tiny):
+def test_memory_provider_is_set_from_outside_and_asked_per_layer(tiny):
+    """The model asks its provider for rows, layer by layer, after telling it every layer's ids."""
     model = tiny.model()
     x = tiny.ids()
-    rows = model.engram_rows(x)
-    emb = {lay: model.blocks[lay].engram.table(r) for lay, r in rows.items()}
+    tables = {blk.layer: blk.engram.table for blk in model.blocks if blk.engram is not None}
+
+    class Recording(MemoryProvider):
+        def __init__(self):
+            self.calls = []
+
+        def prepare(self, rows):
+            self.calls.append(("prepare", sorted(rows)))
+            self.prepared = rows
+
+        def rows(self, layer, rows_BTH):
+            assert rows_BTH is self.prepared[layer]  # the very ids it was told about
+            self.calls.append(("rows", layer))
+            return tables[layer].weight[rows_BTH + tables[layer].offsets]
+
+    rec = Recording()
     with torch.no_grad():
-        assert torch.equal(model(x, engram_emb=emb).logits, model(x).logits)
-        with pytest.raises(ValueError, match="not both"):
-            model(x, engram_rows=rows, engram_emb=emb)
+        ref = model(x).logits
+        assert torch.equal(model(x, memory=rec).logits, ref)
+        assert rec.calls == [("prepare", sorted(tables)), *(("rows", lay) for lay in sorted(tables))]
+        assert isinstance(model.memory, LocalMemory)  # a per-call provider leaves the model's alone
+        bare = EngramLM(model.cfg, model.vocab, tables=False).eval()
+        bare.load_state_dict(model.state_dict(), strict=False)
+        assert bare.memory is None
+        with pytest.raises(ValueError, match="no memory provider"):
+            bare(x)
+        assert torch.equal(bare.set_memory(rec)(x).logits, ref)
+        with pytest.raises(TypeError, match="prepare"):
+            bare.set_memory(object())
         with pytest.raises(ValueError, match="must hold the Engram layers"):
-            model(x, engram_emb={0: emb[0]})
-        with pytest.raises(ValueError, match="emb must have shape"):
-            model(x, engram_emb={lay: e[:, :-1] for lay, e in emb.items()})
+            model(x, engram_rows={0: model.engram_rows(x)[0]})
+    assert "_memory" not in dict(model.named_children()) and not any("memory" in k for k in model.state_dict())
 
 
 def test_engram_rows_with_state_reads_without_advancing(tiny):

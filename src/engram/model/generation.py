@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,6 +13,7 @@ import torch
 from engram.model.layers import KVCache
 
 if TYPE_CHECKING:  # transformer.py imports this module; no runtime cycle
+    from engram.memory.provider import MemoryProvider
     from engram.model.transformer import EngramLM
 
 
@@ -61,16 +61,12 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 1.0, top_k: int
 @torch.no_grad()
 def generate(model: EngramLM, prompt_idx_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             fetch: Callable[[dict[int, torch.Tensor]], dict] | None = None) -> torch.Tensor:
+             memory: MemoryProvider | None = None) -> torch.Tensor:
     """Continue ``prompt_idx_BT`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
 
     The prompt is processed in one pass (prefill), then one token per step reuses the KV cache,
     the Engram hashing window and the ShortConv state. ``temperature == 0`` is greedy decoding.
-
-    ``fetch``: serve the Engram rows from outside the model. Before each forward pass (the prefill,
-    then every new token) the chunk's row ids ``{layer: [B, T, H]}`` are computed from the token
-    ids alone and passed to ``fetch``, which returns ``{layer: rows or handle}`` for the model's
-    ``engram_emb`` (see ``engram.serve.OffloadedLM``).
+    ``memory``: the provider of the Engram rows (default: the model's own, see ``EngramLM.set_memory``).
     """
     if not isinstance(prompt_idx_BT, torch.Tensor):
         raise TypeError(f"prompt must be a torch.Tensor of token ids, got {type(prompt_idx_BT).__name__}")
@@ -98,10 +94,7 @@ def generate(model: EngramLM, prompt_idx_BT: torch.Tensor, max_new_tokens: int, 
     state = model.new_decode_state(B, max_len=T + max_new_tokens)
 
     def step(idx_BT: torch.Tensor) -> torch.Tensor:
-        if fetch is None:
-            return model(idx_BT, cache=state).logits[:, -1]
-        emb = fetch(model.engram_rows(idx_BT, state=state))  # rows from token ids only, before the pass
-        return model(idx_BT, cache=state, engram_emb=emb).logits[:, -1]
+        return model(idx_BT, cache=state, memory=memory).logits[:, -1]
 
     logits_BV = step(prompt_idx_BT)
     out = [prompt_idx_BT]

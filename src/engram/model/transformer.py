@@ -16,6 +16,7 @@ from torch import nn
 
 from engram.config import ModelConfig
 from engram.hashing import NgramHasher
+from engram.memory.provider import LocalMemory, MemoryProvider
 from engram.model.engram import Engram
 from engram.model.generation import DecodeState
 from engram.model.hyper import HyperConnection
@@ -73,22 +74,22 @@ class Block(nn.Module):
         x_BTD, coeffs = hc.width(h_BTMD)
         return hc.depth(h_BTMD, fn(x_BTD), coeffs)
 
-    def forward(self, h_BTMD: torch.Tensor, rows_BTH: torch.Tensor | None = None, *,
-                emb=None, kv: KVCache | None = None, conv_state: torch.Tensor | None = None,
+    def forward(self, h_BTMD: torch.Tensor, rows_BTH: torch.Tensor | None = None,
+                memory: MemoryProvider | None = None, *, kv: KVCache | None = None,
+                conv_state: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return ``(h_BTMD, aux_loss or None, new Engram conv state or None)``.
 
-        ``emb``: this layer's gathered rows instead of ``rows_BTH``, a tensor or a handle with
-        ``.result()`` (e.g. a prefetch ``Pending``), resolved only here, right before the Engram runs.
+        An Engram block asks ``memory`` for the rows of ``rows_BTH`` here, right before its Engram runs,
+        so a provider reading ahead lets the blocks before this one compute meanwhile.
         """
         new_conv = None
         if self.engram is not None:
-            if emb is not None and not isinstance(emb, torch.Tensor):
-                emb = emb.result()  # blocks until this layer's rows have arrived (re-raises fetch errors)
+            emb = memory.rows(self.layer, rows_BTH)
             if kv is None:
-                h_BTMD = h_BTMD + self.engram(h_BTMD, rows_BTH, emb=emb)
+                h_BTMD = h_BTMD + self.engram(h_BTMD, emb=emb)
             else:  # decoding: carry the ShortConv history across chunks
-                inc, st = self.engram(h_BTMD, rows_BTH, emb=emb, conv_state=conv_state, return_state=True)
+                inc, st = self.engram(h_BTMD, emb=emb, conv_state=conv_state, return_state=True)
                 h_BTMD, new_conv = h_BTMD + inc, st["conv_state"]
         h_BTMD = self._sublayer(h_BTMD, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv, self.layer))
         aux: list[torch.Tensor] = []
@@ -111,12 +112,14 @@ class EngramLM(nn.Module):
         cfg: the model configuration.
         vocab: the tokenizer's compression map; required when ``cfg.engram`` is set (its
             original size must equal ``cfg.vocab_size``).
-        tables: False builds the Engram layers without their tables (nothing allocated for them);
-            such a model needs ``engram_emb=`` in :meth:`forward` (rows served from a store).
+        tables: False builds the Engram layers without their tables (nothing allocated for them): the
+            rows then come from a memory provider set from outside (:meth:`set_memory`, or ``memory=``
+            per call; see ``engram.serve``).
 
     Attributes:
         hasher: :class:`NgramHasher` (plain attribute) or None without Engram.
         vocab: the :class:`CompressedVocab` or None.
+        memory: the :class:`MemoryProvider` the Engram layers read rows from (default: their own tables).
     """
 
     def __init__(self, cfg: ModelConfig, vocab: CompressedVocab | None = None, *, tables: bool = True) -> None:
@@ -155,7 +158,28 @@ class EngramLM(nn.Module):
         self.lm_head = nn.Linear(D, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.set_memory(None)
         self.reset_parameters()
+
+    # -- memory ----------------------------------------------------------------------------------
+    @property
+    def memory(self) -> MemoryProvider | None:
+        return self.__dict__["_memory"]
+
+    def set_memory(self, provider: MemoryProvider | None) -> EngramLM:
+        """Where the Engram layers' rows come from; None: the layers' own tables (None without tables).
+
+        Kept outside the module tree (never a submodule, never in ``state_dict``): the provider is
+        infrastructure, the model only calls ``provider.prepare`` and ``provider.rows``. Returns ``self``.
+        """
+        if provider is None and self.has_tables:
+            provider = LocalMemory({blk.layer: blk.engram.table for blk in self.blocks if blk.engram is not None})
+        elif provider is not None and not (callable(getattr(provider, "rows", None))
+                                           and callable(getattr(provider, "prepare", None))):
+            raise TypeError(f"a memory provider needs prepare() and rows() (see engram.memory.MemoryProvider), "
+                            f"got {type(provider).__name__}")
+        self.__dict__["_memory"] = provider
+        return self
 
     # -- init / parameter groups ---------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -221,7 +245,11 @@ class EngramLM(nn.Module):
         if offset + T > self.cfg.max_seq_len:
             what = f"{T} tokens" if offset == 0 else f"{offset} cached + {T} new tokens"
             raise ValueError(f"sequence too long: {what} > max_seq_len={self.cfg.max_seq_len}")
-        lo, hi = (int(v) for v in torch.aminmax(idx_BT))
+        lo, hi = torch.aminmax(idx_BT)
+        if idx_BT.device.type != "cpu":  # no host sync per forward on an accelerator: the device raises
+            torch._assert_async((lo >= 0) & (hi < self.cfg.vocab_size), "token id out of range")
+            return
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.cfg.vocab_size})")
 
@@ -236,35 +264,15 @@ class EngramLM(nn.Module):
         if self.hasher is None:
             return {}
         self._check_ids(idx_BT, 0 if state is None else state.length)
-        comp_BT = self.vocab_lookup[idx_BT.to(self.vocab_lookup.device).long()]
+        return self._rows(self._compress(idx_BT), state)
+
+    def _compress(self, idx_BT: torch.Tensor) -> torch.Tensor:
+        return self.vocab_lookup[idx_BT.to(self.vocab_lookup.device).long()]
+
+    def _rows(self, comp_BT: torch.Tensor, state: DecodeState | None) -> dict[int, torch.Tensor]:
         if state is None:
             return self.hasher.hash(comp_BT, validate=False)
-        if idx_BT.shape[1] == 1:  # the decode fast path, on a copy of the window
-            window = self.hasher.push(state.window.copy(), comp_BT[:, 0].cpu().numpy())
-            return {lay: torch.from_numpy(r).to(idx_BT.device).unsqueeze(1)
-                    for lay, r in self.hasher.hash_step(window).items()}
-        prefix = torch.from_numpy(state.window[:, 1:].copy()).to(comp_BT.device)
-        return self.hasher.hash(comp_BT, prefix_BP=prefix, validate=False)
-
-    def _decode_rows(self, idx_BT: torch.Tensor, state: DecodeState, need_rows: bool) -> dict[int, torch.Tensor]:
-        """Rows for a chunk that continues ``state``; slides the hashing window over the chunk."""
-        comp_BT = self.vocab_lookup[idx_BT.long()]
-        comp_np = comp_BT.cpu().numpy()
-        window = state.window
-        T = comp_np.shape[1]
-        rows: dict[int, torch.Tensor] = {}
-        if T == 1:  # the decode fast path: numpy over all layers at once
-            self.hasher.push(window, comp_np[:, 0])
-            if need_rows:
-                rows = {lay: torch.from_numpy(r).to(idx_BT.device).unsqueeze(1)
-                        for lay, r in self.hasher.hash_step(window).items()}
-            return rows
-        if need_rows:
-            prefix = torch.from_numpy(window[:, 1:].copy()).to(idx_BT.device)
-            rows = self.hasher.hash(comp_BT, prefix_BP=prefix, validate=False)
-        N = window.shape[1]
-        window[:] = np.concatenate([window, comp_np], axis=1)[:, -N:]
-        return rows
+        return self.hasher.window_rows(state.window, comp_BT)
 
     def _check_rows(self, rows: dict, B: int, T: int) -> None:
         want = sorted(self.hasher.layer_ids) if self.hasher is not None else []
@@ -278,42 +286,35 @@ class EngramLM(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 engram_rows: dict[int, torch.Tensor] | None = None, cache: DecodeState | None = None,
-                engram_emb: dict | None = None) -> ModelOutput:
+                memory: MemoryProvider | None = None) -> ModelOutput:
         """Logits for ``idx_BT`` (``[B, T]`` int), the loss against ``targets_BT`` (-100 = ignore).
 
         engram_rows: precomputed :meth:`engram_rows` (computed here when None).
-        engram_emb: instead of row ids, each Engram layer's gathered rows ``{layer: [B, T, H, d]}``
-            as tensors or handles with ``.result()`` (a prefetch ``Pending``); a handle is resolved
-            only when its layer runs, so a layer waits for its own rows only. Required by a model
-            built with ``tables=False``.
         cache: a :class:`DecodeState` (see :meth:`new_decode_state`): the chunk continues the
             cached sequence and the cache is advanced past it.
+        memory: the provider of the Engram rows for this call (default: :attr:`memory`). It is told
+            every layer's row ids (``prepare``) before the first block runs.
         """
         offset = 0 if cache is None else cache.kv.length
         self._check_ids(idx_BT, offset)
         B, T = idx_BT.shape
         if cache is not None and cache.kv.batch_size != B:
             raise ValueError(f"decode state is for batch size {cache.kv.batch_size}, got {B} sequences")
-        if self.hasher is not None and engram_emb is not None:
-            if engram_rows is not None:
-                raise ValueError("pass engram_rows or engram_emb, not both")
-            want = sorted(self.hasher.layer_ids)
-            if sorted(engram_emb) != want:
-                raise ValueError(f"engram_emb must hold the Engram layers {want}, got keys {sorted(engram_emb)}")
+        memory = self.memory if memory is None else memory
+        if self.hasher is not None:
+            if memory is None:
+                raise ValueError("this model was built without its Engram tables (tables=False) and has no memory "
+                                 "provider: set_memory(...) or pass memory= (rows from a store, see engram.serve)")
+            comp_BT = self._compress(idx_BT) if cache is not None or engram_rows is None else None
+            if engram_rows is None:
+                engram_rows = self._rows(comp_BT, cache)
+            else:
+                self._check_rows(engram_rows, B, T)
+            memory.prepare(engram_rows)
             if cache is not None:
-                self._decode_rows(idx_BT, cache, need_rows=False)  # only slides the hashing window
-        elif self.hasher is not None:
-            if not self.has_tables:
-                raise ValueError("this model was built without its Engram tables (tables=False): pass "
-                                 "engram_emb= (rows from a store, see engram.serve.OffloadedLM)")
-            if cache is not None:
-                computed = self._decode_rows(idx_BT, cache, need_rows=engram_rows is None)
-                engram_rows = computed if engram_rows is None else engram_rows
-            elif engram_rows is None:
-                engram_rows = self.engram_rows(idx_BT)
-            self._check_rows(engram_rows, B, T)
-        elif engram_rows or engram_emb:
-            raise ValueError("engram_rows/engram_emb given to a model without Engram layers")
+                self.hasher.slide(cache.window, comp_BT)
+        elif engram_rows:
+            raise ValueError("engram_rows given to a model without Engram layers")
 
         M = self.cfg.hc_mult
         x_BTD = self.tok_emb(idx_BT)
@@ -321,9 +322,8 @@ class EngramLM(nn.Module):
         aux_terms = []
         for blk in self.blocks:
             rows = engram_rows.get(blk.layer) if engram_rows else None
-            emb = engram_emb.get(blk.layer) if engram_emb else None
             conv = cache.conv.get(blk.layer) if cache is not None else None
-            h_BTMD, aux, new_conv = blk(h_BTMD, rows, emb=emb, kv=None if cache is None else cache.kv,
+            h_BTMD, aux, new_conv = blk(h_BTMD, rows, memory, kv=None if cache is None else cache.kv,
                                         conv_state=conv)
             if aux is not None:
                 aux_terms.append(aux)

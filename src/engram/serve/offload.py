@@ -1,15 +1,13 @@
 """Inference with the Engram tables outside the model: rows served by row stores and fetched ahead.
 
-:class:`OffloadedLM` wraps an :class:`EngramLM` built without its tables (``from_pretrained(dir,
-tables=False)``) and one :class:`RowStore` per Engram layer (RAM, disk, or a cache in front of either).
-Before every forward pass it computes all layers' row ids from the token ids alone
-(:meth:`EngramLM.engram_rows`), submits them to a :class:`Prefetcher` and passes the handles into the
-model, which resolves each layer's handle only when that layer runs. Generation does the same for the
-prompt (prefill) and then for every new token; evaluation submits batch i+1's rows before computing
-batch i. A decode step's few dozen ids are not worth a thread hand-off: they are fetched in the calling
-thread with :meth:`RowStore.gather_start`, which copies cached rows at once and only submits the disk
-reads (direct I/O), so the device reads while the layers before the Engram layer compute. Stores return
-the exact bits of the table, so every output equals the all-in-RAM model's.
+:class:`OffloadedLM` pairs an :class:`EngramLM` built without its tables (``from_pretrained(dir,
+tables=False)``) with a :class:`~engram.serve.memory.StoreMemory` over one :class:`RowStore` per Engram
+layer (RAM, disk, or a cache in front of either), passed as the model's memory provider on every call
+(the model itself is not changed, so one backbone can serve several memories). The model computes all
+layers' row ids from the token ids before its first block and hands them to the provider, which starts
+the reads; each Engram layer waits only for its own rows. Evaluation prepares batch i+1's rows before
+computing batch i. Stores return the exact bits of the table, so every output equals the all-in-RAM
+model's.
 
 :func:`open_memory` builds one from a model directory (and a store directory written by
 :func:`engram.serve.export.export_tables` for ``memory="disk"``).
@@ -30,8 +28,8 @@ from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput, engram_table_key
 from engram.serve.export import open_store_dir, verify_against_weights
+from engram.serve.memory import StoreMemory
 from engram.store.base import RamStore
-from engram.store.prefetch import Prefetcher
 
 __all__ = ["OffloadedLM", "access_profiles", "format_tier_stats", "open_memory"]
 
@@ -46,13 +44,7 @@ class OffloadedLM:
         model: the model; its own tables, if any, are not used.
         stores: ``{layer: RowStore}`` for exactly the model's Engram layers, each serving the flat
             ``[sum(head_sizes), d]`` table of its layer in the model's table dtype.
-        prefetch: fetch in background threads (False: in the calling thread, before each pass; stores
-            that read asynchronously still overlap their reads with the layers before theirs).
-        workers, max_pending: see :class:`Prefetcher`.
-        sync_rows: requests of at most this many row ids in all (a decode step: batch x heads x
-            layers) are gathered in the calling thread even with ``prefetch``: handing a few dozen
-            rows to a worker and waiting for it costs more than the gather it would hide
-            (measured: ~30% of decode throughput from RAM). 0 sends everything to the prefetcher.
+        prefetch, workers, max_pending, sync_rows: see :class:`~engram.serve.memory.StoreMemory`.
         own_stores: :meth:`close` also closes the stores.
 
     A context manager; :meth:`close` stops the prefetcher (never hangs) and closes owned stores.
@@ -72,40 +64,26 @@ class OffloadedLM:
             if want != got:
                 raise ValueError(f"store of Engram layer {lay} holds [{got[0]}, {got[1]}] {got[2]} rows, the model "
                                  f"needs [{want[0]}, {want[1]}] {want[2]}")
-        if sync_rows < 0:
-            raise ValueError(f"sync_rows must be >= 0, got {sync_rows}")
-        self.sync_rows = int(sync_rows)
         self.model = model
         self.stores = dict(stores)
         self.own_stores = own_stores
         self._also_close: list = []  # stores behind owned wrappers (a cache need not close its backing)
-        self._engrams = engrams
         self.device = next(model.parameters()).device
-        self.prefetcher = (Prefetcher(self.stores, workers=workers, max_pending=max_pending, device=self.device)
-                           if prefetch else None)
+        self.memory = StoreMemory(self.stores, {lay: list(e.head_sizes) for lay, e in engrams.items()},
+                                  prefetch=prefetch, workers=workers, max_pending=max_pending, device=self.device,
+                                  sync_rows=sync_rows)
 
     @property
     def cfg(self):
         return self.model.cfg
 
-    # ------------------------------------------------------------------ rows
-    def fetch(self, rows: dict[int, torch.Tensor]) -> dict:
-        """Per-head row ids ``{layer: [B, T, H]}`` -> ``{layer: Pending or [B, T, H, d] tensor}`` for ``engram_emb``."""
-        flat = {lay: self._engrams[lay].flat_rows(r) for lay, r in rows.items()}
-        if self.prefetcher is not None and sum(f.numel() for f in flat.values()) > self.sync_rows:
-            return self.prefetcher.submit(flat)
-        # In this thread: a store that reads asynchronously (direct reads) submits now, and the layer
-        # collects the rows when it runs, so the device works while the layers before it compute.
-        out = {}
-        for lay, f in flat.items():
-            store, rows_N = self.stores[lay], f.reshape(-1).cpu()
-            start = getattr(store, "gather_start", None)  # any object with gather() may serve rows
-            out[lay] = (_Shaped(start(rows_N), tuple(f.shape)) if start is not None
-                        else store.gather(rows_N).view(*f.shape, -1))
-        return out
+    @property
+    def prefetcher(self):
+        return self.memory.prefetcher
 
-    def _fetch_ids(self, idx_BT: torch.Tensor) -> dict:
-        return self.fetch(self.model.engram_rows(idx_BT))
+    @property
+    def sync_rows(self) -> int:
+        return self.memory.sync_rows
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -116,10 +94,11 @@ class OffloadedLM:
         With ``cache`` (from ``self.model.new_decode_state``) the chunk continues the cached sequences,
         e.g. one given token per sequence: a decode step on known text (teacher forcing).
         """
-        if cache is None:
-            return self.model(idx_BT, targets_BT, engram_emb=self._fetch_ids(idx_BT))
-        emb = self.fetch(self.model.engram_rows(idx_BT, state=cache))
-        return self.model(idx_BT, targets_BT, cache=cache, engram_emb=emb)
+        try:
+            return self.model(idx_BT, targets_BT, cache=cache, memory=self.memory)
+        except BaseException:
+            self.memory.forget()
+            raise
 
     __call__ = forward
 
@@ -127,32 +106,43 @@ class OffloadedLM:
     def generate(self, prompt_idx_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """:func:`engram.model.generation.generate` with the rows served by the stores (same arguments,
-        same output): the prompt's rows are fetched before the prefill, each new token's before its step."""
-        return _generate(self.model, prompt_idx_BT, max_new_tokens, temperature=temperature, top_k=top_k,
-                         generator=generator, fetch=self.fetch)
+        same output): the prompt's rows are read before the prefill's first block, each new token's
+        before its step's."""
+        try:
+            return _generate(self.model, prompt_idx_BT, max_new_tokens, temperature=temperature, top_k=top_k,
+                             generator=generator, memory=self.memory)
+        except BaseException:
+            self.memory.forget()
+            raise
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean next-token loss over ``(ids_BT, targets_BT)`` batches, weighted by valid targets (!= -100).
 
-        Pipelined: batch i+1's rows are submitted before batch i is computed, so its reads overlap
+        Pipelined: batch i+1's rows are requested before batch i is computed, so its reads overlap
         with batch i's compute.
         """
         it = iter(batches)
         nxt = next(it, None)
         if nxt is None:
             raise ValueError("evaluate needs at least one batch")
-        handles = self._fetch_ids(nxt[0])
         total, n = 0.0, 0
-        while nxt is not None:
-            (x_BT, y_BT), emb = nxt, handles
-            nxt = next(it, None)
-            if nxt is not None:
-                handles = self._fetch_ids(nxt[0])
-            out = self.model(x_BT, y_BT, engram_emb=emb)
-            k = int((y_BT != -100).sum())
-            total += float(out.loss) * k
-            n += k
+        try:
+            rows = self.model.engram_rows(nxt[0])
+            self.memory.prepare(rows)
+            while nxt is not None:
+                (x_BT, y_BT), cur = nxt, rows
+                nxt = next(it, None)
+                if nxt is not None:
+                    rows = self.model.engram_rows(nxt[0])
+                    self.memory.prepare(rows)
+                out = self.model(x_BT, y_BT, engram_rows=cur, memory=self.memory)
+                k = int((y_BT != -100).sum())
+                total += float(out.loss) * k
+                n += k
+        except BaseException:
+            self.memory.forget()
+            raise
         return total / max(1, n)
 
     # ------------------------------------------------------------------ statistics
@@ -186,8 +176,7 @@ class OffloadedLM:
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Stop the prefetcher and close owned stores; idempotent."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
+        self.memory.close()
         if self.own_stores:
             for s in [*self.stores.values(), *self._also_close]:
                 s.close()
@@ -197,20 +186,6 @@ class OffloadedLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _Shaped:
-    """A gather handle whose ``[N, d]`` rows are returned as ``[*shape, d]``."""
-
-    def __init__(self, handle, shape: tuple[int, ...]) -> None:
-        self._handle, self._shape = handle, shape
-
-    @property
-    def done(self) -> bool:
-        return bool(getattr(self._handle, "done", True))
-
-    def result(self, timeout: float | None = None) -> torch.Tensor:
-        return self._handle.result().view(*self._shape, -1)
 
 
 def format_tier_stats(tiers: dict[str, dict]) -> str:
