@@ -1,10 +1,10 @@
-"""Model components."""
+"""Model components: the Engram block, the backbone (layers, MoE, hyper-connections), the LM, decoding and
+parameter accounting. Nothing here knows where Engram rows live (see :mod:`engram.memory`)."""
 
 from engram.model.engram import Engram, ShortConv
 
 __all__ = ["Engram", "ShortConv"]
 
-# Backbone (appended): layers, MoE, hyper-connections, the LM, decoding and parameter accounting.
 from engram.model.generation import DecodeState, generate  # noqa: E402
 from engram.model.hyper import HyperConnection  # noqa: E402
 from engram.model.layers import KVCache, RMSNorm, Rotary, SwiGLU  # noqa: E402
