@@ -11,7 +11,9 @@ Two implementations of one function, ``(e, h) -> (h's increment, gates, conv sta
   shifted slice of the conv; here the norms are single-pass reductions, the key/query norms are folded
   into the gate's dot product (the normalised key and query are never materialised), the conv input's
   norm comes from the value's (``u = g * v`` so ``mean(u^2) = g^2 mean(v^2)``), and the conv reads
-  shifted slices in place with no history buffer.
+  shifted slices in place with no history buffer. On CPU the steps around the two projections run as
+  C kernels (:mod:`engram.model.native_mix`: one pass each, no full-size temporaries); the torch code
+  below is their fallback where no C compiler works or ``ENGRAM_NATIVE_MIX=0``.
 
 Both follow the same equations (see :class:`engram.model.engram.Engram`); they agree to float rounding.
 """
@@ -26,6 +28,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from engram.model import native_mix
 
 __all__ = ["FusedMix", "compiled_engram_mix", "conv_taps", "engram_mix", "fused_mix_applies", "short_conv"]
 
@@ -161,6 +165,10 @@ class FusedMix(torch.autograd.Function):
         h_NMD = h_BTMD.reshape(N, M, D)
         kr_NMD = torch.addmm(key_b, e_NE, key_w.t()).view(N, M, D)
         v_ND = torch.addmm(value_b, e_NE, value_w.t())
+        if native_mix.applies(h_BTMD, k):
+            return _native_forward(ctx, e_NE, e_BTE.shape, h_BTMD, kr_NMD.view(N, C), v_ND, key_w, value_w,
+                                   wk_MD, wq_MD, wc_MD, conv_w_C1k, dilation, eps_kq, eps_c, state_BPC)
+        ctx.native = False
         # Gate: <rmsnorm(kr)*wk, rmsnorm(h)*wq> = rk * rq * <kr, h*wk*wq>, with r = 1/rms.
         rk_NM = torch.rsqrt(torch.linalg.vector_norm(kr_NMD, dim=-1).square_().div_(D).add_(eps_kq))
         rq_NM = torch.rsqrt(torch.linalg.vector_norm(h_NMD, dim=-1).square_().div_(D).add_(eps_kq))
@@ -193,6 +201,8 @@ class FusedMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_BTMD, _dgate, _dstate):
+        if ctx.native:
+            return _native_backward(ctx, dout_BTMD)
         (e_NE, h_NMD, kr_NMD, v_ND, hw_NMD, z_BTC, y_BTC, rk_NM, rq_NM, a_NM, s_NM, root_NM, g_NM, rc_NM,
          c_NM, key_w, value_w, wk_MD, wq_MD, wc_C, w_kC, we_kC, state_BPC) = ctx.saved_tensors
         B, T, M, D, dilation, eps_c, e_shape = ctx.meta
@@ -230,6 +240,54 @@ class FusedMix(torch.autograd.Function):
         return (de_NE.view(e_shape), dh_NMD.reshape(B, T, M, D), dkr_NC.t() @ e_NE, dkr_NC.sum(0),
                 dv_ND.t() @ e_NE, dv_ND.sum(0), dwkq_MD * wq_MD, dwkq_MD * wk_MD, dwc_MD,
                 dconv_kC.t().unsqueeze(1), None, None, dstate_BPC)
+
+
+def _native_forward(ctx, e_NE, e_shape, h_BTMD, kr_NC, v_ND, key_w, value_w, wk_MD, wq_MD, wc_MD, conv_w_C1k, dilation,
+                    eps_kq, eps_c, state_BPC):
+    """:meth:`FusedMix.forward` past the projections, on the C kernels (same returns)."""
+    B, T, M, D = h_BTMD.shape
+    N, C = B * T, M * D
+    P = (conv_w_C1k.shape[-1] - 1) * dilation
+    h_NC = h_BTMD.reshape(N, C).contiguous()
+    wkq_C = (wk_MD * wq_MD).reshape(C)
+    g_NM, c_NM, aux_NM6 = native_mix.gate_forward(kr_NC, h_NC, wkq_C, v_ND, M, eps_kq, eps_c)
+    w_kC = conv_w_C1k[:, 0, :].t().contiguous()
+    wc_C = wc_MD.reshape(C)
+    we_kC = w_kC * wc_C
+    if state_BPC is not None:
+        state_BPC = state_BPC.to(torch.float32).contiguous()
+    out_NC = native_mix.conv_forward(v_ND, c_NM, g_NM, we_kC, w_kC, state_BPC, B, T, dilation)
+    # The next state holds the last P conv inputs (xn = z wc); only those rows of z = c v are formed.
+    L = min(T, P)
+    z_BLC = (c_NM.view(B, T, M, 1)[:, T - L:] * v_ND.view(B, T, 1, D)[:, T - L:]).reshape(B, L, C)
+    new_state = _next_state(z_BLC * wc_C, state_BPC, P)
+    gate_BTM = g_NM.view(B, T, M)
+    ctx.mark_non_differentiable(gate_BTM, new_state)
+    ctx.native = True
+    if any(ctx.needs_input_grad):
+        ctx.save_for_backward(e_NE, h_NC, kr_NC, v_ND, g_NM, c_NM, aux_NM6, key_w, value_w, wk_MD, wq_MD, wc_C,
+                              wkq_C, w_kC, we_kC, state_BPC)
+        ctx.meta = (B, T, M, D, dilation, eps_c, e_shape)
+    return out_NC.view(B, T, M, D), gate_BTM, new_state
+
+
+def _native_backward(ctx, dout_BTMD):
+    """:meth:`FusedMix.backward` on the C kernels: everything but the projections' matmuls in one pass."""
+    (e_NE, h_NC, kr_NC, v_ND, g_NM, c_NM, aux_NM6, key_w, value_w, wk_MD, wq_MD, wc_C, wkq_C, w_kC, we_kC,
+     state_BPC) = ctx.saved_tensors
+    B, T, M, D, dilation, eps_c, e_shape = ctx.meta
+    need = ctx.needs_input_grad
+    r = native_mix.backward(dout_BTMD, v_ND, c_NM, g_NM, aux_NM6, kr_NC, h_NC, wkq_C, we_kC, w_kC, state_BPC,
+                            dilation, eps_c, need_dh=need[1])
+    dv_ND, dkr_NC, dwe_kC, dwkq_MD = r["dv_ND"], r["dkr_NC"], r["dwe_kC"], r["dwkq_C"].view(M, D)
+    # The conv ran on z = c v with taps we = conv_w * wc (the state's taps: conv_w alone).
+    dconv_kC = dwe_kC * wc_C if r["dsw_kC"] is None else dwe_kC * wc_C + r["dsw_kC"]
+    de_NE = torch.mm(dkr_NC, key_w).addmm_(dv_ND, value_w) if need[0] else None
+    dh_BTMD = r["dh_NC"].view(B, T, M, D) if need[1] else None
+    return (None if de_NE is None else de_NE.view(e_shape), dh_BTMD,
+            dkr_NC.t() @ e_NE if need[2] else None, r["dbk_C"], dv_ND.t() @ e_NE if need[4] else None,
+            r["dbv_D"], dwkq_MD * wq_MD, dwkq_MD * wk_MD, (dwe_kC * w_kC).sum(0).view(M, D),
+            dconv_kC.t().unsqueeze(1), None, None, r["dstate_BPC"])
 
 
 def _branch_sum(a_NMD: torch.Tensor, x_NM: torch.Tensor, b_NMD: torch.Tensor, y_NM: torch.Tensor) -> torch.Tensor:
