@@ -26,7 +26,8 @@ import torch
 
 from engram.config import EngramConfig
 from engram.hashing import NgramHasher
-from engram.store.cache import POLICIES, access_profile, coverage_curve, simulate_hit_rate
+from engram.store.cache import POLICIES
+from engram.store.profiling import access_profile, coverage_curve, simulate_hit_rate
 from engram.tokenizer import CompressedVocab
 
 from common import emit, machine_info

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram.store.base import DiskStore, RamStore, write_store
-from engram.store.cache import POLICIES, CachedStore, access_profile, coverage_curve, simulate_hit_rate
+from engram.store.cache import POLICIES, CachedStore
+from engram.store.profiling import access_profile, coverage_curve, simulate_hit_rate
 
 R, D = 61, 3
 RAW = {torch.float32: torch.int32, torch.bfloat16: torch.int16}

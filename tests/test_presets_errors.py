@@ -76,7 +76,7 @@ def _raising(exc):
 
 @pytest.mark.parametrize("exc", USER_ERRORS, ids=lambda e: type(e).__name__)
 def test_user_errors_are_one_line(exc, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_hash", _raising(exc))
+    monkeypatch.setattr(cli.commands, "_hash", _raising(exc))
     assert cli.main(["hash", "x"]) == 2
     err = capsys.readouterr().err
     assert err == f"engram: error: {exc}\n"
@@ -84,7 +84,7 @@ def test_user_errors_are_one_line(exc, monkeypatch, capsys):
 
 @pytest.mark.parametrize("exc", BUGS, ids=lambda e: type(e).__name__)
 def test_programming_errors_keep_their_traceback(exc, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_hash", _raising(exc))
+    monkeypatch.setattr(cli.commands, "_hash", _raising(exc))
     with pytest.raises(type(exc)) as got:
         cli.main(["hash", "x"])
     assert got.value is exc
@@ -92,7 +92,7 @@ def test_programming_errors_keep_their_traceback(exc, monkeypatch, capsys):
 
 
 def test_multi_line_messages_become_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_hash", _raising(UserError("first\n  second\n")))
+    monkeypatch.setattr(cli.commands, "_hash", _raising(UserError("first\n  second\n")))
     assert cli.main(["hash", "x"]) == 2
     assert capsys.readouterr().err == "engram: error: first second\n"
 
@@ -120,7 +120,7 @@ def test_subprocess_user_error_and_bug():
     assert user.returncode == 2 and user.stderr == "engram: error: train.steps must be >= 1, got 0\n"
     code = ("import sys, engram.cli as c\n"
             "def bad(args):\n    raise TypeError('a bug')\n"
-            "c._hash = bad\nsys.exit(c.main(['hash', 'x']))\n")
+            "c.commands._hash = bad\nsys.exit(c.main(['hash', 'x']))\n")
     bug = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert bug.returncode == 1
     assert "Traceback (most recent call last)" in bug.stderr and bug.stderr.rstrip().endswith("TypeError: a bug")

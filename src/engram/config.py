@@ -143,9 +143,11 @@ def register_preset(name: str, kind: str, description: str) -> Callable:
 
 
 def presets(kind: str | None = None) -> dict[str, Preset]:
-    """The registered presets of ``kind`` (all of them for None), by name, in registration order."""
-    import engram.train.config  # noqa: F401  (the run presets register themselves there)
+    """The registered presets of ``kind`` (all of them for None), by name, in registration order.
 
+    Run presets register when `engram.train.config` is imported (this module sits below the trainer
+    and never imports it); `engram.train.config.run_preset` and the CLI import it first.
+    """
     if kind is not None and kind not in PRESET_KINDS:
         raise ValueError(f"preset kind must be one of {', '.join(PRESET_KINDS)}, got {kind!r}")
     return {n: p for n, p in _PRESETS.items() if kind is None or p.kind == kind}

@@ -210,7 +210,7 @@ def access_profiles(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> dict
 
     Profile on data other than what is then evaluated (e.g. the train split), or the cache knows the future.
     """
-    from engram.store.cache import access_profile
+    from engram.store.profiling import access_profile
 
     batches = list(id_batches)
     engrams = {blk.layer: blk.engram for blk in model.blocks if blk.engram is not None}

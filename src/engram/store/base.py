@@ -20,7 +20,7 @@ import torch
 
 from engram.store.format import DTYPE_NAMES, RAW_NUMPY, RAW_TORCH, StoreFormatError, write_store
 
-__all__ = ["RamStore", "Ready", "RowStore", "StoreFormatError", "TierStats", "check_rows", "write_store"]
+__all__ = ["RamStore", "Ready", "RowStore", "StoreFormatError", "Then", "TierStats", "check_rows", "write_store"]
 
 
 @dataclass
@@ -235,3 +235,20 @@ def __getattr__(name: str):
 
         return DiskStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class Then:
+    """A gather handle: waits for ``inner``, then returns ``finish()`` (once; later calls repeat it)."""
+
+    def __init__(self, inner, finish) -> None:
+        self._inner, self._finish = inner, finish
+        self._value: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._value is not None or bool(getattr(self._inner, "done", False))
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._finish()
+        return self._value

@@ -1,0 +1,128 @@
+"""`engram` commands on tokenizers and training: vocab-stats, hash, train, compare, demo."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+
+@contextlib.contextmanager
+def _reading_user_input():
+    """Wrap the loading of something the user named (a tokenizer, corpus, model or store
+    directory): there a ValueError means that input is unusable, and becomes a UserError."""
+    from engram.config import UserError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def _vocab_stats(args) -> int:
+    from engram.tokenizer import CompressedVocab
+
+    with _reading_user_input():
+        vocab = CompressedVocab.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    s = vocab.stats(top=args.top)
+    if args.save:
+        with _reading_user_input():
+            vocab.save(args.save)
+    if args.json:
+        print(json.dumps(s, ensure_ascii=False, indent=2))
+        return 0
+    print(f"tokenizer         {s['source']}")
+    print(f"original ids      {s['original_size']:,}")
+    print(f"compressed ids    {s['compressed_size']:,}")
+    print(f"reduction         {s['ratio']:.2%}")
+    print(f"merged groups     {s['merged_groups']:,}")
+    print(f"\n{'key':>10}  {'size':>4}  original tokens")
+    for g in s["top_groups"]:
+        toks = ", ".join(repr(t) for t in g["tokens"][:10])
+        more = ", ..." if g["size"] > 10 else ""
+        print(f"{g['key']!r:>10}  {g['size']:>4}  {toks}{more}")
+    if args.save:
+        print(f"\nsaved to {args.save}")
+    return 0
+
+
+def _hash(args) -> int:
+    import numpy as np
+
+    from engram.config import engram_preset
+    from engram.hashing import NgramHasher
+    from engram.tokenizer import CompressedVocab
+
+    cfg = engram_preset(args.preset)
+    with _reading_user_input():
+        vocab = CompressedVocab.from_pretrained(args.tokenizer)
+    hasher = NgramHasher.from_config(cfg, vocab)
+    ids = vocab.tokenizer(args.text).input_ids
+    rows = hasher.hash(vocab(np.array([ids])))
+    out = {"tokens": vocab.tokenizer.convert_ids_to_tokens(ids), "ids": ids,
+           "compressed_ids": vocab(np.array(ids)).tolist(),
+           "table_sizes": {str(k): v for k, v in hasher.table_sizes.items()},
+           "rows": {str(k): v[0].tolist() for k, v in rows.items()}}
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+def _demo(args) -> int:
+    from engram.demo import run
+
+    run(args.tokenizer)
+    return 0
+
+
+def _resolve_run_config(args):
+    from engram.train.config import apply_overrides, run_preset
+
+    cfg = run_preset(args.preset)
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.data={list(args.data)!r}")
+    if args.tokenizer:
+        overrides.append(f"data.tokenizer={args.tokenizer!r}")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _train(args) -> int:
+    import time
+    from pathlib import Path
+
+    from engram.train.trainer import Trainer, TrainingDiverged, prepare_run_data
+
+    cfg = _resolve_run_config(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with _reading_user_input():
+        data = prepare_run_data(cfg)
+    try:
+        res = Trainer(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
+    except TrainingDiverged as e:
+        print(f"engram train: {e}", file=sys.stderr)
+        return 3
+    val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
+    mfu = f", MFU {res.mfu:.1%}" if res.mfu else ""
+    print(f"{res.status} at step {res.step}: {res.tokens:,} tokens, val loss {val}, "
+          f"{res.tokens_per_s:,.0f} tokens/s{mfu}")
+    print(f"run directory: {run_dir}")
+    return 0 if res.status == "finished" else 130
+
+
+def _compare(args) -> int:
+    import time
+    from pathlib import Path
+
+    from engram.train.compare import run_compare, variants
+    from engram.train.trainer import prepare_run_data
+
+    cfg = _resolve_run_config(args)
+    variants(cfg, args.experts_moved)  # an impossible split fails before the corpus is read
+    out = Path(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with _reading_user_input():
+        data = prepare_run_data(cfg)
+    run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
+                progress=not args.no_progress, data=data)
+    return 0

@@ -1,0 +1,175 @@
+"""`engram` commands on trained models: generate, export-memory, eval (tables in RAM or on disk)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from engram.cli.commands import _reading_user_input
+
+
+def _tokenizer_spec(model_dir: str, override: str | None) -> str:
+    from pathlib import Path
+
+    if override is not None:
+        return override
+    saved = Path(model_dir) / "tokenizer"
+    return str(saved) if saved.is_dir() else (Path(model_dir) / "tokenizer.txt").read_text().strip()
+
+
+def _open_memory(args, profile_batches=None):
+    """The OffloadedLM the --memory/--store/--cache-mb/--policy options describe."""
+    from engram.config import UserError
+    from engram.serve import access_profiles, open_memory
+
+    if args.memory == "disk" and not args.store:
+        raise UserError("--memory disk needs --store DIR (a directory written by `engram export-memory`)")
+    profile = None
+    if args.policy == "static" and args.cache_mb > 0:
+        from engram.model import EngramLM
+
+        with _reading_user_input():
+            bare = EngramLM.from_pretrained(args.model, tables=False)
+        # Rank rows by their counts on the train split, never on what is evaluated.
+        profile = access_profiles(bare, profile_batches())
+    with _reading_user_input():
+        return open_memory(args.model, args.memory, args.store, cache_bytes=int(args.cache_mb * 2**20),
+                           policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers,
+                           io=args.io)
+
+
+def _print_memory_stats(lm, file) -> None:
+    import logging
+
+    from engram.serve import format_tier_stats
+
+    tiers = lm.tier_stats()
+    logging.getLogger("engram.serve").info("memory tier stats: %s", tiers)
+    print(format_tier_stats(tiers), file=file)
+    sched = _store_io_scheduler(lm)
+    if sched is not None:
+        hint = ("" if sched["active"] == "none" or "none" not in sched["available"] else
+                " (random direct reads cost less CPU under 'none', NVMe's default; see README)")
+        print(f"store device {sched['device']}: I/O scheduler {sched['active']}{hint}", file=file)
+
+
+def _store_io_scheduler(lm) -> dict | None:
+    """The I/O scheduler of the device under the first disk store behind ``lm`` (None: no disk store)."""
+    from engram.store.blockdev import io_scheduler
+
+    for s in lm.stores.values():
+        disk = getattr(s, "backing", s)
+        if getattr(disk, "tier", None) == "disk":
+            return io_scheduler(disk.path)
+    return None
+
+
+def _train_windows(args, seq_len: int, tokens: int | None = None):
+    """Token-id windows of the data's train split, for an access profile (``tokens``: --profile-tokens)."""
+    from engram.data import BatchSampler, prepare_data
+
+    with _reading_user_input():
+        data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
+    n = max(1, (args.profile_tokens if tokens is None else tokens) // (8 * seq_len))
+    sampler = BatchSampler(data.train, 8, seq_len, seed=0)
+    return [sampler.batch_at(i)[0] for i in range(n)]
+
+
+def _generate(args) -> int:
+    import torch
+
+    from engram.config import UserError
+    from engram.model import EngramLM
+    from engram.model.generation import generate
+    from engram.tokenizer import load_tokenizer
+
+    with _reading_user_input():
+        tok = load_tokenizer(_tokenizer_spec(args.model, args.tokenizer))
+    ids = tok(args.prompt, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    g = torch.Generator().manual_seed(args.seed)
+    if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
+        raise UserError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
+    if args.memory is None:
+        with _reading_user_input():
+            model = EngramLM.from_pretrained(args.model).eval()
+        with torch.no_grad():
+            out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, generator=g)
+        print(tok.decode(out[0].tolist()))
+        return 0
+    with _open_memory(args, lambda: _train_windows(args, 64)) as lm:
+        out = lm.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, generator=g)
+        print(tok.decode(out[0].tolist()))
+        _print_memory_stats(lm, sys.stderr)
+    return 0
+
+
+def _export_memory(args) -> int:
+    from engram.config import UserError
+    from engram.serve import export_tables, read_manifest
+    from engram.store.format import read_header
+
+    layouts = None
+    if args.layout_tokens < 0:
+        raise UserError(f"--layout-tokens must be >= 0, got {args.layout_tokens}")
+    if args.layout_tokens:
+        from engram.model import EngramLM
+        from engram.serve.export import co_access_layouts
+
+        with _reading_user_input():
+            model = EngramLM.from_pretrained(args.model, tables=False)
+        seq_len = min(model.cfg.max_seq_len, 256)
+        layouts = co_access_layouts(model, _train_windows(args, seq_len, args.layout_tokens))
+    with _reading_user_input():
+        out = export_tables(args.model, args.out, layouts=layouts)
+    m = read_manifest(out)
+    for lay, spec in sorted(m["layers"].items(), key=lambda kv: int(kv[0])):
+        size = (out / spec["file"]).stat().st_size
+        placed = (read_header(out / spec["file"]).meta.get("layout") or {}).get("placed")
+        order = f"  co-access layout: {placed:,} rows placed" if placed is not None else ""
+        print(f"layer {lay}: {out / spec['file']}  {spec['num_rows']:,} rows x {m['dim']} {m['dtype']}  "
+              f"{size / 2**20:,.1f} MiB{order}")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+def _eval(args) -> int:
+    import time
+
+    from engram.config import UserError
+    from engram.data import prepare_data, val_batches
+    from engram.model import EngramLM
+
+    with _reading_user_input():
+        cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
+    seq_len = args.seq_len or min(cfg.max_seq_len, 128)
+    # The memory first: a bad store fails before the corpus is read (and tokenised, on a first run).
+    with _open_memory(args, lambda: _train_windows(args, seq_len)) as lm:
+        with _reading_user_input():
+            data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
+        if data.vocab_size > cfg.vocab_size:
+            raise UserError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
+        with _reading_user_input():  # --batch-size, --seq-len, --eval-tokens against the split
+            batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
+        if args.cold and lm.drop_page_cache() == 0:
+            print("engram eval: --cold has no effect with --memory ram", file=sys.stderr)
+        t0 = time.perf_counter()
+        loss = lm.evaluate(batches)
+        seconds = time.perf_counter() - t0
+        tokens = sum(x.numel() for x, _ in batches)
+        tiers = lm.tier_stats()
+        if args.json:
+            print(json.dumps({"val_loss": loss, "tokens": tokens, "seconds": seconds,
+                              "tokens_per_s": tokens / seconds, "memory": args.memory, "cache_mb": args.cache_mb,
+                              "policy": args.policy, "prefetch": not args.no_prefetch, "tiers": tiers,
+                              "io_scheduler": _store_io_scheduler(lm)}))
+            return 0
+        cache = f", cache {args.cache_mb:g} MiB {args.policy}" if args.cache_mb > 0 else ""
+        print(f"val loss  {loss:.4f}  ({tokens:,} tokens in {len(batches)} batches of {seq_len})")
+        print(f"tokens/s  {tokens / seconds:,.0f}  (memory {args.memory}{cache}, "
+              f"prefetch {'off' if args.no_prefetch else 'on'})")
+        _print_memory_stats(lm, sys.stdout)
+    return 0
