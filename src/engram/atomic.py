@@ -3,13 +3,15 @@
 A file is written under a temporary name in the same directory, flushed to the device, renamed over its
 final name, and the directory entry is flushed too. A crash (or an exception, or a full disk) at any
 point leaves either the old file or the new one under the final name, never a torn one, and no
-temporary file behind when the writer raised.
+temporary file behind when the writer raised. A write that fails for want of space or permission
+raises the OSError (naming the file), whatever the writer wrapped it in.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,9 +52,42 @@ def atomic_path(path: str | os.PathLike, *, fsync_file: bool = True) -> Iterator
         if fsync_file:
             _fsync_path(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        err = _write_error(e, path, tmp)
+        if err is None or err is e:
+            raise
+        raise err from (e if err.__traceback__ is None else None)  # a wrapped OSError: the wrapper adds nothing
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_error(e: Exception, path: Path, tmp: Path) -> OSError | None:
+    """The OSError behind a failed write of ``path``, naming ``path`` where it named no file (or
+    the temporary one).
+
+    Writers report a full disk or a denied write in their own ways: ``open``/``write`` raise an
+    OSError without the file name, ``torch.save`` raises a RuntimeError whose context is that
+    OSError, Rust writers (safetensors) a message ending ``(os error 28)``. All become the OSError
+    itself, so a caller can tell "disk full" from a bug and name the file.
+    """
+    err = e
+    for _ in range(4):  # the chain of causes a wrapping writer leaves
+        if isinstance(err, OSError) or err is None:
+            break
+        err = err.__cause__ or err.__context__
+    if not isinstance(err, OSError) or err.errno is None:
+        m = _RUST_IO_ERROR.search(str(e))
+        if not m:
+            return None
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if err.filename is None or os.fspath(err.filename) == os.fspath(tmp):
+        err.filename = str(path)
+    return err
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable, mode: str = "wb") -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -28,6 +28,11 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
     """An invalid setting, override or preset name. Also a ValueError, the type callers that
     validate configs catch."""
+
+
+# Settings that take one of a few names: the annotation lists them, for validation and `--set`.
+TableDtype = Literal["float32", "bfloat16"]
+ConvInit = Literal["zero", "default"]
 
 
 @dataclass
@@ -47,8 +52,8 @@ class EngramConfig:
     pad_id: int = 2
     seed: int = 0
     kernel_size: int = 4
-    conv_init: str = "zero"
-    table_dtype: str = "float32"
+    conv_init: ConvInit = "zero"
+    table_dtype: TableDtype = "float32"
     sparse: bool = True
     init_std: float = 1.0  # table rows start N(0, init_std^2); 1.0 is nn.Embedding's (the reference's)
 
@@ -79,11 +84,11 @@ class EngramConfig:
             )
         if not self.layer_ids or len(set(self.layer_ids)) != len(self.layer_ids):
             raise ConfigError(f"layer_ids must be non-empty and distinct, got {self.layer_ids}")
-        if self.table_dtype not in ("float32", "bfloat16"):
+        if self.table_dtype not in get_args(TableDtype):
             raise ConfigError(f"table_dtype must be 'float32' or 'bfloat16', got {self.table_dtype!r}")
         if not self.init_std >= 0:
             raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
-        if self.conv_init not in ("zero", "default"):
+        if self.conv_init not in get_args(ConvInit):
             raise ConfigError(f"conv_init must be 'zero' or 'default', got {self.conv_init!r}")
 
     @property

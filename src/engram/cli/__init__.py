@@ -6,11 +6,21 @@ exits with status 2; any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 
 from engram.cli.parser import build_parser
 
-__all__ = ["build_parser", "is_user_error", "main"]
+__all__ = ["USER_ERRNOS", "build_parser", "error_line", "is_user_error", "main"]
+
+
+# The errno values that describe the user's environment (a path missing, unreadable, unwritable or
+# of the wrong kind; a full or read-only file system), never a bug: an OSError with one of them is
+# reported as one line. Other OSErrors (EIO, EBADF, EINVAL, ...) keep their traceback.
+USER_ERRNOS = frozenset(getattr(errno, name) for name in ("EACCES", "EPERM", "ENOSPC", "EDQUOT", "EROFS", "ENOENT",
+                                                           "EISDIR", "ENOTDIR") if hasattr(errno, name))
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -18,17 +28,40 @@ def is_user_error(e: BaseException) -> bool:
 
     Exactly these: `engram.config.UserError` (its `ConfigError` included: an invalid setting,
     override or preset name, and the ValueErrors raised while loading a tokenizer, corpus, model or
-    store the user named, which the commands convert); a missing, unreadable or wrong-kind path
-    (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError); a damaged or
-    foreign store file (`StoreFormatError`) or checkpoint (`CheckpointError`). Anything else, a
-    plain ValueError from the computation included, is a bug and keeps its traceback.
+    store the user named, which the commands convert); a damaged or foreign store file
+    (`StoreFormatError`) or checkpoint (`CheckpointError`); a missing, unreadable, unwritable or
+    wrong-kind path, a full disk or a read-only file system: FileNotFoundError, PermissionError,
+    IsADirectoryError, NotADirectoryError, or any OSError whose errno is in `USER_ERRNOS`.
+    Anything else, a plain ValueError from the computation or an OSError such as EIO included, is
+    a bug (or a failing device) and keeps its traceback.
     """
     from engram.config import UserError
     from engram.store.format import StoreFormatError
     from engram.train.checkpoint import CheckpointError
 
-    return isinstance(e, (UserError, StoreFormatError, CheckpointError, FileNotFoundError, PermissionError,
-                          IsADirectoryError, NotADirectoryError))
+    if isinstance(e, (UserError, StoreFormatError, CheckpointError, FileNotFoundError, PermissionError,
+                      IsADirectoryError, NotADirectoryError)):
+        return True
+    return isinstance(e, OSError) and e.errno in USER_ERRNOS
+
+
+def error_line(e: BaseException) -> str:
+    """The one line ``engram: error: ...`` that reports user error ``e`` (no newline).
+
+    An OSError that names its file reads ``<what>: <path>`` (the path as is, no ``[Errno N]``);
+    every other message is joined into one line.
+    """
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        name = os.fsdecode(e.filename)
+        named = re.search(rf"(?<!\S){re.escape(name)}(?![^\s:,;)])", e.strerror)  # a message that names it already
+        msg = e.strerror if named else f"{e.strerror}: {name}"
+        if e.filename2 is not None:
+            msg += f" -> {os.fsdecode(e.filename2)}"
+    elif isinstance(e, OSError) and e.strerror and len(e.args) == 2:
+        msg = e.strerror
+    else:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"engram: error: {msg or type(e).__name__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_user_error(e):
             raise
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"engram: error: {msg or type(e).__name__}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

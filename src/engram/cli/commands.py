@@ -21,6 +21,24 @@ def _reading_user_input():
         raise UserError(str(e)) from e
 
 
+def _output_dir(path: str, option: str):
+    """``path`` as the directory a command writes into, refused before any work when it or one of its
+    parents is a file (one the user may not write fails at its creation, naming the path)."""
+    from pathlib import Path
+
+    from engram.config import UserError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {p} is a file, not a directory")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {p}: {parent} is a file, not a directory")
+            break
+    return p
+
+
 def _vocab_stats(args) -> int:
     from engram.tokenizer import CompressedVocab
 
@@ -90,12 +108,11 @@ def _resolve_run_config(args):
 
 def _train(args) -> int:
     import time
-    from pathlib import Path
 
     from engram.train.trainer import Trainer, TrainingDiverged, prepare_run_data
 
     cfg = _resolve_run_config(args)
-    run_dir = Path(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = _output_dir(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--run-dir")
     with _reading_user_input():
         data = prepare_run_data(cfg)
     try:
@@ -113,14 +130,13 @@ def _train(args) -> int:
 
 def _compare(args) -> int:
     import time
-    from pathlib import Path
 
     from engram.train.compare import run_compare, variants
     from engram.train.trainer import prepare_run_data
 
     cfg = _resolve_run_config(args)
     variants(cfg, args.experts_moved)  # an impossible split fails before the corpus is read
-    out = Path(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = _output_dir(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     with _reading_user_input():
         data = prepare_run_data(cfg)
     run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),

@@ -5,25 +5,57 @@ from __future__ import annotations
 import json
 import sys
 
-from engram.cli.commands import _reading_user_input
+from engram.cli.commands import _output_dir, _reading_user_input
+
+
+def _model_config(model_dir: str):
+    """The ModelConfig of the model directory ``--model`` names; a UserError that says what is wrong
+    with the path (missing, a file, a run directory instead of its ``model/``) otherwise."""
+    from pathlib import Path
+
+    from engram.config import UserError
+    from engram.model.persistence import CONFIG_FILE, WEIGHTS_FILE, load_config
+
+    d = Path(model_dir)
+    if not d.exists():
+        raise UserError(f"--model {d}: no such directory")
+    if not d.is_dir():
+        raise UserError(f"--model {d} is a file; it takes a model directory (a run's RUN_DIR/model)")
+    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (d / name).is_file()]
+    if missing:
+        hint = (f"; did you mean {d / 'model'}?" if (d / "model" / WEIGHTS_FILE).is_file()
+                else " (a trained model is in RUN_DIR/model)")
+        raise UserError(f"--model {d} is not a model directory: it has no {missing[0]}{hint}")
+    with _reading_user_input():
+        return load_config(d)
 
 
 def _tokenizer_spec(model_dir: str, override: str | None) -> str:
     from pathlib import Path
 
+    from engram.config import UserError
+
     if override is not None:
         return override
-    saved = Path(model_dir) / "tokenizer"
-    return str(saved) if saved.is_dir() else (Path(model_dir) / "tokenizer.txt").read_text().strip()
+    saved, named = Path(model_dir) / "tokenizer", Path(model_dir) / "tokenizer.txt"
+    if saved.is_dir():
+        return str(saved)
+    if not named.is_file():
+        raise UserError(f"{model_dir} has no tokenizer (neither tokenizer/ nor tokenizer.txt): pass --tokenizer")
+    return named.read_text().strip()
 
 
 def _open_memory(args, profile_batches=None):
     """The OffloadedLM the --memory/--store/--cache-mb/--policy options describe."""
+    from pathlib import Path
+
     from engram.config import UserError
     from engram.serve import access_profiles, open_memory
 
     if args.memory == "disk" and not args.store:
         raise UserError("--memory disk needs --store DIR (a directory written by `engram export-memory`)")
+    if args.store and Path(args.store).exists() and not Path(args.store).is_dir():
+        raise UserError(f"--store {args.store} is a file; it takes a store directory (see `engram export-memory`)")
     profile = None
     if args.policy == "static" and args.cache_mb > 0:
         from engram.model import EngramLM
@@ -83,28 +115,45 @@ def _generate(args) -> int:
     from engram.model.generation import generate
     from engram.tokenizer import load_tokenizer
 
+    cfg = _model_config(args.model)
+    if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
+        raise UserError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
     with _reading_user_input():
         tok = load_tokenizer(_tokenizer_spec(args.model, args.tokenizer))
     ids = tok(args.prompt, add_special_tokens=False).input_ids
     if not ids:
         raise UserError("the prompt encodes to no tokens")
+    n_new = _context_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     g = torch.Generator().manual_seed(args.seed)
-    if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
-        raise UserError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
     if args.memory is None:
         with _reading_user_input():
             model = EngramLM.from_pretrained(args.model).eval()
         with torch.no_grad():
-            out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, generator=g)
+            out = generate(model, torch.tensor([ids]), n_new, temperature=args.temperature, top_k=args.top_k,
+                           generator=g)
         print(tok.decode(out[0].tolist()))
         return 0
     with _open_memory(args, lambda: _train_windows(args, 64)) as lm:
-        out = lm.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, generator=g)
+        out = lm.generate(torch.tensor([ids]), n_new, temperature=args.temperature, top_k=args.top_k, generator=g)
         print(tok.decode(out[0].tolist()))
         _print_memory_stats(lm, sys.stderr)
     return 0
+
+
+def _context_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """How many tokens `generate` samples: ``--max-new-tokens``, capped (with a notice on stderr) where
+    prompt + new tokens would run past the model's context; a UserError when the prompt fills it."""
+    from engram.config import UserError
+
+    if max_new_tokens > 0 and prompt_tokens >= context:
+        raise UserError(f"the prompt has {prompt_tokens} tokens and the model's context is {context}: "
+                        f"no room for new tokens; use a shorter prompt")
+    room = context - prompt_tokens
+    if max_new_tokens > room:
+        print(f"engram generate: --max-new-tokens {max_new_tokens} capped to {room} to fit the model's "
+              f"{context}-token context (prompt: {prompt_tokens} tokens)", file=sys.stderr)
+        return room
+    return max_new_tokens
 
 
 def _export_memory(args) -> int:
@@ -115,6 +164,8 @@ def _export_memory(args) -> int:
     layouts = None
     if args.layout_tokens < 0:
         raise UserError(f"--layout-tokens must be >= 0, got {args.layout_tokens}")
+    _model_config(args.model)
+    _output_dir(args.out, "--out")
     if args.layout_tokens:
         from engram.model import EngramLM
         from engram.serve.export import co_access_layouts
@@ -143,9 +194,12 @@ def _eval(args) -> int:
     from engram.data import prepare_data, val_batches
     from engram.model import EngramLM
 
+    _model_config(args.model)
     with _reading_user_input():
         cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
     seq_len = args.seq_len or min(cfg.max_seq_len, 128)
+    if seq_len > cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_seq_len} tokens)")
     # The memory first: a bad store fails before the corpus is read (and tokenised, on a first run).
     with _open_memory(args, lambda: _train_windows(args, seq_len)) as lm:
         with _reading_user_input():

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from engram.config import ConfigError, EngramConfig, ModelConfig, build_preset, register_preset
+
+# The documented values of the options that take names (the CLI's --set checks them by these types).
+EngramOptimizer = Literal["sparse_row_adam", "dense_adamw", "torch_sparse_adam"]
+AutocastDtype = Literal["auto", "bfloat16", "float32"]
 
 
 @dataclass
@@ -28,10 +33,14 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     engram_lr_mult: float = 5.0  # the paper: 5x learning rate, no weight decay for the tables
-    engram_optimizer: str = "sparse_row_adam"  # | "dense_adamw" | "torch_sparse_adam"
+    # The tables' optimizer. sparse_row_adam: SparseRowAdam (dense-Adam-equivalent, touched rows only);
+    # torch_sparse_adam: torch.optim.SparseAdam (lazy; dense row gradients are converted to sparse);
+    # dense_adamw: torch AdamW over the whole table, which is then built with dense gradients
+    # (the run records model.engram.sparse=false).
+    engram_optimizer: EngramOptimizer = "sparse_row_adam"
     # Autocast dtype: "bfloat16", "float32", or "auto" = bf16 where this machine multiplies bf16
     # faster than fp32 (CPUs without native bf16 run it through a path ~50x slower than fp32).
-    dtype: str = "auto"
+    dtype: AutocastDtype = "auto"
     # torch.compile the Engram layers' post-lookup math (norms, gate, conv) for training steps:
     # fused forward/backward, ~40% less time in that part; costs ~15 s of compiling at start-up.
     compile_engram: bool = True
@@ -49,10 +58,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ConfigError(f"train.dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
-        if self.engram_optimizer not in ("sparse_row_adam", "dense_adamw", "torch_sparse_adam"):
-            raise ConfigError(f"unknown train.engram_optimizer {self.engram_optimizer!r}")
+        for name, choices in (("dtype", get_args(AutocastDtype)), ("engram_optimizer", get_args(EngramOptimizer))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"train.{name} must be one of {', '.join(map(repr, choices))}, "
+                                  f"got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
 
@@ -94,51 +103,65 @@ class RunConfig:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `section.field=value` strings (values parsed as Python literals when possible).
+    """Apply ``section.field=value`` strings, each value parsed by the field's declared type.
 
-    Returns a new, validated RunConfig; ``cfg`` is left as it is. A value whose type does not fit
-    the field (``train.steps=ten``, ``train.steps=1e3``) is a ConfigError, like any invalid setting.
+    Returns a new, validated RunConfig; ``cfg`` is left as it is. Types come from the dataclass
+    annotations (see `engram.train.overrides`): ``train.steps=2.5`` or ``train.compile_engram=maybe``
+    is a ConfigError naming the field, its type and the valid values, like any invalid setting.
+    Setting a field of ``model.engram`` on a model without Engram starts from `EngramConfig`'s
+    defaults; ``model.engram=None`` removes the memory.
     """
-    import ast
+    import difflib
+
+    from engram.train.overrides import describe_type, field_types, parse_value
 
     d = cfg.to_dict()
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like section.field=value")
         key, raw = ov.split("=", 1)
-        try:
-            val = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            val = raw
-        node, parts = d, key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node, dict) or p not in node:
-                raise ConfigError(f"override {ov!r}: no config section {p!r}")
-            if node[p] is None and p == "engram":
-                node[p] = EngramConfig().to_dict()
-            node = node[p]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"override {ov!r}: no config field {key!r}")
-        _check_type(ov, node[parts[-1]], val)
-        node[parts[-1]] = val
+        key = key.strip()
+        node, cls, parts = d, RunConfig, key.split(".")
+        for i, p in enumerate(parts):
+            types = field_types(cls)
+            if p not in types or (i == 0 and p == "preset"):
+                known = [n for n in types if n != "preset"]
+                where = ".".join(parts[:i]) or "the config"
+                close = difflib.get_close_matches(p, known, n=1)
+                hint = f"; did you mean {'.'.join([*parts[:i], close[0]])!r}?" if close else ""
+                what = "field" if i else "section"
+                raise ConfigError(f"override {ov!r}: no config {what} {p!r} in {where} (valid: "
+                                  f"{', '.join(known)}){hint}")
+            tp = types[p]
+            section = _section_type(tp)
+            if i < len(parts) - 1:
+                if section is None:
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is a field, not a section")
+                if node[p] is None:  # e.g. model.engram on a model without memory: start from the defaults
+                    node[p] = section().to_dict()
+                node, cls = node[p], section
+                continue
+            if section is not None:
+                if raw.strip().lower() in ("none", "null") and section is not tp:
+                    node[p] = None
+                    continue
+                raise ConfigError(f"override {ov!r}: {key} is {describe_type(section)}"
+                                  + (", or None to drop it" if section is not tp else ""))
+            try:
+                node[p] = parse_value(raw, tp, key)
+            except ConfigError as e:
+                raise ConfigError(f"override {ov!r}: {e}") from None
     out = RunConfig.from_dict(d)
     out.validate()
     return out
 
 
-def _check_type(ov: str, old, new) -> None:
-    """``new`` may replace ``old`` if it has the same type (an int may stand for a float; a field
-    that is None, such as an unset tokenizer, takes any value and its section validates it)."""
-    if old is None or new is None:
-        return
-    if isinstance(old, bool) or isinstance(new, bool):
-        ok = isinstance(old, bool) and isinstance(new, bool)
-    elif isinstance(old, float):
-        ok = isinstance(new, (int, float))
-    else:
-        ok = isinstance(new, type(old))
-    if not ok:
-        raise ConfigError(f"override {ov!r}: expected {type(old).__name__}, got {type(new).__name__} {new!r}")
+def _section_type(tp):
+    """The dataclass a field of type ``tp`` holds (``X`` for ``X | None``), or None for a plain value."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is not None else [tp]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 # ---------------------------------------------------------------------------------- presets

@@ -133,6 +133,8 @@ class Trainer:
         cfg.model.vocab_size = self.data.vocab_size
         if cfg.model.engram is not None:
             cfg.model.engram.pad_id = self.data.pad_id
+            if tc.engram_optimizer == "dense_adamw":  # AdamW takes dense gradients only
+                cfg.model.engram.sparse = False
         cfg.validate()
         for split, tokens in (("train", self.data.train), ("validation", self.data.val)):
             if len(tokens) < tc.seq_len + 1:
@@ -163,7 +165,7 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_optimizers(self):
-        from engram.optim.sparse_adam import SparseRowAdam
+        from engram.optim import SparseRowAdam, TorchSparseAdam
 
         tc = self.cfg.train
         tables = list(self.model.engram_parameters())
@@ -179,7 +181,7 @@ class Trainer:
         if tables and tc.engram_optimizer == "dense_adamw":
             groups.append({"params": tables, "weight_decay": 0.0, "lr_mult": tc.engram_lr_mult})
         elif tables and tc.engram_optimizer == "torch_sparse_adam":
-            table_opt = torch.optim.SparseAdam(tables, lr=table_lr, betas=(tc.beta1, tc.beta2))
+            table_opt = TorchSparseAdam(tables, lr=table_lr, betas=(tc.beta1, tc.beta2))
         elif tables:
             table_opt = SparseRowAdam(tables, lr=table_lr, betas=(tc.beta1, tc.beta2), weight_decay=0.0)
         for g in groups:
