@@ -62,3 +62,62 @@ def test_demo_runs(capsys):
     res = run("mistral-sp")
     assert res["compressed_size"] == 21831
     assert res["decode_err"] < 1e-4  # token-by-token decode matches the full forward
+
+
+# ------------------------------------------------------------------ --version, --help, --list-presets
+
+def _subcommands():
+    import argparse
+
+    from engram.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_version_names_the_package_and_torch():
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    import torch
+
+    res = subprocess.run([sys.executable, "-m", "engram", "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout == f"engram {importlib.metadata.version('engram')} (torch {torch.__version__})\n"
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    parser, commands = _subcommands()
+    assert set(commands) == {"vocab-stats", "hash", "train", "compare", "generate", "export-memory", "eval", "demo"}
+    for name, sub in commands.items():
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+        for action in sub._actions:
+            assert action.help, (name, action.dest)  # one line of help for each option
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+                assert f"(default: {shown})" in text.replace("[", "").replace("]", "").replace(",", ""), \
+                    (name, action.dest)
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_list_presets_prints_each_preset_with_its_description(capsys):
+    for command, kind in (("train", "run"), ("compare", "run"), ("hash", "engram")):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--list-presets"])  # hash's required TEXT is not needed for the listing
+        assert exc.value.code == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == len(presets(kind))
+        for line, (name, p) in zip(lines, presets(kind).items(), strict=True):
+            assert line.split(None, 1) == [name, p.description]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, p in presets("run").items():  # the help lists them too
+        assert f"{name} {' '.join(p.description.split())}" in out

@@ -2,8 +2,13 @@
 
 # Shapes: B batch, T time, V vocabulary.
 
+import contextlib
+import io
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engram.config import EngramConfig, ModelConfig
 from engram.model import EngramLM, generate
@@ -131,3 +136,32 @@ def test_generate_rejects_bad_lengths(make_model):
             model.forward_step(torch.zeros(1, dtype=torch.long), state)
         with pytest.raises(ValueError, match="batch size"):
             model.forward_step(torch.zeros(2, dtype=torch.long), model.new_decode_state(1))
+
+
+@given(prompt=st.integers(1, 80), requested=st.integers(0, 200), context=st.integers(1, 64))
+def test_the_cli_never_generates_past_the_context(prompt, requested, context):
+    """`engram generate` samples min(--max-new-tokens, room left) tokens and says so when it caps; a prompt
+    that leaves no room is a user error. Whatever it returns, `generate` accepts it."""
+    from engram.cli.serving import _context_budget
+    from engram.config import UserError
+
+    if requested > 0 and prompt >= context:
+        with pytest.raises(UserError, match=f"prompt has {prompt} tokens and the model's context is {context}"):
+            _context_budget(prompt, requested, context)
+        return
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        n = _context_budget(prompt, requested, context)
+    assert n == min(requested, context - prompt) and prompt + n <= context
+    err = stderr.getvalue()
+    assert (f"--max-new-tokens {requested} capped to {n} to fit the model's {context}-token context" in err) \
+        == (n < requested) and err.count("\n") == (n < requested)
+
+
+def test_generate_fills_the_context_exactly(make_model):
+    model = make_model("dense")
+    limit = model.cfg.max_seq_len
+    prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(0))
+    out = generate(model, prompt, limit - 5, temperature=0)
+    assert out.shape == (1, limit) and torch.equal(out[:, :5], prompt)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        generate(model, prompt, limit - 4, temperature=0)

@@ -1,4 +1,4 @@
-"""Tests for engram.optim.sparse_adam: SparseRowAdam and the sparse-aware clip_grad_norm_."""
+"""Tests for engram.optim: SparseRowAdam, the sparse-aware clip_grad_norm_ and TorchSparseAdam."""
 
 # Shapes: R table rows, d row width, U touched rows.
 
@@ -8,6 +8,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engram.optim import SparseRowAdam, clip_grad_norm_
@@ -593,3 +595,35 @@ def test_native_update_rejects_out_of_range_rows():
     with pytest.raises(IndexError, match="row ids must lie in"):
         native_adam.sparse_adam_update(p.detach().view(R, D), state, torch.tensor([0, R]), torch.zeros(2, D), 1,
                                        1e-2, (0.9, 0.999), 1e-8, 0.0, tail)
+
+
+# ------------------------------------------------------------------ TorchSparseAdam (train.engram_optimizer)
+
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 6), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@settings(max_examples=25)
+def test_torch_sparse_adam_takes_dense_rows_as_their_sparse_gradient(seed, steps, dtype):
+    """A table built with dense gradients (sparse=False) steps exactly like the same table with sparse
+    ones under torch's SparseAdam: untouched rows and their state stay where they were."""
+    from engram.optim import TorchSparseAdam
+
+    dense, sparse = _table(dtype, seed), _table(dtype, seed)
+    opt_d = TorchSparseAdam([dense], lr=1e-2, betas=(0.9, 0.95))
+    opt_s = torch.optim.SparseAdam([sparse], lr=1e-2, betas=(0.9, 0.95))
+    touched = torch.zeros(R, dtype=torch.bool)
+    for step in range(steps):
+        idx = _touch(step, seed=seed)
+        touched[idx] = True
+        g = torch.Generator().manual_seed(seed + step)
+        tgt_Ud = torch.randn(idx.shape[0], D, generator=g)
+        (F.embedding(idx, dense, sparse=False).float() * tgt_Ud).sum().backward()
+        (F.embedding(idx, sparse, sparse=True).float() * tgt_Ud).sum().backward()
+        assert not dense.grad.is_sparse
+        opt_d.step()
+        opt_s.step()
+        dense.grad = sparse.grad = None
+    assert torch.equal(dense, sparse)
+    assert torch.equal(dense[~touched], _table(dtype, seed)[~touched])
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt_d.state[dense][k], opt_s.state[sparse][k])
+    # torch's state dict: a checkpoint of one loads into the other
+    opt_s.load_state_dict(copy.deepcopy(opt_d.state_dict()))

@@ -87,7 +87,8 @@ def test_overrides_are_parsed_by_the_field_type(override, want):
 @pytest.mark.parametrize("override, words", [
     ("train.steps=2.5", ["train.steps", "expected int", "'2.5'"]),
     ("train.compile_engram=maybe", ["train.compile_engram", "expected bool", "true/false", "yes/no", "1/0"]),
-    ("train.engram_optimizer=adam", ["train.engram_optimizer", "'sparse_row_adam', 'dense_adamw', 'torch_sparse_adam'"]),
+    ("train.engram_optimizer=adam",
+     ["train.engram_optimizer", "one of 'sparse_row_adam', 'dense_adamw', 'torch_sparse_adam'", "'adam'"]),
     ("train.dtype=fp8", ["train.dtype", "one of 'auto', 'bfloat16', 'float32'"]),
     ("model.engram.layer_ids=[0.5]", ["model.engram.layer_ids", "list of int"]),
     ("model.engram.layer_ids=[True]", ["model.engram.layer_ids", "list of int"]),

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -237,3 +238,154 @@ def test_generate_cli_on_trained_model(env, tmp_path):
                          timeout=120, env=_subenv(env))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("def value")
+
+
+# ------------------------------------------------------------- every documented option value runs
+
+def _documented_choices() -> list[tuple[str, object]]:
+    """``(field, value)`` for every value of every config field that takes one of a few: each choice of a
+    Literal field and both values of a bool field, found from the annotations (new ones join by themselves)."""
+    import typing
+
+    from engram.config import EngramConfig, ModelConfig
+    from engram.train.config import DataConfig, TrainConfig
+    from engram.train.overrides import field_types
+
+    out = []
+    for section, cls in (("train", TrainConfig), ("model", ModelConfig), ("model.engram", EngramConfig),
+                         ("data", DataConfig)):
+        for name, tp in field_types(cls).items():
+            values = (False, True) if tp is bool else typing.get_args(tp) if typing.get_origin(tp) is typing.Literal \
+                else ()
+            out += [(f"{section}.{name}", v) for v in values]
+    return out
+
+
+CHOICES = _documented_choices()
+TINY = ["train.steps=2", "train.eval_every=2", "train.ckpt_every=2", "train.eval_tokens=256"]
+
+
+def _run_tiny(env, tmp_path, extra):
+    tr = Trainer(cfg_for(env, TINY + list(extra)), tmp_path / "run", data=env["data"], progress=False)
+    tables_before = [p.detach().clone() for p in tr.model.engram_parameters()]
+    res = tr.train()
+    assert res.status == "finished" and res.step == 2 and math.isfinite(res.val_loss)
+    if tables_before:  # the memory learned: the tables' optimizer ran
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(tables_before, tr.model.engram_parameters(),
+                                                                   strict=True))
+    return tr, json.loads((tmp_path / "run" / "config.json").read_text())
+
+
+def test_the_documented_choices_are_found():
+    keys = {k for k, _ in CHOICES}
+    assert {"train.engram_optimizer", "train.dtype", "train.compile_engram", "model.engram.table_dtype",
+            "model.engram.conv_init", "model.engram.sparse", "model.tie_embeddings", "model.hc_dynamic"} <= keys
+    assert [v for k, v in CHOICES if k == "train.engram_optimizer"] == ["sparse_row_adam", "dense_adamw",
+                                                                        "torch_sparse_adam"]
+
+
+@pytest.mark.parametrize("key, value", [pytest.param(k, v, marks=pytest.mark.slow) if (k, v) == (
+    "train.compile_engram", True) else (k, v) for k, v in CHOICES], ids=[f"{k}={v}" for k, v in CHOICES])
+def test_every_documented_value_trains(key, value, env, tmp_path):
+    """A tiny training run (2 steps of the debug preset) with the value set as a user would: --set key=value.
+    torch.compile (compile_engram=true) costs ~15 s of compiling, hence slow."""
+    extra = [f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    if key == "model.hc_dynamic":
+        extra.append("model.hc_mult=2")  # the dynamic part exists only with several residual branches
+    tr, recorded = _run_tiny(env, tmp_path, extra)
+    section = recorded
+    for part in key.split("."):
+        section = section[part]
+    if key != "train.dtype" or value != "auto":  # "auto" is resolved for the run
+        assert section == value
+    if key == "train.engram_optimizer":
+        assert type(tr.table_opt).__name__ == {"sparse_row_adam": "SparseRowAdam", "dense_adamw": "NoneType",
+                                               "torch_sparse_adam": "TorchSparseAdam"}[value]
+
+
+@pytest.mark.parametrize("optimizer", ["sparse_row_adam", "dense_adamw", "torch_sparse_adam"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("table_dtype", ["float32", "bfloat16"])
+def test_every_optimizer_takes_either_gradient_layout(optimizer, sparse, table_dtype, env, tmp_path):
+    """dense_adamw builds the tables with dense gradients (torch AdamW takes no sparse ones) and the run
+    records it; the sparse optimizers take the layout the config asks for, sparse or dense rows."""
+    tr, recorded = _run_tiny(env, tmp_path, [f"train.engram_optimizer={optimizer}", f"model.engram.sparse={sparse}",
+                                             f"model.engram.table_dtype={table_dtype}"])
+    want_sparse = sparse and optimizer != "dense_adamw"
+    assert recorded["model"]["engram"]["sparse"] is want_sparse
+    assert all(t.sparse is want_sparse for t in (b.engram.table for b in tr.model.blocks if b.engram is not None))
+    tables = {id(p) for p in tr.model.engram_parameters()}
+    in_adamw = {id(p) for g in tr.opt.param_groups for p in g["params"]} & tables
+    assert in_adamw == (tables if optimizer == "dense_adamw" else set())
+
+
+def test_generate_with_its_default_length_fits_the_debug_model(env, tmp_path, capsys, monkeypatch):
+    """The debug model's context is 64 tokens, fewer than --max-new-tokens' default (100): `engram generate`
+    caps, says so on stderr and samples up to the context, from RAM or through a memory provider."""
+    from engram.cli import main
+    from engram.tokenizer import load_tokenizer
+
+    _run_tiny(env, tmp_path, [])
+    capsys.readouterr()
+    model = tmp_path / "run" / "model"
+    monkeypatch.setenv("ENGRAM_CACHE", str(env["cache"]))
+    n_prompt = len(load_tokenizer(str(model / "tokenizer"))("def value", add_special_tokens=False).input_ids)
+    for memory in ([], ["--memory", "ram", "--data", str(env["corpus"])]):
+        assert main(["generate", "--model", str(model), "--prompt", "def value", "--temperature", "0", *memory]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("def value")
+        assert (f"--max-new-tokens 100 capped to {64 - n_prompt} to fit the model's 64-token context "
+                f"(prompt: {n_prompt} tokens)") in err
+    assert main(["generate", "--model", str(model), "--prompt", "def value " * 40]) == 2
+    assert capsys.readouterr().err.startswith("engram: error: the prompt has ")
+
+
+@pytest.fixture(scope="module")
+def served(env, tmp_path_factory):
+    """A debug model trained for 2 steps and its exported store."""
+    from engram.serve import export_tables
+
+    root = tmp_path_factory.mktemp("served")
+    Trainer(cfg_for(env, TINY), root / "run", data=env["data"], progress=False).train()
+    return root / "run" / "model", export_tables(root / "run" / "model", root / "store")
+
+
+def _cli_choices(command: str) -> list[tuple[str, str]]:
+    import argparse
+
+    from engram.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return [(a.option_strings[0], c) for a in sub._actions if a.choices and a.dest != "preset" for c in a.choices]
+
+
+EVAL_CHOICES = _cli_choices("eval")
+
+
+def test_the_cli_choices_are_found():
+    assert {o for o, _ in EVAL_CHOICES} == {"--memory", "--policy", "--io"}
+    assert {o for o, _ in _cli_choices("generate")} == {"--memory", "--policy", "--io"}
+
+
+@pytest.mark.parametrize("option, value", EVAL_CHOICES, ids=[f"{o}={v}" for o, v in EVAL_CHOICES])
+def test_every_documented_serving_choice_runs(option, value, served, env, capsys, monkeypatch):
+    """`engram eval` with each value of each option that takes a choice gives the loss of the tables in RAM
+    (a disk store where the option is about the store; a small cache where it is about the cache)."""
+    from engram.cli import main
+
+    model, store = served
+    monkeypatch.setenv("ENGRAM_CACHE", str(env["cache"]))
+    base = ["eval", "--model", str(model), "--data", str(env["corpus"]), "--eval-tokens", "512", "--json",
+            "--profile-tokens", "1024"]
+    assert main([*base, "--memory", "ram"]) == 0
+    want = json.loads(capsys.readouterr().out)["val_loss"]
+    args = {"--memory": "disk", "--store": str(store), "--cache-mb": "0.05", option: value}
+    if args["--memory"] == "ram":
+        del args["--store"], args["--cache-mb"]
+    rc = main([*base, *(x for kv in args.items() for x in kv)])
+    out, err = capsys.readouterr()
+    if rc == 2 and value == "direct":  # a file system without O_DIRECT: said in one line
+        assert err.startswith("engram: error: ") and "direct" in err
+        return
+    assert rc == 0, err
+    assert json.loads(out)["val_loss"] == pytest.approx(want, abs=1e-6)
