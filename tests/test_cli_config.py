@@ -100,7 +100,8 @@ def test_every_option_of_every_command_has_help_and_shows_its_default(capsys):
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
         for action in sub._actions:
             assert action.help, (name, action.dest)  # one line of help for each option
-            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            if action.option_strings and not (action.default is None or action.default is False
+                                              or action.default == argparse.SUPPRESS):
                 shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
                 assert f"(default: {shown})" in text.replace("[", "").replace("]", "").replace(",", ""), \
                     (name, action.dest)
@@ -121,3 +122,30 @@ def test_list_presets_prints_each_preset_with_its_description(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name, p in presets("run").items():  # the help lists them too
         assert f"{name} {' '.join(p.description.split())}" in out
+
+
+def test_readme_commands_name_their_run_and_output_directories():
+    """The README's commands work on any checkout with any number of earlier runs: a train names its
+    --run-dir, an export its --out, and the later commands use those paths (no globs)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [shlex.split(c) for b in blocks for c in b.replace("\\\n", " ").splitlines() if "engram " in c]
+    made, checked = set(), 0
+    for argv in lines:
+        argv = argv[argv.index(next(a for a in argv if a.endswith("engram"))) + 1:]
+        opts = dict(zip(argv, argv[1:], strict=False))
+        assert not any("*" in a or "?" in a for a in argv), argv
+        if argv[0] == "train":
+            made.add(opts["--run-dir"])
+            made.add(f"{opts['--run-dir']}/model")
+        elif argv[0] in ("export-memory", "compare"):
+            made.add(opts["--out"])
+        for key in ("--model", "--store"):
+            if key in opts:
+                assert opts[key] in made, (key, opts[key], made)  # made by an earlier command
+                checked += 1
+    assert checked >= 4

@@ -17,7 +17,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     line breaks of descriptions and epilogs (the preset listings)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        absent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if absent or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -81,7 +82,8 @@ def _preset_listing(kind: str) -> str:
 
 def _add_memory_args(s, default: str | None) -> None:
     s.add_argument("--memory", choices=["ram", "disk"], default=default,
-                   help="where the Engram tables live: ram, or disk (a store directory, see export-memory)")
+                   help="where the Engram tables live: ram, or disk (a store directory, see export-memory)"
+                        + ("" if default else "; default: loaded with the model, no memory tier"))
     s.add_argument("--store", help="store directory written by `engram export-memory` (for --memory disk)")
     s.add_argument("--cache-mb", type=_at_least(0, float), default=0.0,
                    help="hot-row cache budget in MiB (0: no cache)")
