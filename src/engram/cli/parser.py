@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export-memory", help="write a model's Engram tables to a store directory (for --memory disk)")
     s.add_argument("--model", required=True, help="a model directory (save_pretrained)")
     s.add_argument("--out", required=True, help="store directory to write (one file per layer + manifest.json)")
-    s.add_argument("--layout-tokens", type=_at_least(0), default=0,
+    s.add_argument("--layout-tokens", type=int, default=0,  # < 0: the command's one-line error
                    help="train-split tokens profiled to store rows in co-access order (fewer disk reads per "
                         "cold n-gram; 0: rows in id order)")
     s.add_argument("--data", nargs="+", help="corpus files/folders for the layout profile (default: the Python stdlib)")
