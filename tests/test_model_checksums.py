@@ -147,3 +147,21 @@ def test_an_interrupted_save_leaves_a_directory_that_does_not_load(saved, tmp_pa
     monkeypatch.undo()
     with pytest.raises(ValueError, match="no checksums.json"):
         EngramLM.from_pretrained(d)
+
+
+def test_serving_checks_the_tables_it_reads(saved, tmp_path):
+    """Export and RAM serving read the tables that their tables=False load left unverified: a changed byte
+    in one is refused, and the export leaves no store that opens."""
+    from engram.serve import export_tables, open_memory
+
+    d = _copy(saved, tmp_path)
+    w = d / "model.safetensors"
+    a, b = _tensor_range(w, engram_table_key(0))
+    _flip(w, a + (b - a) // 3)
+    with pytest.raises(ValueError, match=f"tensor '{engram_table_key(0)}' does not match"):
+        export_tables(d, tmp_path / "store")
+    assert not (tmp_path / "store" / "manifest.json").exists()
+    with pytest.raises(ValueError, match=f"tensor '{engram_table_key(0)}' does not match"):
+        open_memory(d, "ram")
+    lm = open_memory(saved[0], "ram")  # the intact directory serves
+    lm.close()
