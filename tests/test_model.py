@@ -166,7 +166,8 @@ def test_save_load_roundtrip(tmp_path, kw, build):
             p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["config.json", "model.safetensors"] + (["vocab.safetensors"] if model.vocab else []))
+    assert names == sorted(["checksums.json", "config.json", "model.safetensors"]
+                           + (["vocab.safetensors"] if model.vocab else []))
     loaded = EngramLM.from_pretrained(tmp_path)
     x = ids()
     assert torch.equal(model(x).logits, loaded(x).logits)
@@ -185,24 +186,30 @@ def test_load_errors(tmp_path, build):
     model.save_pretrained(bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="model.safetensors is truncated"):
         EngramLM.from_pretrained(bad)
+    with pytest.raises(ValueError, match="not a readable safetensors"):  # what the checksums guard against
+        EngramLM.from_pretrained(bad, verify=False)
     # Garbage config.
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid model config"):
-        EngramLM.from_pretrained(bad)
+        EngramLM.from_pretrained(bad, verify=False)
     # A config that does not describe the weights.
     mis = tmp_path / "mis"
     model.save_pretrained(mis)
     cfg = json.loads((mis / "config.json").read_text())
     cfg["mlp_hidden"] = 64
     (mis / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="config.json is truncated or altered"):
         EngramLM.from_pretrained(mis)
+    with pytest.raises(ValueError, match="does not match"):
+        EngramLM.from_pretrained(mis, verify=False)
     # Missing vocabulary.
     (tmp_path / "m" / "vocab.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="vocab.safetensors"):
+    with pytest.raises(ValueError, match="vocab.safetensors is missing"):
         EngramLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="vocab.safetensors"):
+        EngramLM.from_pretrained(tmp_path / "m", verify=False)
 
 
 # ------------------------------------------------------------------------------------ MoE

@@ -186,10 +186,14 @@ def test_damaged_or_foreign_checkpoints_fail_clearly(env, tmp_path):
     pt = man.with_suffix(".pt")
     good = pt.read_bytes()
 
-    # another config
-    with pytest.raises(CheckpointError, match="another configuration"):
+    # another config: refused by the run's record, and by the checkpoint itself
+    with pytest.raises(ConfigError, match="cannot change model.d_model is 64 in the run, asked 32"):
         Trainer(cfg_for(env, ["train.steps=16", "model.d_model=32"]), run, resume=True, data=env["data"],
                 progress=False)
+    other = json.loads((run / "config.json").read_text())
+    other["model"]["d_model"] = 32
+    with pytest.raises(CheckpointError, match="another configuration"):
+        load_checkpoint(man, other)
     # a fresh start over existing checkpoints is refused (nothing is overwritten)
     with pytest.raises(CheckpointError, match="--resume"):
         Trainer(cfg_for(env, ["train.steps=16"]), run, data=env["data"], progress=False)
@@ -199,9 +203,9 @@ def test_damaged_or_foreign_checkpoints_fail_clearly(env, tmp_path):
     pt.write_bytes(bytes(bad))
     with pytest.raises(CheckpointError, match="corrupted"):
         load_checkpoint(man)
-    # truncated
+    # truncated, and no older checkpoint to fall back to
     pt.write_bytes(good[: len(good) // 3])
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies: step-0000008.pt: .* truncated"):
         Trainer(cfg_for(env, ["train.steps=16"]), run, resume=True, data=env["data"], progress=False)
     pt.write_bytes(good)
     assert load_checkpoint(man)["step"] == 8

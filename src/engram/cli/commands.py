@@ -94,10 +94,12 @@ def _demo(args) -> int:
     return 0
 
 
-def _resolve_run_config(args):
+def _resolve_run_config(args, base=None):
+    """The RunConfig the options describe: ``--preset`` (or ``base``, a resumed run's own config)
+    with ``--set``, ``--data`` and ``--tokenizer`` applied."""
     from engram.train.config import apply_overrides, run_preset
 
-    cfg = run_preset(args.preset)
+    cfg = base if base is not None else run_preset(args.preset or "debug")
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.data={list(args.data)!r}")
@@ -106,19 +108,40 @@ def _resolve_run_config(args):
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
+def _resumed_run_config(args, run_dir):
+    """A resumed run's config: its own record, with what the command line asks on top (the trainer
+    accepts the changes `engram.train.resume.RESUMABLE` allows, reports them, refuses the rest)."""
+    from engram.config import ConfigError
+    from engram.train.config import RunConfig
+    from engram.train.resume import load_run
+
+    base = RunConfig.from_dict(load_run(run_dir).requested)
+    if args.preset is not None and args.preset != base.preset:
+        raise ConfigError(f"--resume: the run in {run_dir} was started with --preset {base.preset or '(none)'}, "
+                          f"not {args.preset}; a resumed run keeps its own config")
+    return _resolve_run_config(args, base)
+
+
 def _train(args) -> int:
     import time
 
+    from engram.config import UserError
     from engram.train.trainer import Trainer, TrainingDiverged, prepare_run_data
 
-    cfg = _resolve_run_config(args)
-    run_dir = _output_dir(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--run-dir")
+    if args.resume:
+        if not args.run_dir:
+            raise UserError("--resume needs --run-dir DIR, the run to continue")
+        run_dir = _output_dir(args.run_dir, "--run-dir")
+        cfg = _resumed_run_config(args, run_dir)
+    else:
+        cfg = _resolve_run_config(args)
+        run_dir = _output_dir(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--run-dir")
     with _reading_user_input():
         data = prepare_run_data(cfg)
     try:
         res = Trainer(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
-    except TrainingDiverged as e:
-        print(f"engram train: {e}", file=sys.stderr)
+    except TrainingDiverged as e:  # not a user error, not a bug: its own exit status
+        print(f"engram: error: training diverged: {e}", file=sys.stderr)
         return 3
     val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
     mfu = f", MFU {res.mfu:.1%}" if res.mfu else ""

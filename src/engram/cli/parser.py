@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model (see --preset and --set)")
     _add_run_args(s, "debug")
     s.add_argument("--run-dir", help="run directory (default: runs/PRESET-TIMESTAMP)")
-    s.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    s.set_defaults(func=commands._train)
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its newest intact checkpoint, with the run's own "
+                        "config (only train.steps and the eval/log/ckpt intervals may change, each reported)")
+    s.set_defaults(func=commands._train, preset=None)  # None: "not given", which --resume must tell apart
 
     s = sub.add_parser("compare", help="train an MoE baseline and its iso-parameter Engram variant")
     _add_run_args(s, "demo")

@@ -1,19 +1,22 @@
 """Saving and loading an EngramLM: safetensors weights + JSON config (+ the compressed vocabulary).
 
-Every file is written under a temporary name and renamed over the target, so an interrupted save
-never leaves a half-written file under a final name. Loading checks every tensor's name, shape and
-dtype against the saved config and can leave the Engram tables on disk (``tables=False``).
+Every file is written under a temporary name and renamed over the target, and the directory's
+checksum manifest (`engram.model.checksums`) is written last, so an interrupted save never leaves a
+directory that loads. Loading verifies the checksums first, then checks every tensor's name, shape
+and dtype against the saved config, and can leave the Engram tables on disk (``tables=False``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from engram.config import ModelConfig
+from engram.model import checksums
 from engram.tokenizer.compression import CompressedVocab
 
 WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.safetensors"
@@ -33,24 +36,35 @@ def _weights_to_save(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def save_pretrained(model, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors``, ``config.json`` (and ``vocab.safetensors`` with Engram).
+def save_pretrained(model, directory: str | os.PathLike,
+                    extra_files: Mapping[str, bytes | str | os.PathLike] | None = None) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (and ``vocab.safetensors`` with Engram), then
+    ``checksums.json`` over every file of the directory.
 
-    Every file goes to a temporary name first and is then renamed over the target, so an
-    interrupted save never leaves a half-written file under a final name.
+    ``extra_files``: ``{relative name: bytes, or a path to copy}`` written with the model (its
+    tokenizer, say) before the checksums, so they are verified on load like the weights.
+    Every file goes to a temporary name first and is then renamed over the target, and the old
+    checksum manifest is removed before anything is written: an interrupted save leaves a directory
+    that refuses to load rather than a mix of two saves.
     A model built with ``tables=False`` is saved without tables (load it back with ``tables=False``).
     """
     from safetensors.torch import save_file
 
-    from engram.atomic import atomic_path, write_json_atomic
+    from engram.atomic import atomic_path, atomic_write, write_json_atomic
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    checksums.unseal(d)
     if model.vocab is not None:
         model.vocab.save(d / VOCAB_FILE)  # atomic on its own
     with atomic_path(d / WEIGHTS_FILE) as tmp:
         save_file(_weights_to_save(model), str(tmp), metadata={"format": _FORMAT})
     write_json_atomic(d / CONFIG_FILE, model.cfg.to_dict())
+    for rel, content in (extra_files or {}).items():
+        dst = d / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dst, content if isinstance(content, bytes) else Path(content).read_bytes())
+    checksums.seal(d)
     return d
 
 
@@ -66,14 +80,29 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
         raise ValueError(f"{cfg_path} is not a valid model config ({e})") from None
 
 
+def _table_layers(d: Path) -> list[int]:
+    """The Engram layer ids of the config in ``d``: the tensors a ``tables=False`` load leaves unread.
+    Read before verifying, but the verification that uses them checks config.json too."""
+    try:
+        eng = json.loads((d / CONFIG_FILE).read_text()).get("engram")
+        return [int(i) for i in eng["layer_ids"]] if isinstance(eng, dict) else []
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
 def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                    tables: bool = True):
+                    tables: bool = True, verify: bool = True):
     """Load a model of class ``cls`` (:class:`EngramLM`) written by :func:`save_pretrained`.
 
     ``tables=False`` loads everything but the Engram tables (see ``EngramLM(tables=False)``):
     the file is opened lazily and the table tensors are never read, so a table larger than RAM
     costs nothing; only their shapes and dtypes are checked. A directory saved from such a model
     (no tables in the file) loads only this way.
+
+    ``verify`` (default): every file is first checked against ``checksums.json``; with ``tables=False``
+    the table bytes are not read, so not checked here (their reader uses `checksums.TensorDigest`).
+    A directory without the manifest (an unfinished save, or an older engram) is refused;
+    ``verify=False`` loads it anyway, e.g. to re-save it.
 
     Raises FileNotFoundError for a missing file and ValueError for a corrupt file or
     weights that do not fit the saved config.
@@ -86,6 +115,9 @@ def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | to
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"no {p.name} in {d} (expected a directory written by save_pretrained)")
+    if verify:
+        skip = () if tables else tuple(engram_table_key(i) for i in _table_layers(d))
+        checksums.verify(d, skip_tensors=skip)
     cfg = load_config(d)
     vocab = None
     if cfg.engram is not None:

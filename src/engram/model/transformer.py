@@ -373,18 +373,19 @@ class EngramLM(nn.Module):
         return self.forward(idx_B1, cache=state).logits[:, -1]
 
     # -- persistence (engram.model.persistence) --------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
         """Write ``model.safetensors``, ``config.json`` (and ``vocab.safetensors`` with Engram), each
-        atomically; see :func:`engram.model.persistence.save_pretrained`."""
+        atomically, then their checksums; see :func:`engram.model.persistence.save_pretrained`."""
         from engram.model.persistence import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, extra_files)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                        tables: bool = True) -> EngramLM:
-        """Load a model written by :meth:`save_pretrained`; ``tables=False`` leaves the Engram tables
-        on disk. See :func:`engram.model.persistence.load_pretrained` for the checks and errors."""
+                        tables: bool = True, verify: bool = True) -> EngramLM:
+        """Load a model written by :meth:`save_pretrained`, its checksums verified first; ``tables=False``
+        leaves the Engram tables on disk. See :func:`engram.model.persistence.load_pretrained` for the
+        checks and errors."""
         from engram.model.persistence import load_pretrained
 
-        return load_pretrained(cls, directory, map_location=map_location, tables=tables)
+        return load_pretrained(cls, directory, map_location=map_location, tables=tables, verify=verify)

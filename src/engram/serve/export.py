@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from engram.atomic import atomic_write, fsync_dir
+from engram.model.checksums import TensorDigest
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
 from engram.store.base import write_store
 from engram.store.disk import DiskStore
@@ -176,9 +177,12 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
                 sl = f.get_slice(key)
                 R, d = eng.num_rows, eng.head_dim
                 step = max(1, _PIECE_BYTES // (d * torch.finfo(eng.table_dtype).bits // 8))
-                pieces = (sl[a:min(a + step, R)] for a in range(0, R, step))
+                # The load above left the table unread, so unverified: check it as it streams by.
+                digest = TensorDigest(model, key)
+                pieces = (digest.update(sl[a:min(a + step, R)]) for a in range(0, R, step))
                 write_store(out / layer_file(lay), pieces, num_rows=R, dim=d, dtype=eng.table_dtype,
                             chunk_rows=chunk_rows, meta=layer_meta(src_model, lay, export_id))
+                digest.check()  # before the store's manifest: a failed check leaves no store that opens
                 if lay in layouts:  # rewrite from the id-ordered file: the layout needs random access
                     with DiskStore(out / layer_file(lay), io="mmap") as src:
                         write_store_with_layout(out / layer_file(lay), lambda i, s=src: s.gather(torch.from_numpy(i)),

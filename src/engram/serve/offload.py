@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engram.model.checksums import TensorDigest
 from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput, engram_table_key
@@ -238,6 +239,9 @@ def _ram_tables(model_dir: Path, model: EngramLM) -> dict[int, torch.Tensor]:
             advise_hugepages(table)
             out[blk.layer] = table.copy_(src)
             del src
+            digest = TensorDigest(model_dir, key)  # the tables=False load left it unverified
+            digest.update(table)
+            digest.check()
     return out
 
 

@@ -27,6 +27,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or belongs to another configuration."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint of another configuration (not damage: an older one would not fit either)."""
+
+
 class _HashingWriter:
     """File wrapper that hashes bytes as torch.save writes them (no second read pass)."""
 
@@ -127,7 +131,7 @@ def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = No
         for key in compare_keys:
             diffs += _diff(state["config"].get(key), cfg_dict.get(key), key)
         if diffs:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"checkpoint {pt} was made with another configuration; differing fields: " + "; ".join(diffs[:10])
             )
     return state

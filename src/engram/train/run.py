@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engram.atomic import write_json_atomic
+from engram.atomic import atomic_write, write_json_atomic
 
 
 def git_sha() -> str | None:
@@ -42,26 +42,47 @@ def versions() -> dict:
     return out
 
 
-def init_run_dir(run_dir: Path, cfg_dict: dict) -> None:
-    """Create the directory and record config + provenance (kept from the first start on resume)."""
+def init_run_dir(run_dir: Path, cfg_dict: dict, requested: dict, data: dict) -> None:
+    """Record a new run: ``resolved.json`` (the config as asked for, the data's fingerprints),
+    ``meta.json`` (provenance), then ``config.json`` (the resolved config). config.json comes last:
+    it marks the directory as holding a run, so a start killed before it left nothing to resume."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "resolved.json", {"format": "engram-run-1", "requested": requested, "data": data})
+    write_json_atomic(run_dir / "meta.json", {"starts": []})
+    record_start(run_dir)
     write_json_atomic(run_dir / "config.json", cfg_dict)
+
+
+def record_start(run_dir: Path, **info) -> None:
+    """Append this start (time, git SHA, argv, versions, and ``info``) to ``meta.json``; the run's
+    own ``git_sha`` and ``versions`` stay those of its first start."""
     meta_path = run_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"starts": []}
     meta.setdefault("starts", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": git_sha(),
-                                          "argv": sys.argv[1:], "versions": versions()})
+                                          "argv": sys.argv[1:], "versions": versions(), **info})
     meta["git_sha"], meta["versions"] = meta["starts"][0]["git_sha"], meta["starts"][0]["versions"]
     write_json_atomic(meta_path, meta)
 
 
+def _records(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file: a process killed mid-write leaves a torn last line, skipped."""
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 class MetricsLog:
-    """Append-only JSONL; on resume, entries past the checkpoint's step are dropped first."""
+    """Append-only JSONL; on resume, entries past the checkpoint's step (and a torn last line) are dropped first."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in _records(path) if r.get("step", 0) <= resume_step]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and path.is_file():
             path.unlink()
         self._f = open(path, "a", buffering=1)
@@ -74,7 +95,7 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return _records(Path(path))
 
 
 def plot_losses(curves: dict[str, list[dict]], out: Path, title: str = "") -> Path:

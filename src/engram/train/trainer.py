@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ import torch
 
 from engram.atomic import write_json_atomic
 from engram.config import ConfigError
-from engram.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from engram.train.config import RunConfig
-from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics
+from engram.train.probe import peak_flops, resolve_dtype
+from engram.train.resume import check_same_data, data_facts, load_newest_good, load_run, resume_config
+from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics, record_start
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,51 +41,10 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-_PEAK_FLOPS: dict = {}
-
-
-def peak_flops(dtype: torch.dtype) -> float:
-    """Measured matmul FLOP/s of this machine for `dtype` (the MFU denominator), cached."""
-    if dtype not in _PEAK_FLOPS:
-        n = 1024
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        t0 = time.perf_counter()
-        reps = 4
-        for _ in range(reps):
-            a @ b
-        _PEAK_FLOPS[dtype] = 2 * n**3 * reps / (time.perf_counter() - t0)
-    return _PEAK_FLOPS[dtype]
-
-
-def resolve_dtype(name: str, device: torch.device | str = "cpu") -> str:
-    """The concrete autocast dtype for ``train.dtype``: ``"auto"`` becomes ``"bfloat16"`` where bf16
-    matmuls beat fp32 on ``device`` (CUDA with bf16 support; a CPU with native bf16 instructions),
-    else ``"float32"``. On CPUs without them (AVX2-only x86, for one) oneDNN emulates bf16 and a
-    matmul runs ~50-100x slower than in fp32, so asking for bf16 blindly can turn minutes into hours.
-    """
-    if name != "auto":
-        return name
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device.type != "cpu":
-        return "float32"
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
-
-    def best_time(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # warm-up: first calls pick and JIT kernels
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t32 = best_time(a, b)
-    t16 = best_time(a.bfloat16(), b.bfloat16())
-    return "bfloat16" if t16 < t32 else "float32"
+def _all_finite(p: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """``isfinite(p).all()`` in pieces: a memory table's mask would be a quarter of its size at once."""
+    flat = p.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 @dataclass
@@ -112,23 +74,47 @@ class Trainer:
     data and the machine decide (vocabulary size, pad id, ``train.dtype="auto"``, ``train.threads=0``)
     is resolved into the trainer's own copy, ``self.cfg``, which the run directory records; the
     caller's ``cfg`` is never modified, so one config can start several runs.
+
+    ``resume=True`` continues the run recorded in `run_dir` with its own recorded config and
+    resolved values (see `engram.train.resume`): ``cfg`` may be None ("as recorded") or ask for
+    changes, of which only those in `RESUMABLE` are accepted (each reported); the newest checkpoint
+    that verifies is loaded, a damaged newer one skipped with a notice. A run killed before its first
+    checkpoint restarts from step 0 with the recorded config, which is where it would have been.
+    Notices go to stderr and to ``self.notices``.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data=None,
+    def __init__(self, cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False, data=None,
                  progress: bool = True, device: str | torch.device = "cpu", cache_dir: str | None = None):
         from engram.model import EngramLM
         from engram.tokenizer import CompressedVocab
 
-        cfg.validate()
-        cfg = copy.deepcopy(cfg)
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.run_dir, self.progress, self.notices = Path(run_dir), progress, []
         self.device = torch.device(device)
+        ckpt_dir = self.run_dir / "ckpt"
+        changes: list[str] = []
+        if resume:
+            record = load_run(self.run_dir)
+            cfg, requested, changes = resume_config(record, cfg)
+            for c in changes:
+                self.notice(f"--resume changes {c}")
+        elif cfg is None:
+            raise ValueError("a new run needs a config (cfg=None only resumes a recorded run)")
+        else:
+            if (self.run_dir / "config.json").is_file() or latest_checkpoint(ckpt_dir) is not None:
+                raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it, or use a "
+                                      f"new run dir")
+            cfg.validate()
+            requested = cfg.to_dict()
+        cfg = copy.deepcopy(cfg)
+        self.cfg = cfg
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
         tc.threads = torch.get_num_threads()  # the run dir records the concrete choices
-        tc.dtype = resolve_dtype(tc.dtype, self.device)
+        tc.dtype = resolve_dtype(tc.dtype, self.device)  # a resumed run's is concrete already: no probe
         self.data = data or prepare_run_data(cfg, cache_dir)
+        if resume:
+            check_same_data(record, self.data)
         # Resolve what the data decides: vocabulary size and the pad id the hashing pads with.
         cfg.model.vocab_size = self.data.vocab_size
         if cfg.model.engram is not None:
@@ -142,11 +128,16 @@ class Trainer:
                                   f"train.seq_len + 1 = {tc.seq_len + 1}: use a shorter train.seq_len or a larger "
                                   f"corpus")
         self.cfg_dict = cfg.to_dict()
-        ckpt_dir = self.run_dir / "ckpt"
-        manifest = latest_checkpoint(ckpt_dir) if resume else None
-        if not resume and manifest is None and latest_checkpoint(ckpt_dir) is not None:
-            raise CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume or use a new run dir")
-        init_run_dir(self.run_dir, self.cfg_dict)
+        state = manifest = None
+        if resume:
+            state, manifest = self._find_checkpoint(ckpt_dir, changes)
+            if changes:  # the run's record follows the accepted changes (a later resume keeps them)
+                write_json_atomic(self.run_dir / "resolved.json", {"format": "engram-run-1", "requested": requested,
+                                                                   "data": record.data or data_facts(self.data)})
+                write_json_atomic(self.run_dir / "config.json", self.cfg_dict)
+            record_start(self.run_dir, resume=manifest.stem if manifest else "step 0", changes=changes)
+        else:
+            init_run_dir(self.run_dir, self.cfg_dict, requested, data_facts(self.data))
 
         vocab = CompressedVocab.from_pretrained(self.data.tokenizer_spec) if cfg.model.engram else None
         torch.manual_seed(tc.seed)
@@ -158,10 +149,31 @@ class Trainer:
         self.val = [(x.to(self.device), y.to(self.device))
                     for x, y in val_batches(self.data.val, tc.batch_size, tc.seq_len, tc.eval_tokens)]
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
-        if manifest is not None:
-            self._load(load_checkpoint(manifest, self.cfg_dict, compare_keys=("model", "data")))
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if manifest else None)
+        if state is not None:
+            self._load(state)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
         self._stop = False
+
+    def notice(self, msg: str) -> None:
+        """Tell the user something they should know (stderr), and keep it in ``self.notices``."""
+        self.notices.append(msg)
+        print(f"[engram.train] {msg}", file=sys.stderr, flush=True)
+
+    def _find_checkpoint(self, ckpt_dir: Path, changes: list[str]) -> tuple[dict | None, Path | None]:
+        state, manifest, skipped = load_newest_good(ckpt_dir, self.cfg_dict)
+        if skipped and manifest is None:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir} verifies: " + "; ".join(skipped))
+        for s in skipped:
+            self.notice(f"skipped checkpoint {s}; resuming from the newest intact one, {manifest.stem}")
+        if manifest is None:
+            self.notice(f"{self.run_dir} has no checkpoint yet (stopped before step {self.cfg.train.ckpt_every}): "
+                        f"starting it again from step 0 with its recorded config")
+            return None, None
+        step = int(state["step"])
+        if step > self.cfg.train.steps:
+            raise ConfigError(f"--resume: train.steps={self.cfg.train.steps} is below the step of the checkpoint to "
+                              f"resume from ({step})")
+        return state, manifest
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_optimizers(self):
@@ -210,23 +222,47 @@ class Trainer:
         self.step, self.tokens, self.elapsed = int(st["step"]), int(st["tokens"]), float(st["elapsed"])
 
     def save(self) -> Path:
+        """Checkpoint the current step; a model that is no longer finite is never saved over a good one."""
+        bad = next((n for n, p in self.model.named_parameters() if not _all_finite(p)), None)
+        if bad is not None:
+            raise self._diverged(f"parameter {bad}", "non-finite", step=self.step)
         return save_checkpoint(self.run_dir / "ckpt", self.step, self._state(), self.cfg_dict)
 
     def save_model(self, directory: Path) -> Path:
-        """The trained model plus its tokenizer, so `engram generate --model DIR` needs nothing else."""
-        import shutil
-
-        self.model.save_pretrained(directory)
+        """The trained model plus its tokenizer, so `engram generate --model DIR` needs nothing else;
+        the tokenizer files are checksummed with the weights."""
         spec = Path(self.data.tokenizer_spec)
         if spec.is_dir():
-            dst = directory / "tokenizer"
-            dst.mkdir(exist_ok=True)
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                if (spec / name).is_file():
-                    shutil.copyfile(spec / name, dst / name)
+            extra = {f"tokenizer/{name}": spec / name
+                     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+                     if (spec / name).is_file()}
         else:  # a bundled name or a single file: record where it came from
-            (directory / "tokenizer.txt").write_text(str(self.data.tokenizer_spec) + "\n")
+            extra = {"tokenizer.txt": (str(self.data.tokenizer_spec) + "\n").encode()}
+        self.model.save_pretrained(directory, extra_files=extra)
         return directory
+
+    def _diverged(self, what: str, value, step: int | None = None) -> TrainingDiverged:
+        """The error for a non-finite ``what`` at ``step`` (default: the step being taken): the step, the
+        likely cause, and the last good checkpoint (untouched: nothing is saved after this)."""
+        tc, step = self.cfg.train, self.step + 1 if step is None else step
+        lr = lr_at(step - 1, tc)
+        if "validation" in what and tc.dtype == "bfloat16":
+            cause = "bf16 overflow in evaluation (try train.dtype='float32')"
+        elif "validation" in what:
+            cause = "weights gone non-finite, or validation tokens outside the model's vocabulary"
+        elif step == 1:
+            cause = ("non-finite values from the very first step: corrupted data or token ids outside the "
+                     "vocabulary, or a broken initialisation")
+        elif tc.dtype == "bfloat16":
+            cause = (f"bf16 overflow (try train.dtype='float32'), or a learning rate too high for this model "
+                     f"(lr {lr:.3g} at this step)")
+        else:
+            cause = (f"a learning rate too high for this model (lr {lr:.3g} at this step): start a new run with a "
+                     f"lower train.lr, more train.warmup_steps or a lower train.grad_clip")
+        last = latest_checkpoint(self.run_dir / "ckpt")
+        good = last.with_suffix(".pt") if last else "none (nothing saved yet)"
+        return TrainingDiverged(f"{what} became {value} at step {step} (dtype {tc.dtype}); likely cause: {cause}. "
+                                f"Stopped without saving; last good checkpoint: {good}")
 
     # -- loop ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -259,8 +295,15 @@ class Trainer:
         with self._autocast():
             out = self.model(x_BT, y_BT, engram_rows=rows)
             loss = out.loss + self.cfg.model.router_aux_coef * out.aux_loss
+        # Checked before any update, so the model (and every checkpoint) stays as it was.
+        total = float(loss.detach())
+        if not math.isfinite(total):
+            raise self._diverged("training loss", total)
         loss.backward()
         gnorm = float(clip_grad_norm_(list(self.model.parameters()), tc.grad_clip)) if tc.grad_clip > 0 else 0.0
+        if not math.isfinite(gnorm):
+            self.model.zero_grad(set_to_none=True)
+            raise self._diverged("gradient norm", gnorm)
         self.opt.step()
         if self.table_opt is not None:
             self.table_opt.step()
@@ -293,12 +336,6 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, gnorm = self._train_step(x, y)
                 dt = time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    last = latest_checkpoint(self.run_dir / "ckpt")
-                    raise TrainingDiverged(
-                        f"loss became {loss} at step {self.step + 1}; stopped without saving. "
-                        f"Last good checkpoint: {last if last else 'none'}"
-                    )
                 self.step += 1
                 self.tokens += x.numel()
                 self.elapsed += dt
@@ -310,6 +347,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     val_loss = self.evaluate()
+                    if not math.isfinite(val_loss):
+                        raise self._diverged("validation loss", val_loss, step=self.step)
                     self.metrics.log(kind="eval", step=self.step, tokens=self.tokens, val_loss=val_loss)
                     bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
                 if self.step % tc.ckpt_every == 0 or self.step == tc.steps or self._stop:
