@@ -219,6 +219,9 @@ def read_manifest(store_dir: str | os.PathLike) -> dict:
     missing = {"config_hash", "vocab_hash", "dim", "dtype", "layers", "export_id", "weights"} - set(m)
     if missing:
         raise ValueError(f"{path} lacks fields {sorted(missing)}")
+    w = m["weights"]
+    if not (isinstance(w, dict) and isinstance(w.get("tables"), dict) and isinstance(w.get("backbone"), str)):
+        raise ValueError(f"{path}: its 'weights' entry is malformed (expected table and backbone digests)")
     return m
 
 
