@@ -42,6 +42,7 @@ def digest_of_sums(sums_R: np.ndarray) -> str:
 
 def _raw(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu().contiguous()
+    t = t.reshape(1) if t.dim() == 0 else t  # a 0-d tensor has no byte view
     return t.view(RAW_TORCH[t.dtype]).numpy() if t.dtype in RAW_TORCH else t.view(torch.uint8).numpy()
 
 

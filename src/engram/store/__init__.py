@@ -3,7 +3,7 @@
 The on-disk format (:mod:`~engram.store.format`), RAM and disk tiers (:mod:`~engram.store.base`,
 :mod:`~engram.store.disk`), the hot-row cache (:mod:`~engram.store.cache`), the prefetcher
 (:mod:`~engram.store.prefetch`), the co-access row layout (:mod:`~engram.store.layout`) and the
-I/O helpers beneath them (direct reads, read-ahead, block-device facts).
+I/O helpers beneath them (direct reads, read-ahead, block-device facts, per-row CRC32C checksums).
 """
 
 from engram.store.base import RamStore, RowStore, StoreFormatError, TierStats, check_rows, write_store
