@@ -162,7 +162,8 @@ def main() -> None:
 
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"benchmark": "store_verification_cost", "machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k not in ("dir", "out")}}
+    res: dict = {"benchmark": "store_verification_cost", "machine": machine_info(),
+                 "args": {k: v for k, v in vars(args).items() if k not in ("dir", "out")}}
     data = prepare_data(progress=False)
     cfg = config(args.rows_per_head, data.vocab_size, args.d_model, args.layers)
     torch.manual_seed(0)
