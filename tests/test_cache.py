@@ -200,7 +200,7 @@ def test_long_skewed_sequences_match_reference(policy):
 @pytest.mark.parametrize("dtype", list(RAW))
 def test_disk_backed_cache_is_bit_identical(tmp_path, policy, dtype):
     table = random_bits_table(dtype, rows=500, dim=5, seed=3)
-    path = write_store(tmp_path / "t.rows", table, chunk_rows=64)
+    path = write_store(tmp_path / "t.rows", table)
     g = torch.Generator().manual_seed(1)
     zipf = (torch.rand(40, 50, generator=g) ** 4 * 500).long()  # skewed: a few rows are hot
     profile = access_profile(zipf[:10], 500) if policy == "static" else None

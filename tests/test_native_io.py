@@ -38,7 +38,7 @@ def stores(request, tmp_path_factory):
     """(table, direct DiskStore, mmap DiskStore) over the same file; 24-byte rows straddle 512-byte blocks."""
     rows, dim, dtype = request.param
     table = random_table(rows, dim, dtype)
-    path = write_store(tmp_path_factory.mktemp("dio") / "t.rows", table, chunk_rows=100)
+    path = write_store(tmp_path_factory.mktemp("dio") / "t.rows", table)
     direct = DiskStore.open(path, io="direct")
     mapped = DiskStore.open(path, io="mmap")
     assert direct.io == "direct" and mapped.io == "mmap"

@@ -32,7 +32,7 @@ def disk(tmp_path_factory):
     """(table, DiskStore) of a [2000, 6] fp32 table of arbitrary bit patterns (12 data pages)."""
     g = torch.Generator().manual_seed(3)
     table = torch.randint(-(2**31), 2**31 - 1, (R, D), dtype=torch.int32, generator=g).view(torch.float32)
-    path = write_store(tmp_path_factory.mktemp("ra") / "t.rows", table, chunk_rows=333)
+    path = write_store(tmp_path_factory.mktemp("ra") / "t.rows", table)
     with DiskStore.open(path, io="mmap") as store:
         yield table, store
 

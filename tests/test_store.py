@@ -14,6 +14,7 @@ import warnings
 import weakref
 from types import SimpleNamespace
 
+import google_crc32c
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from engram.store import format as disk_format
 from engram.store.base import DiskStore, RamStore, StoreFormatError, TierStats, write_store
-from engram.store.format import ALIGN, MAGIC, read_header
+from engram.store.format import ALIGN, MAGIC, StoreChecksumError, read_header
 
 R, D = 203, 6
 RAW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -43,13 +44,13 @@ def bits(t):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    """{dtype: (table, RamStore, DiskStore)}, the disk file written in uneven pieces across 7-row chunks."""
+    """{dtype: (table, RamStore, DiskStore)}, the disk file written in uneven pieces."""
     out = {}
     d = tmp_path_factory.mktemp("stores")
     for dtype in DTYPES:
         table = random_bits_table(dtype)
         pieces = (table[i : i + 11] for i in range(0, R, 11))
-        path = write_store(d / f"{dtype}.rows", pieces, num_rows=R, dim=D, dtype=dtype, chunk_rows=7)
+        path = write_store(d / f"{dtype}.rows", pieces, num_rows=R, dim=D, dtype=dtype)
         out[dtype] = (table, RamStore(table), DiskStore.open(path, verify="full"))
     yield out
     for _, ram, disk in out.values():
@@ -139,18 +140,22 @@ def test_ram_store_wraps_without_copy_and_pins_only_with_cuda():
 
 def test_layout_rows_are_contiguous_at_aligned_offset(tmp_path):
     table = random_bits_table(torch.bfloat16, rows=30, dim=5)
-    path = write_store(tmp_path / "t", table, chunk_rows=4, meta={"layer": 3, "head_sizes": [11, 19]})
+    path = write_store(tmp_path / "t", table, meta={"layer": 3, "head_sizes": [11, 19]})
     h = read_header(path)
-    assert (h.num_rows, h.dim, h.dtype, h.chunk_rows, h.num_chunks) == (30, 5, torch.bfloat16, 4, 8)
+    assert (h.num_rows, h.dim, h.dtype, h.layer) == (30, 5, torch.bfloat16, 3)
     assert h.meta == {"layer": 3, "head_sizes": [11, 19]}
     assert h.data_offset % ALIGN == 0 and path.stat().st_size == h.data_offset + 30 * 10
+    assert h.sums_offset % ALIGN == 0 and h.sums_offset + 4 * 30 <= h.data_offset
     raw = path.read_bytes()
     assert raw[:8] == MAGIC
     r = 17  # one row is one contiguous run of bytes
     assert raw[h.data_offset + r * 10 : h.data_offset + (r + 1) * 10] == bits(table)[r].numpy().tobytes()
+    # beside it, in the checksum array, that row's CRC32C
+    want = google_crc32c.value(bits(table)[r].numpy().tobytes())
+    assert struct.unpack_from("<I", raw, h.sums_offset + 4 * r)[0] == want
 
 
-def test_chunked_writer_streams_pieces_and_checksums_across_boundaries(tmp_path, monkeypatch):
+def test_streaming_writer_checksums_every_row_of_uneven_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_format, "_WRITEBACK_BYTES", 64)  # exercise the periodic sync/drop path too
     sizes, refs = [5, 13, 0, 1, 30, 2, 9], []
 
@@ -165,9 +170,10 @@ def test_chunked_writer_streams_pieces_and_checksums_across_boundaries(tmp_path,
             del t
 
     total = sum(sizes)
-    path = write_store(tmp_path / "c", pieces(), num_rows=total, dim=3, dtype="float32", chunk_rows=8)
+    path = write_store(tmp_path / "c", pieces(), num_rows=total, dim=3, dtype="float32")
     with DiskStore.open(path, verify="full", expect={"num_rows": total, "dim": 3, "dtype": torch.float32}) as s:
-        assert s.num_chunks == 8 > 1
+        want = [google_crc32c.value(np.arange(3 * r, 3 * r + 3, dtype=np.float32).tobytes()) for r in range(total)]
+        assert s.row_sums().tolist() == want
         assert torch.equal(s.gather(torch.arange(total)), torch.arange(total * 3.0).reshape(total, 3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
@@ -195,7 +201,7 @@ def test_wrong_piece_shape_or_dtype(tmp_path):
 
 def test_not_enough_disk_space_is_refused_up_front(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_format.shutil, "disk_usage", lambda _: SimpleNamespace(free=100))
-    with pytest.raises(OSError, match=r"not enough disk space.*needs 4\d+ bytes, 100 free"):
+    with pytest.raises(OSError, match=r"not enough disk space.*needs 8\d+ bytes, 100 free"):
         write_store(tmp_path / "w", torch.zeros(2, 2))
     assert list(tmp_path.iterdir()) == []
 
@@ -203,7 +209,7 @@ def test_not_enough_disk_space_is_refused_up_front(tmp_path, monkeypatch):
 @pytest.fixture
 def good_file(tmp_path):
     table = torch.randn(100, 8)
-    return write_store(tmp_path / "g.rows", table, chunk_rows=10), table
+    return write_store(tmp_path / "g.rows", table), table
 
 
 def _patch(path, offset, data):
@@ -212,18 +218,17 @@ def _patch(path, offset, data):
         f.write(data)
 
 
-def test_flipped_data_byte_is_caught_by_full_verify(good_file):
-    path, _ = good_file
+def test_flipped_data_byte_is_caught_by_reads_and_full_verify(good_file):
+    path, table = good_file
     h = read_header(path)
-    target = h.data_offset + 43 * h.row_bytes + 5  # row 43 -> chunk 4
+    target = h.data_offset + 43 * h.row_bytes + 5
     _patch(path, target, bytes([path.read_bytes()[target] ^ 0x01]))
-    with DiskStore.open(path) as s:  # header-only verify does not read the data
-        assert s.verify_chunks(s.chunks_of(torch.tensor([0, 99]))) == 2
-        with pytest.raises(ValueError, match=r"chunk 4 \(rows 40\.\.49\) checksum mismatch"):
-            s.verify_chunks(s.chunks_of(torch.tensor([43])))
-        with pytest.raises(ValueError, match=r"chunk id 10 out of range \[0, 10\)"):
-            s.verify_chunks([10])
-    with pytest.raises(StoreFormatError, match=rf"{path.name}.*chunk 4 .*corrupted"):
+    with DiskStore.open(path) as s:  # header-only verify does not read the data; reads check what they read
+        assert torch.equal(s.gather(torch.tensor([0, 42, 44, 99])), table[[0, 42, 44, 99]])
+        with pytest.raises(StoreChecksumError, match=r"checksum mismatch in a store of no recorded layer, row 43 "):
+            s.gather(torch.tensor([0, 43]))
+        assert s.scan()[0] == 1 and s.scan()[1].tolist() == [43]
+    with pytest.raises(StoreChecksumError, match=rf"{path.name}.*row 43 \(1 of 100 rows read\)"):
         DiskStore.open(path, verify="full")
 
 
@@ -234,8 +239,11 @@ def test_flipped_data_byte_is_caught_by_full_verify(good_file):
     ("empty", "truncated: 0 bytes"),
     ("magic", "bad magic"),
     ("version", "unsupported format version 9"),
+    ("version1", "version 1 has no per-row checksums.*export the store again"),
     ("header_byte", "header checksum mismatch"),
-    ("lengths", "implausible lengths"),
+    ("lengths", "implausible JSON length"),
+    ("sums_crc", "header checksum mismatch"),
+    ("sums", "row checksum array is corrupted"),
 ])
 def test_damaged_files_fail_to_open_with_the_reason(good_file, kind, msg):
     path, _ = good_file
@@ -249,8 +257,12 @@ def test_damaged_files_fail_to_open_with_the_reason(good_file, kind, msg):
         os.truncate(path, 10 if kind == "tiny" else 0)
     elif kind == "magic":
         _patch(path, 0, b"NOTASTOR")
-    elif kind == "version":
-        _patch(path, 8, struct.pack("<I", 9))
+    elif kind in ("version", "version1"):
+        _patch(path, 8, struct.pack("<I", 9 if kind == "version" else 1))
+    elif kind == "sums_crc":
+        _patch(path, 16, b"\xff")
+    elif kind == "sums":
+        _patch(path, read_header(path).sums_offset + 4 * 7, b"\x00\x01")
     elif kind == "header_byte":
         _patch(path, 30, b"#")
     elif kind == "lengths":
@@ -280,7 +292,7 @@ def test_interrupted_iterator_keeps_existing_file(good_file):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        write_store(path, pieces(), num_rows=100, dim=8, dtype=torch.float32, chunk_rows=10)
+        write_store(path, pieces(), num_rows=100, dim=8, dtype=torch.float32)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
     with DiskStore.open(path, verify="full") as s:
         assert torch.equal(s.gather(torch.arange(100)), table)
@@ -295,7 +307,7 @@ def pieces():
             print("ready", flush=True)
             time.sleep(120)
         yield torch.full((10, 8), float(i))
-write_store(sys.argv[1], pieces(), num_rows=1000, dim=8, dtype=torch.float32, chunk_rows=10)
+write_store(sys.argv[1], pieces(), num_rows=1000, dim=8, dtype=torch.float32)
 """
 
 

@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_hashing.py"])
+@pytest.mark.parametrize("script", ["bench_hashing.py", "bench_verify.py"])
 def test_benchmark_smoke(script, benchmarks_dir):
     res = subprocess.run([sys.executable, str(benchmarks_dir / script), "--quick"], capture_output=True,
                          text=True, timeout=600, cwd=benchmarks_dir)

@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")
     s.set_defaults(func=serving._export_memory)
 
+    s = sub.add_parser("verify", help="check a store directory: every row's checksum, headers, layouts, manifest")
+    s.add_argument("store", help="store directory written by `engram export-memory`")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=serving._verify)
+
     s = sub.add_parser("eval", help="validation loss and throughput with the tables in RAM or on disk")
     s.add_argument("--model", required=True, help="a model directory written by training (run_dir/model)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")

@@ -1,4 +1,4 @@
-"""`engram` commands on trained models: generate, export-memory, eval (tables in RAM or on disk)."""
+"""`engram` commands on trained models: generate, export-memory, verify, eval (tables in RAM or on disk)."""
 
 from __future__ import annotations
 
@@ -184,6 +184,18 @@ def _export_memory(args) -> int:
         print(f"layer {lay}: {out / spec['file']}  {spec['num_rows']:,} rows x {m['dim']} {m['dtype']}  "
               f"{size / 2**20:,.1f} MiB{order}")
     print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+def _verify(args) -> int:
+    from engram.serve.verify import verify_store_dir
+    from engram.store.format import StoreFormatError
+
+    with _reading_user_input():
+        report = verify_store_dir(args.store, progress=False if args.no_progress else None)
+    if not report.ok:  # one line, exit 2, like every other damaged-store error
+        raise StoreFormatError(report.summary())
+    print(report.summary())
     return 0
 
 

@@ -7,10 +7,12 @@ A store directory holds::
     manifest.json      what the directory holds and for which model; written last, atomically
 
 The manifest records the model config (and its sha256), a hash of the tokenizer's compression map (row
-ids depend on both), the layers with their head sizes, the row width and dtype, and a random export id
-that every layer file also carries in its header. Opening checks all of it against the model, so a store
-of another model, of another tokenizer or a mix of files from two exports gives a clear error instead of
-wrong rows. Exporting removes an old manifest first and writes the new one only after every layer file is
+ids depend on both), the layers with their head sizes, the row width and dtype, a random export id
+that every layer file also carries in its header, and the identity of the exact weights exported
+(:mod:`engram.serve.identity`: a digest of each table's bytes and one of the backbone). Opening checks
+all of it against the model, so a store of another model, of another tokenizer, of the same model at
+another training step, or a mix of files from two exports gives a clear error instead of wrong rows.
+Exporting removes an old manifest first and writes the new one only after every layer file is
 durable (each is written crash-safely by :func:`write_store`), so an interrupted export never leaves a
 directory that opens as valid.
 
@@ -36,16 +38,17 @@ import torch
 from engram.atomic import atomic_write, fsync_dir
 from engram.model.checksums import TensorDigest
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
+from engram.serve.identity import backbone_digest, check_identity, digest_of_sums
 from engram.store.base import write_store
 from engram.store.disk import DiskStore
 from engram.store.format import DTYPE_NAMES
 from engram.store.layout import CoAccessCounter, RowLayout, remove_stale_layouts, write_store_with_layout
 
 __all__ = ["MANIFEST", "check_manifest", "co_access_layouts", "config_hash", "export_tables", "layer_file",
-           "layer_meta", "open_store_dir", "read_manifest", "verify_against_weights", "vocab_hash", "write_manifest"]
+           "layer_meta", "open_store_dir", "read_manifest", "vocab_hash", "write_manifest"]
 
 MANIFEST = "manifest.json"
-FORMAT, VERSION = "engram-memory", 1
+FORMAT, VERSION = "engram-memory", 2
 _PIECE_BYTES = 64 << 20  # rows streamed per piece when exporting from a weights file
 
 
@@ -91,9 +94,15 @@ def write_manifest(out_dir: str | os.PathLike, model: EngramLM, export_id: str) 
 
     For writers that produce the layer files themselves (e.g. a synthetic table far larger than RAM):
     write every ``layer_file(i)`` with ``meta=layer_meta(model, i, export_id)`` first, then call this.
+    The table digests are read from those files (their row checksums), the backbone's from ``model``.
     """
     out = Path(out_dir)
-    manifest = {**_layout(model), "export_id": export_id}
+    layout = _layout(model)
+    tables = {}
+    for lay, spec in layout["layers"].items():
+        with DiskStore(out / spec["file"], io="mmap", expect={"meta": {"export_id": export_id}}) as s:
+            tables[lay] = digest_of_sums(s.row_sums())
+    manifest = {**layout, "export_id": export_id, "weights": {"tables": tables, "backbone": backbone_digest(model)}}
     return atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"), mode="w")
 
 
@@ -129,12 +138,11 @@ def _check_layouts(layouts: dict | None, engrams: dict) -> dict[int, RowLayout]:
 
 
 def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLike, *,
-                  chunk_rows: int | None = None, layouts: dict[int, RowLayout | np.ndarray] | None = None) -> Path:
+                  layouts: dict[int, RowLayout | np.ndarray] | None = None) -> Path:
     """Write every Engram table of ``model`` to the store directory ``out_dir``; returns ``out_dir``.
 
     ``model`` is an :class:`EngramLM` with its tables, or a model directory (``save_pretrained``), whose
     tables are streamed from the weights file in pieces, so a table larger than RAM is never loaded.
-    ``chunk_rows`` sets the rows per checksummed chunk of the store files (default: ~4 MiB).
     ``layouts``: ``{layer: RowLayout}`` (or placed row ids) to store those layers' rows in that order, e.g.
     from :func:`co_access_layouts`; from a model directory the layer is first written in id order, then
     rewritten from that file in layout order (twice the writing, never the table in RAM).
@@ -159,11 +167,10 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
             table = eng.table.weight.detach().cpu()
             if lay in layouts:
                 write_store_with_layout(out / layer_file(lay), lambda ids, t=table: t[torch.from_numpy(ids)],
-                                        layouts[lay], dim=eng.head_dim, dtype=eng.table_dtype, chunk_rows=chunk_rows,
+                                        layouts[lay], dim=eng.head_dim, dtype=eng.table_dtype,
                                         meta=layer_meta(src_model, lay, export_id))
             else:
-                write_store(out / layer_file(lay), table, chunk_rows=chunk_rows,
-                            meta=layer_meta(src_model, lay, export_id))
+                write_store(out / layer_file(lay), table, meta=layer_meta(src_model, lay, export_id))
     else:
         from safetensors import safe_open
 
@@ -181,12 +188,12 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
                 digest = TensorDigest(model, key)
                 pieces = (digest.update(sl[a:min(a + step, R)]) for a in range(0, R, step))
                 write_store(out / layer_file(lay), pieces, num_rows=R, dim=d, dtype=eng.table_dtype,
-                            chunk_rows=chunk_rows, meta=layer_meta(src_model, lay, export_id))
+                            meta=layer_meta(src_model, lay, export_id))
                 digest.check()  # before the store's manifest: a failed check leaves no store that opens
                 if lay in layouts:  # rewrite from the id-ordered file: the layout needs random access
                     with DiskStore(out / layer_file(lay), io="mmap") as src:
                         write_store_with_layout(out / layer_file(lay), lambda i, s=src: s.gather(torch.from_numpy(i)),
-                                                layouts[lay], dim=d, dtype=eng.table_dtype, chunk_rows=chunk_rows,
+                                                layouts[lay], dim=d, dtype=eng.table_dtype,
                                                 meta=layer_meta(src_model, lay, export_id))
                         src.drop_page_cache()
     for lay in engrams:
@@ -211,10 +218,14 @@ def read_manifest(store_dir: str | os.PathLike) -> dict:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise ValueError(f"{path} is not an Engram store manifest (format {got!r}, expected {FORMAT!r})")
     if m.get("version") != VERSION:
-        raise ValueError(f"{path} has manifest version {m.get('version')}, this code reads version {VERSION}")
-    missing = {"config_hash", "vocab_hash", "dim", "dtype", "layers", "export_id"} - set(m)
+        raise ValueError(f"{path} has manifest version {m.get('version')}, this code reads version {VERSION}: "
+                         f"export the store again with this version of engram (engram export-memory)")
+    missing = {"config_hash", "vocab_hash", "dim", "dtype", "layers", "export_id", "weights"} - set(m)
     if missing:
         raise ValueError(f"{path} lacks fields {sorted(missing)}")
+    w = m["weights"]
+    if not (isinstance(w, dict) and isinstance(w.get("tables"), dict) and isinstance(w.get("backbone"), str)):
+        raise ValueError(f"{path}: its 'weights' entry is malformed (expected table and backbone digests)")
     return m
 
 
@@ -255,16 +266,20 @@ def check_manifest(manifest: dict, model: EngramLM, where: str = "store") -> Non
 
 
 def open_store_dir(store_dir: str | os.PathLike, model: EngramLM, *, verify: str = "header",
-                   io: str = "auto") -> dict[int, DiskStore]:
+                   io: str = "auto", weights: str | os.PathLike | None = None) -> dict[int, DiskStore]:
     """Open every layer's :class:`DiskStore` of a store directory, after checking it fits ``model``.
 
-    ``verify="full"`` also recomputes every chunk checksum (reads all files); ``io``: see :class:`DiskStore`.
-    Raises FileNotFoundError for a missing directory, manifest or layer file, and ValueError
-    (StoreFormatError for a damaged file) naming what does not match.
+    Checks the manifest against the model's config and tokenizer, and the exported weights' identity
+    against the model's (:func:`engram.serve.identity.check_identity`: its tables, from memory or from
+    ``weights``, its weights file, when either holds them; else its backbone). ``verify="full"`` also
+    checks every row against its checksum (reads all files); rows are checked whenever they are read
+    anyway. ``io``: see :class:`DiskStore`. Raises FileNotFoundError for a missing directory, manifest or
+    layer file, and ValueError (StoreFormatError for a damaged file) naming what does not match.
     """
     d = Path(store_dir)
     manifest = read_manifest(d)
     check_manifest(manifest, model, where=f"store {d}")
+    check_identity(manifest, model, f"store {d}", weights)
     dtype = next(iter(_engrams(model).values())).table_dtype
     stores: dict[int, DiskStore] = {}
     try:
@@ -280,30 +295,3 @@ def open_store_dir(store_dir: str | os.PathLike, model: EngramLM, *, verify: str
             s.close()
         raise
     return stores
-
-
-def verify_against_weights(stores: dict, weights_path: str | os.PathLike, probes: int = 8) -> bool:
-    """Compare a few rows of each store with the model's weights file, when that file holds the tables.
-
-    Catches a store exported from another training run of the same config (the manifest cannot tell).
-    Reads ``probes`` rows per layer. Returns False when the file holds no tables (nothing to compare),
-    True when every probe matches; raises ValueError on a mismatch.
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-        names = set(f.keys())
-        if not any(engram_table_key(lay) in names for lay in stores):
-            return False
-        for lay, store in sorted(stores.items()):
-            key = engram_table_key(lay)
-            if key not in names:
-                raise ValueError(f"{weights_path} lacks the table of Engram layer {lay} ({key!r})")
-            sl = f.get_slice(key)
-            for r in np.unique(np.linspace(0, store.num_rows - 1, probes).astype(np.int64)).tolist():
-                want = sl[r:r + 1]
-                got = store.gather(torch.tensor([r]))
-                if not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
-                    raise ValueError(f"store rows of Engram layer {lay} differ from {weights_path} (row {r}): "
-                                     f"the store was exported from other weights; export again")
-    return True

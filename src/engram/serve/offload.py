@@ -28,7 +28,7 @@ from engram.model.checksums import TensorDigest
 from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput, engram_table_key
-from engram.serve.export import open_store_dir, verify_against_weights
+from engram.serve.export import open_store_dir
 from engram.serve.memory import StoreMemory
 from engram.store.base import RamStore
 
@@ -252,8 +252,10 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
     """An :class:`OffloadedLM` for the model in ``model_dir`` (loaded without its tables).
 
     memory: ``"ram"``: the tables in RAM (read from the model's weights file, or from ``store_dir``
-        when the weights hold none); ``"disk"``: memory-mapped from the store directory ``store_dir``
-        (checked against the model: manifest, and a few rows against the weights when they hold tables).
+        when the weights hold none: every row checked against its checksum once, as it is loaded);
+        ``"disk"``: read from the store directory ``store_dir``, every row checked as it is read. A store
+        is refused unless it was exported from this model's exact weights (its tables when the model or
+        its weights file holds them, else its backbone; see :func:`open_store_dir`).
     cache_bytes: > 0 puts a hot-row cache of that many bytes in total in front of the stores, split
         across layers in proportion to their table sizes; ``policy`` "lru", "lfu" or "static" (the
         latter needs ``profile={layer: per-row counts}``, see :func:`access_profiles`).
@@ -285,7 +287,7 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
                 if store_dir is None:
                     raise ValueError(f"{model_dir / WEIGHTS_FILE} holds no Engram tables; pass store_dir to "
                                      f"load them into RAM from a store")
-                disk = open_store_dir(store_dir, model, verify=verify)
+                disk = open_store_dir(store_dir, model, verify=verify, weights=model_dir / WEIGHTS_FILE)
                 try:
                     tables = {lay: s.gather(torch.arange(s.num_rows)) for lay, s in disk.items()}
                 finally:
@@ -293,12 +295,11 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
                         s.close()
             stores = {lay: RamStore(t) for lay, t in tables.items()}
         else:
-            stores = open_store_dir(store_dir, model, verify=verify, io=io)
-            verify_against_weights(stores, model_dir / WEIGHTS_FILE)
+            stores = open_store_dir(store_dir, model, verify=verify, io=io, weights=model_dir / WEIGHTS_FILE)
         if cache_bytes > 0:
             backing, stores = stores, _with_cache(stores, cache_bytes, policy, profile)
         for s in [*stores.values(), *backing.values()]:
-            s.reset_stats()  # the checks above read a few rows
+            s.reset_stats()  # a static cache's preload is not serving
         lm = OffloadedLM(model, stores, prefetch=prefetch, workers=workers, max_pending=max_pending,
                          sync_rows=sync_rows)
         lm._also_close = list(backing.values())

@@ -17,6 +17,12 @@ Disk reads, and how the page cache is made cold for measurements:
   are queued together instead of one page fault at a time, ~3-4x faster from a cold cache. The copy
   still reads the mapping, so the advice changes speed, never bytes. ``readahead=False`` turns it off.
 * Either way the bytes are the file's bytes: every mode returns the same rows bit for bit.
+* Every row read is checked against its CRC32C (written at export, :mod:`engram.store.format`) after
+  it lands and before the gather returns: the landed buffer of a direct read, the copied rows of a
+  mapped one (never the mapping itself, which could change under the check). A mismatch raises
+  :class:`StoreChecksumError` naming the file, the layer and the rows, and no row of that gather is
+  handed out. The check hashes only the distinct rows read (~10 GB/s with the hardware CRC32C); the
+  row checksums (4 bytes per row) are read and checked when the store opens and kept in RAM.
 * A store written with a co-access layout (:mod:`engram.store.layout`; its header names the sidecar)
   holds row ``r`` at file position ``layout.physical(r)``: ids are mapped to positions before they are
   de-duplicated and sorted, so the reads walk the file forwards and the rows an n-gram uses together
@@ -42,28 +48,29 @@ import numpy as np
 import torch
 
 from engram.memory.hugepages import libc
-from engram.store import native_cache, native_io
-from engram.store.base import Ready, RowStore, check_rows
+from engram.store import checksum, native_cache, native_io
+from engram.store.base import Ready, RowStore
 from engram.store.format import (
     RAW_NUMPY,
     RAW_TORCH,
+    StoreChecksumError,
     StoreFormatError,
     StoreHeader,
     check_expected,
     read_header,
-    verify_chunks,
+    read_row_sums,
 )
 from engram.store.layout import RowLayout, read_layout_file
 from engram.store.readahead import SeenPages, advise_willneed, page_runs
 
-__all__ = ["DiskStore", "StoreFormatError"]
+__all__ = ["DiskStore", "StoreChecksumError", "StoreFormatError"]
 
 
 class _DirectGather:
     """A direct-read gather in flight (:meth:`DiskStore.gather_start`): ``result()`` completes it once."""
 
-    def __init__(self, store, ring, pending, buf_Ud, inv_N, out_raw, out_Nd, n: int) -> None:
-        self._store, self._ring, self._pending = store, ring, pending
+    def __init__(self, store, ring, pending, pos_U, buf_Ud, inv_N, out_raw, out_Nd, n: int) -> None:
+        self._store, self._ring, self._pending, self._pos_U = store, ring, pending, pos_U
         self._buf_Ud, self._inv_N, self._out_raw, self._out_Nd, self._n = buf_Ud, inv_N, out_raw, out_Nd, n
         self._error: BaseException | None = None
         self.done = False
@@ -79,6 +86,11 @@ class _DirectGather:
             finally:
                 store._rings.release(self._ring)
             if self._error is None:
+                try:
+                    store._check_rows(self._buf_Ud, self._pos_U)
+                except StoreChecksumError as e:
+                    self._error = e
+            if self._error is None:
                 if self._inv_N is not None:
                     np.take(self._buf_Ud, self._inv_N, axis=0, out=self._out_raw, mode="clip")
                 u = self._buf_Ud.shape[0]
@@ -86,8 +98,9 @@ class _DirectGather:
                 with store._stats_lock:
                     store._direct_counts[0] += reads
                     store._direct_counts[1] += nbytes
-            self._pending = self._buf_Ud = self._inv_N = self._out_raw = None
+            self._pending = self._buf_Ud = self._inv_N = self._out_raw = self._pos_U = None
         if self._error is not None:
+            self._out_Nd = None  # rows that failed their check are never handed out
             raise self._error
         return self._out_Nd
 
@@ -109,8 +122,9 @@ class DiskStore(RowStore):
     Open with ``DiskStore.open(path, verify=..., expect=...)`` (or the constructor, same arguments).
 
     Args:
-        verify: ``"header"`` checks magic, version, header checksum, fields and exact file size (cheap);
-            ``"full"`` also recomputes every chunk checksum (reads the whole file).
+        verify: ``"header"`` checks magic, version, header checksum, fields, exact file size and the row
+            checksum array (cheap); ``"full"`` also checks every row against its checksum (reads the whole
+            file). Either way every row read is checked before it is returned (see the module docstring).
         expect: fields the file must have, e.g. ``{"num_rows": R, "dim": d, "dtype": torch.bfloat16,
             "meta": {"layer": 2}}``; a mismatch raises StoreFormatError listing every difference.
         io: how rows are read. ``"direct"``: ``O_DIRECT`` reads batched through io_uring
@@ -119,14 +133,17 @@ class DiskStore(RowStore):
             the kernel, file system and a C compiler allow it, else mmap. ``self.io`` is the choice made.
         readahead: (mmap reads) before copying a gather's rows, queue the reads of their pages not
             advised yet in one batch (see the module docstring); False reads through plain page faults.
+        verify_reads: check every row read against its checksum (default). False serves unchecked bytes
+            and exists only to measure what the check costs (``benchmarks/bench_verify.py``).
 
-    All format problems raise :class:`StoreFormatError` (a ValueError) naming the file.
+    All format problems raise :class:`StoreFormatError` (a ValueError) naming the file; rows that fail
+    their checksum raise its subclass :class:`StoreChecksumError`.
     """
 
     tier = "disk"
 
     def __init__(self, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None,
-                 readahead: bool = True, io: str = "auto") -> None:
+                 readahead: bool = True, io: str = "auto", verify_reads: bool = True) -> None:
         super().__init__()
         if verify not in ("header", "full"):
             raise ValueError(f"verify must be 'header' or 'full', got {verify!r}")
@@ -141,6 +158,8 @@ class DiskStore(RowStore):
         self._rows_Rd = None
         self._close_lock = threading.Lock()
         self.readahead = bool(readahead)
+        self.verify_reads = bool(verify_reads)
+        self._sums_R: np.ndarray | None = None  # uint32 CRC32C of each row, in file order
         self._seen: SeenPages | None = None
         self.layout: RowLayout | None = None  # where each row sits in the file (None: row r at position r)
         self._advised = [0, 0]  # page runs, pages: requests handed to the kernel by the read-ahead
@@ -153,6 +172,7 @@ class DiskStore(RowStore):
             h = self.header
             if h.meta.get("layout") is not None:
                 self.layout = read_layout_file(self.path, h.meta["layout"], h.num_rows)
+            self._sums_R = read_row_sums(self._fd, h)
             self._mmap = mmap.mmap(self._fd, h.file_bytes, access=mmap.ACCESS_READ)
             if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 self._mmap.madvise(mmap.MADV_RANDOM)
@@ -163,7 +183,7 @@ class DiskStore(RowStore):
                                           offset=h.data_offset).reshape(h.num_rows, h.dim)
             self._seen = SeenPages(h.file_bytes)
             if verify == "full":
-                self.verify_chunks()
+                self.verify_rows()
             if io != "mmap":
                 direct = native_io.open_direct(self._fd, self.row_bytes)
                 if direct is None and io == "direct":
@@ -179,15 +199,13 @@ class DiskStore(RowStore):
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: str = "header", expect: dict | None = None,
-             readahead: bool = True, io: str = "auto") -> DiskStore:
+             readahead: bool = True, io: str = "auto", verify_reads: bool = True) -> DiskStore:
         """Open and check the store file at ``path``; see the class docstring."""
-        return cls(path, verify=verify, expect=expect, readahead=readahead, io=io)
+        return cls(path, verify=verify, expect=expect, readahead=readahead, io=io, verify_reads=verify_reads)
 
     num_rows = property(lambda self: self.header.num_rows)
     dim = property(lambda self: self.header.dim)
     dtype = property(lambda self: self.header.dtype)
-    chunk_rows = property(lambda self: self.header.chunk_rows)
-    num_chunks = property(lambda self: self.header.num_chunks)
     meta = property(lambda self: dict(self.header.meta))
 
     def _table(self) -> np.ndarray:
@@ -216,6 +234,7 @@ class DiskStore(RowStore):
         buf_Ud = out_raw if in_place else np.empty((u, self.dim), dtype=table_Rd.dtype)
         # mode="clip": ids are already checked, and mode="raise" copies `out` through a temp buffer.
         np.take(table_Rd, uniq_U, axis=0, out=buf_Ud, mode="clip")
+        self._check_rows(buf_Ud, uniq_U)  # the copy is checked, never the mapping that could still change
         if not in_place:
             np.take(buf_Ud, inv_N.reshape(-1), axis=0, out=out_raw, mode="clip")
         self._record(n, u, u, 0, u * self.row_bytes)
@@ -272,7 +291,7 @@ class DiskStore(RowStore):
         except BaseException:
             rings.release(ring)
             raise
-        return _DirectGather(self, ring, pending, buf_Ud, inv_N, out_raw, out_Nd, n)
+        return _DirectGather(self, ring, pending, uniq_U, buf_Ud, inv_N, out_raw, out_Nd, n)
 
     def direct_counts(self) -> dict[str, int]:
         """Direct reads made so far: ``{"reads": ..., "bytes": ...}`` (device bytes: whole aligned blocks)."""
@@ -296,18 +315,47 @@ class DiskStore(RowStore):
         with self._stats_lock:
             return {"runs": self._advised[0], "pages": self._advised[1]}
 
-    def chunks_of(self, rows_N) -> np.ndarray:
-        """Sorted distinct chunk ids holding the given row ids (for :meth:`verify_chunks`)."""
-        return np.unique(self._positions(check_rows(rows_N, self.num_rows).numpy()) // self.chunk_rows)
+    def _check_rows(self, buf_Ud: np.ndarray, pos_U: np.ndarray) -> None:
+        """StoreChecksumError unless rows ``buf_Ud`` (read from file positions ``pos_U``) match their checksums."""
+        sums_R = self._sums_R
+        if not self.verify_reads or not buf_Ud.shape[0]:
+            return
+        if sums_R is None:
+            raise ValueError(f"{self.path}: store is closed")
+        count, first = checksum.mismatches(buf_Ud, sums_R, pos_U)
+        if count:
+            raise StoreChecksumError(self.path, self.header.layer, self._logical(pos_U[first]).tolist(), count,
+                                     of=buf_Ud.shape[0])
 
-    def verify_chunks(self, chunk_ids=None) -> int:
-        """Recompute the crc32 of the given chunks (all if None); raise StoreFormatError on a mismatch.
+    def _logical(self, pos: np.ndarray) -> np.ndarray:
+        return np.asarray(pos, dtype=np.int64) if self.layout is None else self.layout.logical(pos)
 
-        Returns the number of chunks checked. Reads through the file descriptor (it warms the page cache:
-        call :meth:`drop_page_cache` afterwards for a cold start).
+    def row_sums(self) -> np.ndarray:
+        """The CRC32C of every row in logical row order (uint32 ``[R]``; a copy): what identifies the table."""
+        sums = self._sums_R
+        if sums is None:
+            raise ValueError(f"{self.path}: store is closed")
+        return sums.copy() if self.layout is None else sums[self.layout.physical(np.arange(self.num_rows))]
+
+    def scan(self, progress=None, max_report: int = 1 << 20) -> tuple[int, np.ndarray]:
+        """Check every row of the file against its checksum: ``(count, sorted logical ids of bad rows)``.
+
+        Reads the whole file in blocks (``progress(nbytes)`` after each), never raises for bad rows
+        (that is :meth:`verify_rows`), and leaves the file's pages out of the page cache.
         """
         self._table()
-        return verify_chunks(self._fd, self.header, None if chunk_ids is None else np.asarray(chunk_ids).ravel())
+        count, pos = checksum.scan_file(self._fd, self.header.data_offset, self.row_bytes, self._sums_R,
+                                        progress=progress, max_report=max_report)
+        return count, np.sort(self._logical(pos))
+
+    def verify_rows(self) -> None:
+        """Check every row against its checksum; StoreChecksumError naming (a few of) the bad rows if any.
+
+        Reading rows checks them anyway; this checks without serving (``verify="full"`` at open).
+        """
+        count, bad = self.scan(max_report=8)
+        if count:
+            raise StoreChecksumError(self.path, self.header.layer, bad.tolist(), count, of=self.num_rows)
 
     def drop_page_cache(self) -> None:
         """Evict this file's pages from the page cache so the next reads come from the device.
@@ -337,7 +385,7 @@ class DiskStore(RowStore):
 
     def close(self) -> None:
         with self._close_lock:
-            self._rows_Rd = None
+            self._rows_Rd = self._sums_R = None
             if self._rings is not None:
                 self._rings.close()
                 self._rings = None

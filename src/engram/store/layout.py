@@ -263,7 +263,7 @@ def read_layout_file(store_path: Path, meta: dict, num_rows: int) -> RowLayout:
 
 
 def write_store_with_layout(path: str | os.PathLike, take: Callable[[np.ndarray], torch.Tensor], layout: RowLayout,
-                            *, dim: int, dtype, chunk_rows: int | None = None, meta: dict | None = None,
+                            *, dim: int, dtype, meta: dict | None = None,
                             piece_rows: int = 1 << 16) -> Path:
     """Write a store file at ``path`` whose rows are in ``layout``'s file order; ``take(ids)`` gives rows.
 
@@ -278,7 +278,7 @@ def write_store_with_layout(path: str | os.PathLike, take: Callable[[np.ndarray]
     entry = write_layout_file(side, layout)
     try:
         write_store(path, (take(ids) for ids in layout.file_order(piece_rows)), num_rows=layout.num_rows, dim=dim,
-                    dtype=dtype, chunk_rows=chunk_rows, meta={**(meta or {}), "layout": entry})
+                    dtype=dtype, meta={**(meta or {}), "layout": entry})
     except BaseException:
         side.unlink(missing_ok=True)
         raise
