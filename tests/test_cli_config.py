@@ -92,7 +92,8 @@ def test_every_option_of_every_command_has_help_and_shows_its_default(capsys):
     import argparse
 
     parser, commands = _subcommands()
-    assert set(commands) == {"vocab-stats", "hash", "train", "compare", "generate", "export-memory", "eval", "demo"}
+    assert set(commands) == {"vocab-stats", "hash", "train", "compare", "generate", "export-memory", "verify", "eval",
+                             "demo"}
     for name, sub in commands.items():
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])
