@@ -92,18 +92,18 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
             name = json.loads(ptr.read_text())["name"]
             if (ckpt_dir / f"{name}.json").is_file():
                 return ckpt_dir / f"{name}.json"
-        except (json.JSONDecodeError, KeyError):
+        except (ValueError, KeyError):  # bad JSON or bytes that are not UTF-8
             pass  # fall back to scanning manifests
     manifests = sorted(ckpt_dir.glob("step-*.json"))
     return manifests[-1] if manifests else None
 
 
 def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = None,
-                    compare_keys: tuple[str, ...] = ("model",)) -> dict:
+                    compare_keys: tuple[str, ...] = ("model",), ignore: tuple[str, ...] = ()) -> dict:
     """Verify and load a checkpoint by its manifest (or .pt path).
 
-    With `cfg_dict`, the sections in `compare_keys` must equal the checkpoint's; otherwise a
-    CheckpointError lists the fields that differ.
+    With `cfg_dict`, the sections in `compare_keys` must equal the checkpoint's, except the dotted
+    fields in `ignore`; otherwise a CheckpointMismatch lists the fields that differ.
     """
     p = Path(manifest_path)
     if p.suffix == ".pt":
@@ -113,7 +113,7 @@ def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = No
     try:
         man = json.loads(p.read_text())
         pt = p.with_name(man["file"])
-    except (json.JSONDecodeError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, bytes that are not UTF-8, wrong shape
         raise CheckpointError(f"checkpoint manifest {p} is damaged ({e})") from None
     if not pt.is_file():
         raise CheckpointError(f"checkpoint file {pt} is missing")
@@ -130,6 +130,7 @@ def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = No
         diffs = []
         for key in compare_keys:
             diffs += _diff(state["config"].get(key), cfg_dict.get(key), key)
+        diffs = [d for d in diffs if d.split(":", 1)[0] not in ignore]
         if diffs:
             raise CheckpointMismatch(
                 f"checkpoint {pt} was made with another configuration; differing fields: " + "; ".join(diffs[:10])

@@ -143,7 +143,10 @@ def load_newest_good(ckpt_dir: Path, cfg_dict: dict) -> tuple[dict | None, Path 
             skipped.append(f"{name}.pt: no manifest (a save that did not finish)")
             continue
         try:
-            return load_checkpoint(manifest, cfg_dict, compare_keys=("model", "data")), manifest, skipped
+            # train settings too: a run record edited by hand (or a flipped digit in it) must not resume
+            # with another lr or batch size; the fields a resume may change are checked by resume_config
+            state = load_checkpoint(manifest, cfg_dict, compare_keys=("model", "data", "train"), ignore=RESUMABLE)
+            return state, manifest, skipped
         except CheckpointMismatch:
             raise
         except CheckpointError as e:
