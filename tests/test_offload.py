@@ -196,27 +196,40 @@ def test_store_of_another_model_or_export_is_rejected(tmp_path, tiny):
         open_store_dir(tmp_path / "nope", model)
 
 
-def test_interrupted_export_never_leaves_a_valid_store(tmp_path, monkeypatch, tiny):
+def test_interrupted_export_keeps_the_old_store_or_leaves_none(tmp_path, monkeypatch, tiny):
     import engram.serve.export as export
 
-    model = tiny.model()
+    model, other = tiny.model(), tiny.model(seed=1)
     d = export_tables(model, tmp_path / "s")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
     calls = []
 
     def failing_write_store(path, *a, **kw):
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) % 2 == 0:
             raise OSError(28, "No space left on device (simulated)")
         return real(path, *a, **kw)
 
     real = export.write_store
     monkeypatch.setattr(export, "write_store", failing_write_store)
+    # over an existing store: the new one is staged next to it, so the old one stays whole
     with pytest.raises(OSError, match="simulated"):
-        export_tables(model, d)
-    assert not (d / MANIFEST).exists()
+        export_tables(other, d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no staging directory left behind
+    open_store_dir(d, model)
+    # into a new directory: no manifest, so nothing half-written ever opens
+    with pytest.raises(OSError, match="simulated"):
+        export_tables(model, tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / MANIFEST).exists()
     with pytest.raises(FileNotFoundError, match="did not finish"):
-        open_store_dir(d, model)
+        open_store_dir(tmp_path / "fresh", model)
     monkeypatch.undo()
+    # a successful export over the old store replaces it whole
+    export_tables(other, d)
+    with pytest.raises(ValueError):
+        open_store_dir(d, model)
+    open_store_dir(d, other)
     (d / MANIFEST).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_manifest(d)

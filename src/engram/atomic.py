@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "fsync_dir", "write_json_atomic"]
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "replace_dir", "write_json_atomic"]
 
 
 def fsync_dir(d: str | os.PathLike) -> None:
@@ -113,3 +113,50 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable, mode: st
 def write_json_atomic(path: str | os.PathLike, obj, *, indent: int | None = 2) -> Path:
     """``obj`` as JSON (``default=str`` for paths and the like) at ``path``, crash-safely."""
     return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one atomic step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap paths ``a`` and ``b`` with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: the file system or kernel cannot swap
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete directory ``staged`` at ``final``, replacing what is there, crash-safely.
+
+    Where the kernel can swap two paths atomically (Linux renameat2), ``final`` holds either the old
+    directory or the new one at every instant; elsewhere the old one is renamed aside first, so a crash
+    in between leaves it intact under ``.NAME.old-PID`` next to ``final``. The old directory is deleted
+    once the new one is in place and the parent directory is flushed.
+    """
+    import shutil
+
+    staged, final = Path(staged), Path(final)
+    if not final.exists():
+        os.replace(staged, final)
+        fsync_dir(final.parent)
+        return
+    if _exchange(staged, final):
+        old = staged  # the swap left the old directory under the staging name
+    else:
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(staged, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.atomic import atomic_write, fsync_dir
+from engram.atomic import atomic_write, replace_dir
 from engram.model.checksums import TensorDigest
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
 from engram.serve.identity import backbone_digest, check_identity, digest_of_sums
@@ -157,10 +158,26 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
         src_model, weights = EngramLM.from_pretrained(model, tables=False), Path(model) / WEIGHTS_FILE
     engrams = _engrams(src_model)
     layouts = _check_layouts(layouts, engrams)
+    final = out
+    if (final / MANIFEST).exists():
+        # Replacing a store: write the new one next to it and swap it in at the end, so a failed or
+        # killed export leaves the previous store exactly as it was.
+        out = final.with_name(f".{final.name}.export-{os.getpid()}")
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():  # from here on the directory is not a valid store until the end
-        (out / MANIFEST).unlink()
-        fsync_dir(out)
+    try:
+        _export_into(out, model, src_model, weights, engrams, layouts)
+    except BaseException:
+        if out != final:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if out != final:
+        replace_dir(out, final)
+    return final
+
+
+def _export_into(out: Path, model, src_model: EngramLM, weights: Path | None, engrams: dict, layouts: dict) -> None:
+    """Write the layer files and, last, the manifest into ``out`` (``model`` as given to export_tables)."""
     export_id = uuid.uuid4().hex
     if weights is None:
         for lay, eng in sorted(engrams.items()):
@@ -199,7 +216,6 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
     for lay in engrams:
         remove_stale_layouts(out / layer_file(lay))
     write_manifest(out, src_model, export_id)
-    return out
 
 
 def read_manifest(store_dir: str | os.PathLike) -> dict:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engram.atomic import atomic_write, write_json_atomic
+from engram.atomic import atomic_path, atomic_write, write_json_atomic
 
 
 def git_sha() -> str | None:
@@ -121,6 +121,9 @@ def plot_losses(curves: dict[str, list[dict]], out: Path, title: str = "") -> Pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # a full disk names the file and leaves no torn image
+            fig.savefig(tmp, dpi=110, format=Path(out).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
