@@ -88,6 +88,17 @@ def truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def damaged_copy(src: Path, dest: Path, rel: str, t: int, rng, size: int, label: str) -> tuple[Path, str]:
+    """Copy the directory ``src`` to ``dest`` and damage its file ``rel``: trial ``t`` odd truncates it at
+    a random length, even flips a random byte; returns the copy and the fault kind ``"LABEL (flip)"``."""
+    d = shutil.copytree(src, dest)
+    if t % 2:
+        truncate(d / rel, int(rng.integers(size)))
+        return d, f"{label} (truncated)"
+    flip(d / rel, int(rng.integers(size)), rng)
+    return d, f"{label} (flip)"
+
+
 def offsets(rng, lo: int, hi: int, n: int = TRIALS) -> list[int]:
     return sorted(int(o) for o in rng.choice(np.arange(lo, hi), size=min(n, hi - lo), replace=False))
 
@@ -210,13 +221,7 @@ def test_model_directory_flips_and_truncations(saved, tmp_path, rel):
     rng = np.random.default_rng(6)
     size = (saved.model_dir / rel).stat().st_size
     for t in range(TRIALS):
-        d = shutil.copytree(saved.model_dir, tmp_path / f"m{t}")
-        if t % 2:
-            truncate(d / rel, int(rng.integers(size)))
-            kind = f"model {rel} (truncated)"
-        else:
-            flip(d / rel, int(rng.integers(size)), rng)
-            kind = f"model {rel} (flip)"
+        d, kind = damaged_copy(saved.model_dir, tmp_path / f"m{t}", rel, t, rng, size, f"model {rel}")
 
         def run(d=d):
             with torch.no_grad():
@@ -285,13 +290,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(run, re
     for rel in ("step-0000016.pt", "step-0000016.json"):
         size = (run_dir / "ckpt" / rel).stat().st_size
         for t in range(TRIALS // 2):
-            d = shutil.copytree(run_dir, tmp_path / f"{rel}{t}")
-            if t % 2:
-                truncate(d / "ckpt" / rel, int(rng.integers(size)))
-                kind = f"checkpoint {Path(rel).suffix} (truncated)"
-            else:
-                flip(d / "ckpt" / rel, int(rng.integers(size)), rng, 256)
-                kind = f"checkpoint {Path(rel).suffix} (flip)"
+            d, kind = damaged_copy(run_dir, tmp_path / f"{rel}{t}", f"ckpt/{rel}", t, rng, size,
+                                   f"checkpoint {Path(rel).suffix}")
             tr = _resume(d, data)
             if _same_state(resumed[0])(tr):  # the flip left the checkpoint as it was (JSON whitespace)
                 TALLY.add(kind, "correct")
@@ -326,13 +326,7 @@ def test_run_config_flips_and_truncations(run, resumed, tmp_path):
     for rel in ("config.json", "resolved.json"):
         size = (run_dir / rel).stat().st_size
         for t in range(TRIALS):
-            d = shutil.copytree(run_dir, tmp_path / f"{rel}{t}")
-            if t % 2:
-                truncate(d / rel, int(rng.integers(size)))
-                kind = f"run {rel} (truncated)"
-            else:
-                flip(d / rel, int(rng.integers(size)), rng)
-                kind = f"run {rel} (flip)"
+            d, kind = damaged_copy(run_dir, tmp_path / f"{rel}{t}", rel, t, rng, size, f"run {rel}")
             trial(kind, lambda d=d: _resume(d, data), _same_state(resumed[0]), (CheckpointError, ConfigError),
                   "")
     for k in [k for k in TALLY.kinds if k.startswith("run ")]:
