@@ -221,6 +221,22 @@ class EngramLM(nn.Module):
                 blk.engram.compiled_mix = bool(on)
         return self
 
+    def take_engram_tables(self) -> dict[int, nn.Module]:
+        """Remove the Engram tables from the model and return them ``{layer: MultiHeadTable}``.
+
+        For a provider that keeps the rows elsewhere (a row-sharded one keeps its slice and lets the rest
+        go): afterwards the model is as if built with ``tables=False`` and needs :meth:`set_memory`.
+        """
+        if not self.has_tables:
+            raise ValueError("this model holds no Engram tables to take")
+        tables = {}
+        for blk in self.blocks:
+            if blk.engram is not None:
+                tables[blk.layer], blk.engram.table = blk.engram.table, None
+        self.has_tables = False
+        self.__dict__["_memory"] = None
+        return tables
+
     def engram_parameters(self) -> list[nn.Parameter]:
         """The memory tables' weights (for a sparse-row optimizer: ~5x lr, no weight decay)."""
         return [blk.engram.table.weight for blk in self.blocks
