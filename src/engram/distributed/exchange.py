@@ -20,6 +20,9 @@ Legend: N ids on this rank, U distinct ids, S ids this rank owns and was asked f
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -37,14 +40,23 @@ class ExchangeStats:
         self.collectives = 0
         self.ids = 0
         self.unique_ids = 0
+        self.seconds = 0.0  # wall time inside the collectives (waiting for slower peers included)
 
-    def add(self, nbytes: int, collectives: int = 1) -> None:
+    def add(self, nbytes: int, collectives: int = 1, seconds: float = 0.0) -> None:
         self.bytes_sent += int(nbytes)
         self.collectives += collectives
+        self.seconds += seconds
 
     def as_dict(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "collectives": self.collectives, "ids": self.ids,
-                "unique_ids": self.unique_ids}
+                "unique_ids": self.unique_ids, "seconds": self.seconds}
+
+
+def _timed(stats: ExchangeStats | None, nbytes: int, fn, *args, **kwargs) -> None:
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    if stats is not None:
+        stats.add(nbytes, 1, time.perf_counter() - t0)
 
 
 def _world(group) -> tuple[int, int]:
@@ -60,10 +72,9 @@ def _as_bytes(x_ND: torch.Tensor) -> torch.Tensor:
 
 def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
          stats: ExchangeStats | None) -> torch.Tensor:
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-    if stats is not None:
-        row = inp[0].numel() * inp.element_size() if inp.dim() > 1 and inp.shape[0] else inp.element_size()
-        stats.add(row * (sum(in_splits) - in_splits[_world(group)[1]]))
+    row = math.prod(inp.shape[1:]) * inp.element_size()
+    _timed(stats, row * (sum(in_splits) - in_splits[_world(group)[1]]), dist.all_to_all_single, out, inp,
+           out_splits, in_splits, group=group)
     return out
 
 
@@ -146,16 +157,15 @@ class _MaskedGather(torch.autograd.Function):
         else:
             dev = idx_N.device
             n_W = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(W)]
-            dist.all_gather(n_W, torch.tensor([N], dtype=torch.int64, device=dev), group=group)
+            _timed(stats, 8 * (W - 1), dist.all_gather, n_W, torch.tensor([N], dtype=torch.int64, device=dev),
+                   group=group)
             sizes = [int(t) for t in n_W]
             M = max(sizes)
             padded = torch.zeros(M, dtype=torch.int64, device=dev)
             padded[:N] = idx_N
             parts = [torch.empty(M, dtype=torch.int64, device=dev) for _ in range(W)]
-            dist.all_gather(parts, padded, group=group)
+            _timed(stats, 8 * M * (W - 1), dist.all_gather, parts, padded, group=group)
             ids_WM = torch.stack(parts)
-            if stats is not None:
-                stats.add(8 * (M + 1) * (W - 1), 2)
         lo, hi = bounds[rank], bounds[rank + 1]
         valid_WM = (torch.arange(ids_WM.shape[1], device=ids_WM.device).unsqueeze(0)
                     < torch.tensor(sizes, device=ids_WM.device).unsqueeze(1))
@@ -164,9 +174,8 @@ class _MaskedGather(torch.autograd.Function):
         rows_WMd[mine_WM] = shard_Sd.detach().index_select(0, ids_WM[mine_WM] - lo)
         if W > 1:
             bits = _int_view(rows_WMd)
-            dist.all_reduce(bits, group=group)
-            if stats is not None:
-                stats.add(bits.numel() * bits.element_size())
+            # A ring all-reduce sends ~2 (W-1)/W of the buffer per rank.
+            _timed(stats, 2 * (W - 1) * bits.numel() * bits.element_size() // W, dist.all_reduce, bits, group=group)
             rows_WMd = bits.view(shard_Sd.dtype) if shard_Sd.element_size() == 4 else \
                 bits.to(torch.int16).view(shard_Sd.dtype)
         ctx.save_for_backward(ids_WM[mine_WM] - lo, mine_WM)
@@ -179,10 +188,9 @@ class _MaskedGather(torch.autograd.Function):
         rank, N, group, stats, shape, dtype = ctx.meta
         g_WMd = torch.zeros(*mine_WM.shape, shape[1], dtype=torch.float32, device=grad_Nd.device)
         g_WMd[rank, :N] = grad_Nd.float()
-        if mine_WM.shape[0] > 1:
-            dist.all_reduce(g_WMd, group=group)
-            if stats is not None:
-                stats.add(g_WMd.numel() * 4)
+        W = mine_WM.shape[0]
+        if W > 1:
+            _timed(stats, 2 * (W - 1) * g_WMd.numel() * 4 // W, dist.all_reduce, g_WMd, group=group)
         grad = torch.sparse_coo_tensor(local_S.unsqueeze(0), g_WMd[mine_WM], (shape[0], shape[1]),
                                        check_invariants=False).coalesce()
         return grad.to(dtype), None, None, None, None
