@@ -302,7 +302,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--big", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--big-rows", type=int, default=16 * 2_000_003, help=argparse.SUPPRESS)
+    ap.add_argument("--big-rows", type=int, default=16 * 1_000_003, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         res = {"exchange": worker_exchange, "train": worker_train}[args.worker](args)
