@@ -44,6 +44,14 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _rss_gib() -> float:
+    """Resident memory now (VmRSS), to tell the tables' share of the peak from the process's base."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def _gather_to_rank0(obj):
     import torch.distributed as dist
 
@@ -140,6 +148,7 @@ def worker_train(args) -> dict:
     vocab = CompressedVocab.from_pretrained(data.tokenizer_spec)
     torch.manual_seed(0)
     budget_msg = None
+    rss_before = _rss_gib()  # interpreter, torch, corpus: what every rank holds before any table
     if args.big:  # never build the whole table: the model without tables, shards initialised in place
         model = EngramLM(cfg.model, vocab, tables=False)
         heads = {lay: tuple(model.hasher.head_sizes(lay)) for lay in cfg.model.engram.layer_ids}
@@ -196,7 +205,8 @@ def worker_train(args) -> dict:
                 exch_bytes.append(mem.stats.bytes_sent)
     tokens = tc.batch_size * tc.seq_len
     rec = {"rank": rank, "step_s": step_s, "exchange_s": exch_s, "exchange_bytes": exch_bytes,
-           "peak_rss_gib": round(_peak_rss_gib(), 3),
+           "peak_rss_gib": round(_peak_rss_gib(), 3), "rss_before_tables_gib": round(rss_before, 3),
+           "threads": torch.get_num_threads(),
            "shard_gib": round((mem.nbytes if mem is not None else table_bytes) / 2**30, 3)}
     per_rank = _gather_to_rank0(rec)
     if distributed:
