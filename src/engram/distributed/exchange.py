@@ -82,7 +82,7 @@ class _AllToAllGather(torch.autograd.Function):
     """Rows of ``idx_N`` (global ids) from the row-sharded ``shard``; backward: sparse gradient of the shard."""
 
     @staticmethod
-    def forward(ctx, shard_Sd: torch.Tensor, idx_N: torch.Tensor, bounds: list[int], group, stats):
+    def forward(ctx, shard_Sd: torch.Tensor, idx_N: torch.Tensor, bounds: list[int], group, stats, scale):
         W, rank = _world(group)
         d = shard_Sd.shape[1]
         uniq_U, inv_N = torch.unique(idx_N, sorted=True, return_inverse=True)
@@ -108,13 +108,13 @@ class _AllToAllGather(torch.autograd.Function):
             rows_Ud = shard_Sd.new_empty(uniq_U.numel(), d)
             _a2a(_as_bytes(rows_Ud), _as_bytes(rows_Rd), send, recv, group, stats)
         ctx.save_for_backward(inv_N, local_R)
-        ctx.meta = (send, recv, group, stats, shard_Sd.shape, uniq_U.numel(), shard_Sd.dtype)
+        ctx.meta = (send, recv, group, stats, shard_Sd.shape, uniq_U.numel(), shard_Sd.dtype, scale)
         return rows_Ud.index_select(0, inv_N)
 
     @staticmethod
     def backward(ctx, grad_Nd: torch.Tensor):
         inv_N, local_R = ctx.saved_tensors
-        send, recv, group, stats, shape, U, dtype = ctx.meta
+        send, recv, group, stats, shape, U, dtype, scale = ctx.meta
         # Duplicates summed on the sender in fp32 (as the sparse-row optimizer coalesces half grads).
         g_Ud = torch.zeros(U, shape[1], dtype=torch.float32, device=grad_Nd.device)
         g_Ud.index_add_(0, inv_N, grad_Nd.float())
@@ -125,18 +125,25 @@ class _AllToAllGather(torch.autograd.Function):
             _a2a(g_Rd, g_Ud, recv, send, group, stats)
         grad = torch.sparse_coo_tensor(local_R.unsqueeze(0), g_Rd, (shape[0], shape[1]), check_invariants=False)
         grad = grad.coalesce()  # the same row asked for by several ranks: summed here, in fp32
-        return grad.to(dtype), None, None, None, None
+        return _scaled(grad, scale).to(dtype), None, None, None, None, None
+
+
+def _scaled(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    return grad if scale == 1.0 else torch.sparse_coo_tensor(grad._indices(), grad._values() * scale, grad.shape,
+                                                            is_coalesced=True)
 
 
 def gather_all_to_all(shard_Sd: torch.Tensor, idx_N: torch.Tensor, bounds: list[int], group=None,
-                      stats: ExchangeStats | None = None) -> torch.Tensor:
+                      stats: ExchangeStats | None = None, grad_scale: float = 1.0) -> torch.Tensor:
     """Rows ``[N, d]`` of the global ids ``idx_N`` of a table whose rank r holds rows ``bounds[r]:bounds[r+1]``.
 
     Collective: every rank of ``group`` must call it, in the same order, even with no ids.
-    Differentiable in ``shard_Sd`` (sparse COO gradient over the shard's rows, in the shard's dtype).
+    Differentiable in ``shard_Sd`` (sparse COO gradient over the shard's rows, in the shard's dtype), times
+    ``grad_scale`` (``1/W`` when each rank's loss is the mean over its own part of a global batch: the
+    owner then holds the gradient of the global mean, as DDP's averaging gives the backbone).
     """
-    out = _AllToAllGather.apply(shard_Sd, idx_N.reshape(-1).to(torch.int64), list(bounds), group, stats)
-    return out
+    return _AllToAllGather.apply(shard_Sd, idx_N.reshape(-1).to(torch.int64), list(bounds), group, stats,
+                                 float(grad_scale))
 
 
 def _int_view(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +153,7 @@ def _int_view(x: torch.Tensor) -> torch.Tensor:
 
 class _MaskedGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard_Sd: torch.Tensor, idx_N: torch.Tensor, bounds: list[int], group, stats):
+    def forward(ctx, shard_Sd: torch.Tensor, idx_N: torch.Tensor, bounds: list[int], group, stats, scale):
         W, rank = _world(group)
         d, N = shard_Sd.shape[1], idx_N.numel()
         if stats is not None:
@@ -179,13 +186,13 @@ class _MaskedGather(torch.autograd.Function):
             rows_WMd = bits.view(shard_Sd.dtype) if shard_Sd.element_size() == 4 else \
                 bits.to(torch.int16).view(shard_Sd.dtype)
         ctx.save_for_backward(ids_WM[mine_WM] - lo, mine_WM)
-        ctx.meta = (rank, N, group, stats, shard_Sd.shape, shard_Sd.dtype)
+        ctx.meta = (rank, N, group, stats, shard_Sd.shape, shard_Sd.dtype, scale)
         return rows_WMd[rank, :N]
 
     @staticmethod
     def backward(ctx, grad_Nd: torch.Tensor):
         local_S, mine_WM = ctx.saved_tensors
-        rank, N, group, stats, shape, dtype = ctx.meta
+        rank, N, group, stats, shape, dtype, scale = ctx.meta
         g_WMd = torch.zeros(*mine_WM.shape, shape[1], dtype=torch.float32, device=grad_Nd.device)
         g_WMd[rank, :N] = grad_Nd.float()
         W = mine_WM.shape[0]
@@ -193,10 +200,11 @@ class _MaskedGather(torch.autograd.Function):
             _timed(stats, 2 * (W - 1) * g_WMd.numel() * 4 // W, dist.all_reduce, g_WMd, group=group)
         grad = torch.sparse_coo_tensor(local_S.unsqueeze(0), g_WMd[mine_WM], (shape[0], shape[1]),
                                        check_invariants=False).coalesce()
-        return grad.to(dtype), None, None, None, None
+        return _scaled(grad, scale).to(dtype), None, None, None, None, None
 
 
 def gather_masked(shard_Sd: torch.Tensor, idx_N: torch.Tensor, bounds: list[int], group=None,
-                  stats: ExchangeStats | None = None) -> torch.Tensor:
+                  stats: ExchangeStats | None = None, grad_scale: float = 1.0) -> torch.Tensor:
     """The masked-lookup + all-reduce form of :func:`gather_all_to_all` (same contract, same rows)."""
-    return _MaskedGather.apply(shard_Sd, idx_N.reshape(-1).to(torch.int64), list(bounds), group, stats)
+    return _MaskedGather.apply(shard_Sd, idx_N.reshape(-1).to(torch.int64), list(bounds), group, stats,
+                               float(grad_scale))

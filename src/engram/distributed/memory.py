@@ -35,6 +35,10 @@ class ShardedMemory(nn.Module, MemoryProvider):
             optimizer), or None to allocate them uninitialised (fill them with :meth:`load_rows`).
         group: the process group (None: the default one, or no process group at all in one process).
         exchange: ``"all_to_all"`` (default) or ``"masked"``; both return the same rows bit for bit.
+
+    Attribute ``grad_scale`` (default 1) multiplies the gradient an owner receives: set it to ``1/W`` when
+    each rank's loss is the mean over its own share of a global batch (data parallelism), so the shards
+    get the gradient of the global mean, as DDP's averaging gives the backbone.
     """
 
     def __init__(self, head_sizes: Mapping[int, tuple[int, ...]], dim: int, dtype: torch.dtype, *,
@@ -51,6 +55,7 @@ class ShardedMemory(nn.Module, MemoryProvider):
                                             dtype=torch.int64, device=device)
                         for layer, s in self.spec.items()}
         self.stats = ExchangeStats()
+        self.grad_scale = 1.0
         weights = {}
         for layer, s in self.spec.items():
             if shards is not None:
@@ -103,7 +108,8 @@ class ShardedMemory(nn.Module, MemoryProvider):
         """Collective: the rows ``[*rows_BTH.shape, d]`` of per-head ids ``rows_BTH`` (any batch, even empty)."""
         shard = self.shards[str(layer)]
         idx = rows_BTH.to(torch.int64) + self.offsets[layer].to(rows_BTH.device)
-        out = EXCHANGES[self.exchange](shard, idx.reshape(-1), self.bounds[layer], self.group, self.stats)
+        out = EXCHANGES[self.exchange](shard, idx.reshape(-1), self.bounds[layer], self.group, self.stats,
+                                       self.grad_scale)
         return out.reshape(*rows_BTH.shape, shard.shape[1])
 
     def idle(self) -> None:
