@@ -158,9 +158,10 @@ def seal(directory: str | os.PathLike) -> Path:
     Run once after every rank's shards and rank 0's backbone exist. Every Engram layer of the saved
     config must be tiled by its shards, exactly: no gap, no overlap, the config's row count, width and
     dtype; a stray shard (another layer) or a weights file that holds tables is refused too. Raises
-    ValueError naming what is wrong, and writes nothing then.
+    ValueError naming what is wrong, leaving the directory without a manifest (so it does not load).
     """
     d = Path(directory)
+    checksums.unseal(d)  # a manifest from before the shards changed must not outlive a failed check
     if not is_sharded(d):
         raise ValueError(f"{d / WEIGHTS_FILE} was not written by save_backbone (it does not say its tables are "
                          f"in {SHARD_DIR}/): not a sharded-tables directory")

@@ -204,9 +204,9 @@ def _read(src: TableSource, a: int, b: int, entry: dict | None, step: int) -> It
         if len(shas) != -(-rs // br):
             raise ValueError(f"{checksums.MANIFEST_FILE} does not describe {src.path}'s {src.key!r} ({rs} rows)")
 
-        def bad(r0: int, r1: int) -> ValueError:
-            return ValueError(f"{src.path} is corrupted: the sha256 of rows [{r0}, {r1}) of tensor {src.key!r} "
-                              f"does not match {checksums.MANIFEST_FILE}")
+        def bad(r0: int, r1: int) -> ValueError:  # rows of the whole table, wherever the file starts
+            return ValueError(f"{src.path} is corrupted: the sha256 of rows [{src.start + r0}, {src.start + r1}) "
+                              f"of tensor {src.key!r} does not match {checksums.MANIFEST_FILE}")
 
         first, last = a // br, (b - 1) // br
         if br > step:  # one unit larger than a piece: stream it, check at its end
