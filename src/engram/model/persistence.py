@@ -117,7 +117,8 @@ def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | to
     assembled from their shards, or left there with ``tables=False``.
 
     ``verify`` (default): every file is first checked against ``checksums.json``; with ``tables=False``
-    the table bytes are not read, so not checked here (their reader uses `checksums.TensorDigest`).
+    the table bytes are not read, so not checked here (their reader checks them as it reads them:
+    :func:`engram.model.table_rows.iter_table_rows`).
     A directory without the manifest (an unfinished save, or an older engram) is refused;
     ``verify=False`` loads it anyway, e.g. to re-save it.
 

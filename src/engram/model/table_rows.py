@@ -14,6 +14,7 @@ range is read beyond it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -188,49 +189,83 @@ def _raw(t: torch.Tensor):
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _read(src: TableSource, a: int, b: int, entry: dict | None, step: int) -> Iterator[torch.Tensor]:
+class _RowFile:
+    """Reads rows of one tensor of a safetensors file with plain reads into fresh buffers: a mapped file
+    (``safe_open``) would count every page read in the process's resident memory, growing with the table."""
+
+    def __init__(self, path: Path, key: str, dim: int, dtype: torch.dtype):
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed on leaving its with-block
+        n = int.from_bytes(self._f.read(8), "little")
+        self._offset = 8 + n + json.loads(self._f.read(n))[key]["data_offsets"][0]
+        self.dim, self.dtype = dim, dtype
+        self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+
+    def take(self, r0: int, r1: int) -> torch.Tensor:
+        out = torch.empty((r1 - r0, self.dim), dtype=self.dtype)
+        view, pos = _raw(out), 0
+        self._f.seek(self._offset + r0 * self.row_bytes)
+        while pos < len(view):
+            n = self._f.readinto(view[pos:])
+            if not n:
+                raise ValueError(f"{self._f.name} is truncated: rows [{r0}, {r1}) of it cannot be read")
+            pos += n
+        return out
+
+    def __enter__(self) -> _RowFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def _read(src: TableSource, a: int, b: int, entry: dict | None, step: int, dim: int,
+          dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Rows ``[a, b)`` (local to ``src``, non-empty) in pieces; with the manifest ``entry``, every block
     they touch is read whole and checked before its rows are handed out (a piece recorded without blocks
     and larger than ``step`` rows is streamed and checked when its last row has been read)."""
+    with _RowFile(src.path, src.key, dim, dtype) as rows:
+        yield from _read_rows(rows, src, a, b, entry, step)
+
+
+def _read_rows(rows: _RowFile, src: TableSource, a: int, b: int, entry: dict | None,
+               step: int) -> Iterator[torch.Tensor]:
     rs = src.end - src.start
-    with open_safetensors(src.path) as f:
-        sl = f.get_slice(src.key)
-        if entry is None:
-            for r in range(a, b, step):
-                yield sl[r:min(r + step, b)]
-            return
-        br = entry.get("block_rows") or rs
-        shas = entry.get("blocks") or [entry["sha256"]]
-        if len(shas) != -(-rs // br):
-            raise ValueError(f"{checksums.MANIFEST_FILE} does not describe {src.path}'s {src.key!r} ({rs} rows)")
+    if entry is None:
+        for r in range(a, b, step):
+            yield rows.take(r, min(r + step, b))
+        return
+    br = entry.get("block_rows") or rs
+    shas = entry.get("blocks") or [entry["sha256"]]
+    if len(shas) != -(-rs // br):
+        raise ValueError(f"{checksums.MANIFEST_FILE} does not describe {src.path}'s {src.key!r} ({rs} rows)")
 
-        def bad(r0: int, r1: int) -> ValueError:  # rows of the whole table, wherever the file starts
-            return ValueError(f"{src.path} is corrupted: the sha256 of rows [{src.start + r0}, {src.start + r1}) "
-                              f"of tensor {src.key!r} does not match {checksums.MANIFEST_FILE}")
+    def bad(r0: int, r1: int) -> ValueError:  # rows of the whole table, wherever the file starts
+        return ValueError(f"{src.path} is corrupted: the sha256 of rows [{src.start + r0}, {src.start + r1}) "
+                          f"of tensor {src.key!r} does not match {checksums.MANIFEST_FILE}")
 
-        first, last = a // br, (b - 1) // br
-        if br > step:  # one unit larger than a piece: stream it, check at its end
-            for u in range(first, last + 1):
-                h, r0, r1 = hashlib.sha256(), u * br, min((u + 1) * br, rs)
-                for r in range(r0, r1, step):
-                    t = sl[r:min(r + step, r1)]
-                    h.update(_raw(t))
-                    lo, hi = max(a, r), min(b, r + t.shape[0])
-                    if lo < hi:
-                        yield t[lo - r:hi - r]
-                if h.hexdigest() != shas[u]:
-                    raise bad(r0, r1)
-            return
-        per = max(1, step // br)
-        for g in range(first, last + 1, per):
-            r0, r1 = g * br, min(min(g + per, last + 1) * br, rs)
-            t = sl[r0:r1]
-            raw, row_bytes = _raw(t), t[0].numel() * t.element_size()
-            for u in range(g, min(g + per, last + 1)):
-                u0, u1 = (u * br - r0) * row_bytes, (min((u + 1) * br, rs) - r0) * row_bytes
-                if hashlib.sha256(raw[u0:u1]).hexdigest() != shas[u]:
-                    raise bad(u * br, min((u + 1) * br, rs))
-            yield t[max(a, r0) - r0:min(b, r1) - r0]
+    first, last = a // br, (b - 1) // br
+    if br > step:  # one unit larger than a piece: stream it, check at its end
+        for u in range(first, last + 1):
+            h, r0, r1 = hashlib.sha256(), u * br, min((u + 1) * br, rs)
+            for r in range(r0, r1, step):
+                t = rows.take(r, min(r + step, r1))
+                h.update(_raw(t))
+                lo, hi = max(a, r), min(b, r + t.shape[0])
+                if lo < hi:
+                    yield t[lo - r:hi - r]
+            if h.hexdigest() != shas[u]:
+                raise bad(r0, r1)
+        return
+    per = max(1, step // br)
+    for g in range(first, last + 1, per):
+        r0, r1 = g * br, min(min(g + per, last + 1) * br, rs)
+        t = rows.take(r0, r1)
+        raw, row_bytes = _raw(t), rows.row_bytes
+        for u in range(g, min(g + per, last + 1)):
+            u0, u1 = (u * br - r0) * row_bytes, (min((u + 1) * br, rs) - r0) * row_bytes
+            if hashlib.sha256(raw[u0:u1]).hexdigest() != shas[u]:
+                raise bad(u * br, min((u + 1) * br, rs))
+        yield t[max(a, r0) - r0:min(b, r1) - r0]
 
 
 def iter_table_rows(directory: str | os.PathLike, layer: int, start: int = 0, end: int | None = None, *,
@@ -263,7 +298,7 @@ def iter_table_rows(directory: str | os.PathLike, layer: int, start: int = 0, en
         lo, hi = max(start, s.start), min(end, s.end)
         if lo < hi:
             entry = _entry(manifest, d, s) if manifest is not None else None
-            yield from _read(s, lo - s.start, hi - s.start, entry, step)
+            yield from _read(s, lo - s.start, hi - s.start, entry, step, dim, dtype)
 
 
 def load_table_rows(directory: str | os.PathLike, layer: int, start: int, end: int, *, verify: bool = True,
