@@ -8,7 +8,12 @@ is saved again, so a save that did not finish leaves a directory without one, wh
 The weights file (safetensors) is checked in pieces: its header and each tensor's bytes have their own
 sha256, and the pieces tile the whole file. A load that leaves the Engram tables on disk
 (``tables=False``) so verifies every byte it reads without reading a table larger than RAM; whoever
-streams a table later checks it with :class:`TensorDigest`.
+streams a table later checks it with :class:`TensorDigest`. A tensor larger than a block also has a
+sha256 per block of whole rows, so a reader of a few rows (one rank's range of an Engram table) checks
+what it reads by reading at most the blocks around it, not the whole tensor.
+
+Sub-folders are covered like the top level (a sharded-tables directory keeps its table shards in
+``tables/``, see :mod:`engram.model.sharded_tables`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from engram.atomic import fsync_dir, write_json_atomic
 MANIFEST_FILE = "checksums.json"
 FORMAT, VERSION = "engram-model-checksums", 1
 _CHUNK = 1 << 22
+# Rows per block are chosen so a block holds at most this many bytes; tensors no larger get no blocks.
+_BLOCK_BYTES = 16 << 20
 # Files that loading or serving reads from a model directory: present but not listed means they were
 # put there after the save (or by one that did not finish), and are refused.
 _READ_BY_LOADERS = ("config.json", "model.safetensors", "vocab.safetensors", "tokenizer.txt")
+_READ_BY_LOADERS_UNDER = ("tokenizer/", "tables/")
 
 
 def _is_tmp(p: Path) -> bool:
@@ -58,8 +66,41 @@ def _hash_range(f, start: int, end: int) -> str:
     return h.hexdigest()
 
 
+def _hash_blocks(f, start: int, end: int, block: int) -> tuple[str, list[str]]:
+    """The sha256 of bytes ``[start, end)`` and of each ``block`` bytes of them, in one pass."""
+    whole, blocks, h, in_block = hashlib.sha256(), [], hashlib.sha256(), 0
+    buf = bytearray(_CHUNK)
+    f.seek(start)
+    left = end - start
+    while left > 0:
+        n = f.readinto(memoryview(buf)[: min(_CHUNK, left)])
+        if not n:
+            break
+        view = memoryview(buf)[:n]
+        whole.update(view)
+        while len(view):
+            take = min(len(view), block - in_block)
+            h.update(view[:take])
+            view, in_block = view[take:], in_block + take
+            if in_block == block:
+                blocks.append(h.hexdigest())
+                h, in_block = hashlib.sha256(), 0
+        left -= n
+    if in_block:
+        blocks.append(h.hexdigest())
+    return whole.hexdigest(), blocks
+
+
+def block_rows(nbytes: int, rows: int) -> int | None:
+    """Rows per verification block of a tensor of ``rows`` rows and ``nbytes`` bytes (None: one piece)."""
+    if rows < 2 or nbytes <= _BLOCK_BYTES:
+        return None
+    return max(1, _BLOCK_BYTES // (nbytes // rows))
+
+
 def _safetensors_pieces(path: Path, size: int) -> list[dict] | None:
-    """``[{name, start, end}]`` tiling the file: "header", each tensor, and any "gap"; None if not safetensors."""
+    """``[{name, start, end}]`` tiling the file: "header", each tensor, and any "gap"; None if not safetensors.
+    A tensor piece also carries ``rows`` (its first dimension) while the manifest entry is built."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -72,15 +113,18 @@ def _safetensors_pieces(path: Path, size: int) -> list[dict] | None:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
     base = 8 + n
-    ranges = sorted((base + v["data_offsets"][0], base + v["data_offsets"][1], k)
-                    for k, v in header.items() if k != "__metadata__")
+    try:
+        ranges = sorted((base + v["data_offsets"][0], base + v["data_offsets"][1], k, (v.get("shape") or [1])[0])
+                        for k, v in header.items() if k != "__metadata__")
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return None
     pieces, pos = [{"name": "header", "start": 0, "end": base}], base
-    for start, end, name in ranges:
+    for start, end, name, rows in ranges:
         if start < pos or end < start or end > size:
             return None  # overlapping or out-of-file tensors: not a file this code wrote
         if start > pos:
             pieces.append({"name": "gap", "start": pos, "end": start})
-        pieces.append({"name": name, "start": start, "end": end})
+        pieces.append({"name": name, "start": start, "end": end, "rows": int(rows)})
         pos = end
     if pos < size:
         pieces.append({"name": "gap", "start": pos, "end": size})
@@ -94,7 +138,13 @@ def _entry(path: Path) -> dict:
         if pieces is None:
             return {"size": size, "sha256": _hash_range(f, 0, size)}
         for p in pieces:
-            p["sha256"] = _hash_range(f, p["start"], p["end"])
+            rows = p.pop("rows", 1)
+            br = block_rows(p["end"] - p["start"], rows)
+            if br is None:
+                p["sha256"] = _hash_range(f, p["start"], p["end"])
+            else:
+                p["sha256"], p["blocks"] = _hash_blocks(f, p["start"], p["end"], br * ((p["end"] - p["start"]) // rows))
+                p["block_rows"] = br
     return {"size": size, "pieces": pieces}
 
 
@@ -146,7 +196,7 @@ def verify(directory: str | os.PathLike, *, skip_tensors: tuple[str, ...] = ()) 
     m = read_manifest(d)
     listed = m["files"]
     for rel in _files(d):
-        if rel not in listed and (rel in _READ_BY_LOADERS or rel.startswith("tokenizer/")):
+        if rel not in listed and (rel in _READ_BY_LOADERS or rel.startswith(_READ_BY_LOADERS_UNDER)):
             raise ValueError(f"{d / rel} is not covered by {d / MANIFEST_FILE} (put there after the model was "
                              f"saved?); re-save the model directory")
     for rel, want in sorted(listed.items()):

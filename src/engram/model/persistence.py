@@ -20,6 +20,7 @@ from engram.model import checksums
 from engram.tokenizer.compression import CompressedVocab
 
 WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.safetensors"
+SHARD_DIR = "tables"  # the Engram table shards of a sharded-tables directory (engram.model.sharded_tables)
 _FORMAT = "engram-lm"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -29,11 +30,30 @@ def engram_table_key(layer: int) -> str:
     return f"blocks.{layer}.engram.table.weight"
 
 
-def _weights_to_save(model) -> dict[str, torch.Tensor]:
+def _weights_to_save(model, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if model.cfg.tie_embeddings:  # safetensors refuses aliased tensors; the tie is rebuilt on load
         sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k not in skip}
+
+
+def _write_model_files(model, d: Path, extra_files: Mapping[str, bytes | str | os.PathLike] | None, *,
+                       skip: set[str] | frozenset[str] = frozenset(), metadata: dict | None = None) -> None:
+    """Write the weights (but ``skip``), config, vocabulary and ``extra_files`` of ``model`` into ``d``,
+    each atomically; the caller unseals before and seals after."""
+    from safetensors.torch import save_file
+
+    from engram.atomic import atomic_path, atomic_write, write_json_atomic
+
+    if model.vocab is not None:
+        model.vocab.save(d / VOCAB_FILE)  # atomic on its own
+    with atomic_path(d / WEIGHTS_FILE) as tmp:
+        save_file(_weights_to_save(model, skip), str(tmp), metadata=metadata or {"format": _FORMAT})
+    write_json_atomic(d / CONFIG_FILE, model.cfg.to_dict())
+    for rel, content in (extra_files or {}).items():
+        dst = d / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dst, content if isinstance(content, bytes) else Path(content).read_bytes())
 
 
 def save_pretrained(model, directory: str | os.PathLike,
@@ -47,23 +67,17 @@ def save_pretrained(model, directory: str | os.PathLike,
     checksum manifest is removed before anything is written: an interrupted save leaves a directory
     that refuses to load rather than a mix of two saves.
     A model built with ``tables=False`` is saved without tables (load it back with ``tables=False``).
+    The table shards of an earlier sharded save (:mod:`engram.model.sharded_tables`) are removed: the
+    tables, if any, are now in the weights file.
     """
-    from safetensors.torch import save_file
-
-    from engram.atomic import atomic_path, atomic_write, write_json_atomic
+    import shutil
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     checksums.unseal(d)
-    if model.vocab is not None:
-        model.vocab.save(d / VOCAB_FILE)  # atomic on its own
-    with atomic_path(d / WEIGHTS_FILE) as tmp:
-        save_file(_weights_to_save(model), str(tmp), metadata={"format": _FORMAT})
-    write_json_atomic(d / CONFIG_FILE, model.cfg.to_dict())
-    for rel, content in (extra_files or {}).items():
-        dst = d / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(dst, content if isinstance(content, bytes) else Path(content).read_bytes())
+    if (d / SHARD_DIR).is_dir():
+        shutil.rmtree(d / SHARD_DIR)
+    _write_model_files(model, d, extra_files)
     checksums.seal(d)
     return d
 
@@ -99,8 +113,12 @@ def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | to
     costs nothing; only their shapes and dtypes are checked. A directory saved from such a model
     (no tables in the file) loads only this way.
 
+    A sharded-tables directory (:mod:`engram.model.sharded_tables`) loads the same way: its tables are
+    assembled from their shards, or left there with ``tables=False``.
+
     ``verify`` (default): every file is first checked against ``checksums.json``; with ``tables=False``
-    the table bytes are not read, so not checked here (their reader uses `checksums.TensorDigest`).
+    the table bytes are not read, so not checked here (their reader checks them as it reads them:
+    :func:`engram.model.table_rows.iter_table_rows`).
     A directory without the manifest (an unfinished save, or an older engram) is refused;
     ``verify=False`` loads it anyway, e.g. to re-save it.
 
@@ -140,6 +158,8 @@ def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | to
                         skipped[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(dt, dt))
     except Exception as e:  # safetensors raises several types for damaged files
         raise ValueError(f"{w_path} is not a readable safetensors file ({e})") from None
+    if table_keys:
+        _add_sharded_tables(d, table_keys, state, skipped, tables)
     if tables and table_keys and not any(k in state for k in table_keys):
         raise ValueError(f"{w_path} holds no Engram tables (saved from a model built with tables=False): "
                          f"load it with tables=False and serve the tables from a store (engram.serve)")
@@ -161,3 +181,18 @@ def load_pretrained(cls, directory: str | os.PathLike, *, map_location: str | to
                          f"unexpected={unexpected[:5]} shape mismatches={bad[:5]}")
     model.load_state_dict(state, strict=not cfg.tie_embeddings)
     return model.to(map_location)
+
+
+def _add_sharded_tables(d: Path, table_keys: dict[str, int], state: dict, skipped: dict, tables: bool) -> None:
+    """For a sharded-tables directory: put the tables assembled from their shards into ``state``
+    (``tables``), or their shapes into ``skipped``; nothing for a directory of the single-file layout."""
+    from engram.model import sharded_tables
+
+    if not sharded_tables.is_sharded(d):
+        return
+    for key, lay in table_keys.items():
+        _, (R, dim, dtype) = sharded_tables.check_shards(d, lay)
+        if tables:  # the checksums of every shard were verified above (unless verify=False)
+            state[key] = sharded_tables.load_table_rows(d, lay, 0, R, verify=False)
+        else:
+            skipped[key] = ((R, dim), dtype)

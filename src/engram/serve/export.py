@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from engram.atomic import atomic_write, replace_dir
-from engram.model.checksums import TensorDigest
-from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
+from engram.model.sharded_tables import iter_table_rows
+from engram.model.transformer import EngramLM
 from engram.serve.identity import backbone_digest, check_identity, digest_of_sums
 from engram.store.base import write_store
 from engram.store.disk import DiskStore
@@ -142,8 +142,10 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
                   layouts: dict[int, RowLayout | np.ndarray] | None = None) -> Path:
     """Write every Engram table of ``model`` to the store directory ``out_dir``; returns ``out_dir``.
 
-    ``model`` is an :class:`EngramLM` with its tables, or a model directory (``save_pretrained``), whose
-    tables are streamed from the weights file in pieces, so a table larger than RAM is never loaded.
+    ``model`` is an :class:`EngramLM` with its tables, or a model directory (``save_pretrained``, or a
+    sharded-tables one: :mod:`engram.model.sharded_tables`), whose tables are streamed from its files in
+    pieces, each checked against the directory's checksums, so a table larger than RAM is never loaded.
+    Both layouts of the same weights give the same store (rows, row checksums, manifest digests).
     ``layouts``: ``{layer: RowLayout}`` (or placed row ids) to store those layers' rows in that order, e.g.
     from :func:`co_access_layouts`; from a model directory the layer is first written in id order, then
     rewritten from that file in layout order (twice the writing, never the table in RAM).
@@ -155,7 +157,7 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
                              "directory, or from a model that holds them")
         src_model, weights = model, None
     else:
-        src_model, weights = EngramLM.from_pretrained(model, tables=False), Path(model) / WEIGHTS_FILE
+        src_model, weights = EngramLM.from_pretrained(model, tables=False), Path(model)
     engrams = _engrams(src_model)
     layouts = _check_layouts(layouts, engrams)
     final = out
@@ -166,7 +168,7 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _export_into(out, model, src_model, weights, engrams, layouts)
+        _export_into(out, src_model, weights, engrams, layouts)
     except BaseException:
         if out != final:
             shutil.rmtree(out, ignore_errors=True)
@@ -176,10 +178,11 @@ def export_tables(model: EngramLM | str | os.PathLike, out_dir: str | os.PathLik
     return final
 
 
-def _export_into(out: Path, model, src_model: EngramLM, weights: Path | None, engrams: dict, layouts: dict) -> None:
-    """Write the layer files and, last, the manifest into ``out`` (``model`` as given to export_tables)."""
+def _export_into(out: Path, src_model: EngramLM, model_dir: Path | None, engrams: dict, layouts: dict) -> None:
+    """Write the layer files and, last, the manifest into ``out``; the tables from ``src_model``, or
+    streamed from the model directory ``model_dir`` (either layout) when given."""
     export_id = uuid.uuid4().hex
-    if weights is None:
+    if model_dir is None:
         for lay, eng in sorted(engrams.items()):
             table = eng.table.weight.detach().cpu()
             if lay in layouts:
@@ -189,30 +192,19 @@ def _export_into(out: Path, model, src_model: EngramLM, weights: Path | None, en
             else:
                 write_store(out / layer_file(lay), table, meta=layer_meta(src_model, lay, export_id))
     else:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            for lay, eng in sorted(engrams.items()):
-                key = engram_table_key(lay)
-                if key not in names:
-                    raise ValueError(f"{weights} holds no table for Engram layer {lay} (no {key!r}); "
-                                     f"it was saved without its tables")
-                sl = f.get_slice(key)
-                R, d = eng.num_rows, eng.head_dim
-                step = max(1, _PIECE_BYTES // (d * torch.finfo(eng.table_dtype).bits // 8))
-                # The load above left the table unread, so unverified: check it as it streams by.
-                digest = TensorDigest(model, key)
-                pieces = (digest.update(sl[a:min(a + step, R)]) for a in range(0, R, step))
-                write_store(out / layer_file(lay), pieces, num_rows=R, dim=d, dtype=eng.table_dtype,
-                            meta=layer_meta(src_model, lay, export_id))
-                digest.check()  # before the store's manifest: a failed check leaves no store that opens
-                if lay in layouts:  # rewrite from the id-ordered file: the layout needs random access
-                    with DiskStore(out / layer_file(lay), io="mmap") as src:
-                        write_store_with_layout(out / layer_file(lay), lambda i, s=src: s.gather(torch.from_numpy(i)),
-                                                layouts[lay], dim=d, dtype=eng.table_dtype,
-                                                meta=layer_meta(src_model, lay, export_id))
-                        src.drop_page_cache()
+        for lay, eng in sorted(engrams.items()):
+            R, d = eng.num_rows, eng.head_dim  # the tables=False load checked the file's shapes against these
+            # That load left the table unread, so unverified: every piece is checked against the
+            # directory's checksums as it streams by, one file (shard) after another, never all of it.
+            pieces = iter_table_rows(model_dir, lay, piece_bytes=_PIECE_BYTES)
+            write_store(out / layer_file(lay), pieces, num_rows=R, dim=d, dtype=eng.table_dtype,
+                        meta=layer_meta(src_model, lay, export_id))
+            if lay in layouts:  # rewrite from the id-ordered file: the layout needs random access
+                with DiskStore(out / layer_file(lay), io="mmap") as src:
+                    write_store_with_layout(out / layer_file(lay), lambda i, s=src: s.gather(torch.from_numpy(i)),
+                                            layouts[lay], dim=d, dtype=eng.table_dtype,
+                                            meta=layer_meta(src_model, lay, export_id))
+                    src.drop_page_cache()
     for lay in engrams:
         remove_stale_layouts(out / layer_file(lay))
     write_manifest(out, src_model, export_id)

@@ -9,8 +9,8 @@ holds, and a digest of the backbone (every other tensor) of the model it was exp
   what was exported: a row that differs changes its CRC (but for a 2**-32 chance) and so the digest.
 * backbone digest: sha256 over every non-table tensor's name, dtype, shape and CRC32C of its bytes.
 
-Opening a store for a model compares the tables when the model has them (in RAM, or in its weights
-file, which is then streamed: bounded memory, roughly the time to read the file) and the backbone
+Opening a store for a model compares the tables when the model has them (in RAM, or in its model
+directory, either layout, which is then streamed: bounded memory, roughly the time to read the file) and the backbone
 otherwise, and refuses a mismatch naming both digests: a store exported one training step before the
 model is refused, not served. When the tables match, a different backbone is accepted (a backbone
 fine-tuned over frozen tables serves the very same rows).
@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from engram.model.sharded_tables import holds_table, iter_table_rows
 from engram.model.transformer import EngramLM, engram_table_key
 from engram.store.checksum import crc32c, row_crcs
 from engram.store.format import RAW_TORCH
@@ -62,23 +64,21 @@ def model_table_digests(model: EngramLM) -> dict[int, str]:
 
 
 def weights_table_digests(weights_path: str | os.PathLike, layers) -> dict[int, str] | None:
-    """``{layer: table digest}`` of the Engram tables in a safetensors weights file, streamed in pieces
-    (a table larger than RAM is never loaded); None when the file holds none of them."""
-    from safetensors import safe_open
+    """``{layer: table digest}`` of the Engram tables of a model directory, streamed in pieces (a table
+    larger than RAM is never loaded); None when the directory holds none of them.
 
-    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-        names = set(f.keys())
-        if not any(engram_table_key(lay) in names for lay in layers):
-            return None
-        out = {}
-        for lay in layers:
-            key = engram_table_key(lay)
-            if key not in names:
-                raise ValueError(f"{weights_path} lacks the table of Engram layer {lay} ({key!r})")
-            sl = f.get_slice(key)
-            R, d = sl.get_shape()
-            step = max(1, _PIECE_BYTES // (4 * d))
-            out[int(lay)] = _table_digest(sl[a:min(a + step, R)] for a in range(0, R, step))
+    ``weights_path``: the model directory or its weights file; the tables are read from wherever the
+    directory keeps them (the weights file, or its table shards: :mod:`engram.model.sharded_tables`).
+    """
+    p = Path(weights_path)
+    d = p if p.is_dir() else p.parent
+    if not any(holds_table(d, lay) for lay in layers):
+        return None
+    out = {}
+    for lay in layers:
+        if not holds_table(d, lay):
+            raise ValueError(f"{d} lacks the table of Engram layer {lay} ({engram_table_key(lay)!r})")
+        out[int(lay)] = _table_digest(iter_table_rows(d, lay, verify=False, piece_bytes=_PIECE_BYTES))
     return out
 
 

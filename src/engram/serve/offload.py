@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from engram.model.checksums import TensorDigest
 from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
-from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput, engram_table_key
+from engram.model.sharded_tables import holds_table, load_table_rows
+from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput
 from engram.serve.export import open_store_dir
 from engram.serve.memory import StoreMemory
 from engram.store.base import RamStore
@@ -221,27 +221,19 @@ def access_profiles(model: EngramLM, id_batches: Iterable[torch.Tensor]) -> dict
 
 
 def _ram_tables(model_dir: Path, model: EngramLM) -> dict[int, torch.Tensor]:
-    from safetensors import safe_open
-
+    """The tables the model directory holds (either layout), read into RAM and checked against its
+    checksums (the tables=False load left them unverified)."""
     from engram.memory.hugepages import advise_hugepages
 
     out = {}
-    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt", device="cpu") as f:
-        names = set(f.keys())
-        for blk in model.blocks:
-            key = engram_table_key(blk.layer)
-            if blk.engram is None or key not in names:
-                continue
-            # get_tensor may hand back pages of the file mapped lazily: "in RAM" must mean resident, or
-            # the first gathers pay page faults (and device reads) instead of memory reads.
-            src = f.get_tensor(key)
-            table = torch.empty(src.shape, dtype=src.dtype)
-            advise_hugepages(table)
-            out[blk.layer] = table.copy_(src)
-            del src
-            digest = TensorDigest(model_dir, key)  # the tables=False load left it unverified
-            digest.update(table)
-            digest.check()
+    for blk in model.blocks:
+        if blk.engram is None or not holds_table(model_dir, blk.layer):
+            continue
+        # Filled row by row into memory of our own: "in RAM" must mean resident, or the first gathers
+        # pay page faults (and device reads) instead of memory reads.
+        table = torch.empty((blk.engram.num_rows, blk.engram.head_dim), dtype=blk.engram.table_dtype)
+        advise_hugepages(table)
+        out[blk.layer] = load_table_rows(model_dir, blk.layer, 0, table.shape[0], out=table)
     return out
 
 
@@ -285,7 +277,7 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
             tables = _ram_tables(model_dir, model)
             if len(tables) < len(model.hasher.layer_ids):
                 if store_dir is None:
-                    raise ValueError(f"{model_dir / WEIGHTS_FILE} holds no Engram tables; pass store_dir to "
+                    raise ValueError(f"{model_dir} holds no Engram tables; pass store_dir to "
                                      f"load them into RAM from a store")
                 disk = open_store_dir(store_dir, model, verify=verify, weights=model_dir / WEIGHTS_FILE)
                 try:
