@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,8 +82,10 @@ def save_sharded(ckpt_dir: Path, step: int, tensors: dict, extra: dict, cfg_dict
         tmp.mkdir()
         torch.save({**extra, "step": step, "config": cfg_dict}, tmp / EXTRA)
     _barrier()
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True),
-             no_dist=not _dist())
+    with warnings.catch_warnings():  # one process without a process group is meant: DCP says so otherwise
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True),
+                 no_dist=not _dist())
     # Each rank hashes what it wrote; rank 0 also what is left (metadata, extra.pt).
     mine = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob(f"__{rank}_*"))}
     parts = [None] * dist.get_world_size() if _dist() else [mine]
@@ -152,7 +155,9 @@ class DcpSource(Source):
         return out
 
     def load(self, dest: dict) -> None:
-        dcp.load(dest, storage_reader=dcp.FileSystemReader(self.directory), no_dist=not _dist())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(dest, storage_reader=dcp.FileSystemReader(self.directory), no_dist=not _dist())
 
 
 class PtSource(Source):
