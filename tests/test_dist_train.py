@@ -146,6 +146,8 @@ def test_ranks_match_single_process(env, n):
     assert max(float((step4[k] - want[k]).abs().max()) for k in want) > 100 * PARAM_ATOL
     meta = json.loads((run / "meta.json").read_text())
     assert meta["starts"][0]["world_size"] == n
+    summary = json.loads((run / "summary.json").read_text())  # counted with the whole tables
+    assert summary["params"] == json.loads((single / "summary.json").read_text())["params"]
     man = json.loads((run / "ckpt" / "step-0000006.json").read_text())
     assert man["world_size"] == n and {f"__{r}_0.distcp" for r in range(n)} <= set(man["files"])
 

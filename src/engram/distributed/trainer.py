@@ -152,6 +152,9 @@ class DistTrainer(Trainer):
         table_of = {id(blk.engram.table.weight): blk.layer for blk in model.blocks
                     if blk.engram is not None and blk.engram.table is not None}
         self._clip_order = [table_of.get(id(p), p) for p in model.parameters()]
+        from engram.model.params import count_params
+
+        self._params = count_params(model)  # of the whole model: the tables leave it next
         self.mem = ShardedMemory.from_model(model, group=self.ctx.memory_group, exchange=self.exchange) \
             if table_of else None
         self.ddp = model
@@ -164,6 +167,9 @@ class DistTrainer(Trainer):
             self.ddp = DistributedDataParallel(model, device_ids=dev, forward_sync_buffers=False,
                                                find_unused_parameters=unused)
         return model
+
+    def _count_params(self) -> dict:
+        return self._params
 
     def _table_parameters(self) -> list:
         return list(self.mem.shards.values()) if self.mem is not None else []

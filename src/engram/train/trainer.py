@@ -181,6 +181,11 @@ class Trainer:
         """The model to train, given the freshly built one (here: itself)."""
         return model
 
+    def _count_params(self) -> dict:
+        from engram.model.params import count_params
+
+        return count_params(self.model)
+
     def _table_parameters(self) -> list:
         """The memory-table weights the table optimizer trains."""
         return list(self.model.engram_parameters())
@@ -363,9 +368,7 @@ class Trainer:
         tc = self.cfg.train
         from tqdm import tqdm
 
-        from engram.model.params import count_params
-
-        params = count_params(self.model)
+        params = self._count_params()
         # PaLM-style estimate: 6 FLOPs per activated parameter + attention over the context.
         mc = self.cfg.model
         flops_per_token = 6 * params["activated_per_token"] + 12 * mc.n_layers * mc.d_model * tc.seq_len
