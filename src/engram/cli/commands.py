@@ -122,32 +122,91 @@ def _resumed_run_config(args, run_dir):
     return _resolve_run_config(args, base)
 
 
+def _distributed(args, run_dir=None):
+    """The process group to train on when launched by torchrun (WORLD_SIZE set), or when resuming a run that was
+    trained on several ranks in one process; None for a plain single-process run."""
+    import os
+
+    if "WORLD_SIZE" not in os.environ and run_dir is None:
+        return None
+    from engram.distributed.checkpoint import is_sharded_run
+    from engram.distributed.trainer import init_from_env
+
+    if "WORLD_SIZE" not in os.environ and not is_sharded_run(run_dir):
+        return None
+    return init_from_env()
+
+
+def _trainer_factory(args, ctx):
+    """``make(cfg, run_dir, **kw)``: the single-process Trainer, or the row-sharded one on ``ctx``."""
+    from engram.train.trainer import Trainer
+
+    budget = getattr(args, "memory_budget_gb", None)
+    if ctx is None:
+        if budget is not None:
+            from engram.distributed.trainer import DistTrainer, init_from_env
+
+            return lambda *a, **kw: DistTrainer(*a, ctx=init_from_env(), memory_budget_bytes=int(budget * 2**30),
+                                                **kw)
+        return Trainer
+    from engram.distributed.trainer import DistTrainer
+
+    return lambda *a, **kw: DistTrainer(*a, ctx=ctx, memory_budget_bytes=None if budget is None
+                                        else int(budget * 2**30), **kw)
+
+
+def _check_world(cfg, ctx) -> None:
+    from engram.config import ConfigError
+
+    if ctx is not None and cfg.train.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not divide over {ctx.world_size} ranks: "
+                          f"the global batch is split evenly, so use a multiple of {ctx.world_size}")
+
+
 def _train(args) -> int:
     import time
 
     from engram.config import UserError
-    from engram.train.trainer import Trainer, TrainingDiverged, prepare_run_data
+    from engram.train.trainer import TrainingDiverged, prepare_run_data
 
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir DIR, the run to continue")
         run_dir = _output_dir(args.run_dir, "--run-dir")
         cfg = _resumed_run_config(args, run_dir)
+        ctx = _distributed(args, run_dir)
     else:
         cfg = _resolve_run_config(args)
-        run_dir = _output_dir(args.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--run-dir")
-    with _reading_user_input():
-        data = prepare_run_data(cfg)
+        ctx = _distributed(args)
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        run_dir = _output_dir(args.run_dir or f"runs/{cfg.preset}-{stamp}", "--run-dir")
+    _check_world(cfg, ctx)  # before the corpus is read
+    main = ctx is None or ctx.is_main
     try:
-        res = Trainer(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
+        with _reading_user_input():
+            if ctx is None:
+                data = prepare_run_data(cfg)
+            else:
+                from engram.distributed.trainer import rank0_first
+
+                data = rank0_first(lambda: prepare_run_data(cfg))
+        make = _trainer_factory(args, ctx)
+        res = make(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
     except TrainingDiverged as e:  # not a user error, not a bug: its own exit status
-        print(f"engram: error: training diverged: {e}", file=sys.stderr)
+        if main:
+            print(f"engram: error: training diverged: {e}", file=sys.stderr)
         return 3
-    val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
-    mfu = f", MFU {res.mfu:.1%}" if res.mfu else ""
-    print(f"{res.status} at step {res.step}: {res.tokens:,} tokens, val loss {val}, "
-          f"{res.tokens_per_s:,.0f} tokens/s{mfu}")
-    print(f"run directory: {run_dir}")
+    finally:
+        if ctx is not None:
+            from engram.distributed.trainer import shutdown
+
+            shutdown(ctx)
+    if main:
+        val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
+        mfu = f", MFU {res.mfu:.1%}" if res.mfu else ""
+        print(f"{res.status} at step {res.step}: {res.tokens:,} tokens, val loss {val}, "
+              f"{res.tokens_per_s:,.0f} tokens/s{mfu}")
+        print(f"run directory: {run_dir}")
     return 0 if res.status == "finished" else 130
 
 
@@ -160,8 +219,23 @@ def _compare(args) -> int:
     cfg = _resolve_run_config(args)
     variants(cfg, args.experts_moved)  # an impossible split fails before the corpus is read
     out = _output_dir(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
-    with _reading_user_input():
-        data = prepare_run_data(cfg)
-    run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
-                progress=not args.no_progress, data=data)
+    ctx = _distributed(args)
+    _check_world(cfg, ctx)
+    try:
+        with _reading_user_input():
+            if ctx is None:
+                data = prepare_run_data(cfg)
+            else:
+                from engram.distributed.trainer import rank0_first
+
+                data = rank0_first(lambda: prepare_run_data(cfg))
+        main = ctx is None or ctx.is_main
+        run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
+                    progress=not args.no_progress, data=data, trainer=_trainer_factory(args, ctx), main=main,
+                    out=print if main else (lambda *a, **k: None))
+    finally:
+        if ctx is not None:
+            from engram.distributed.trainer import shutdown
+
+            shutdown(ctx)
     return 0

@@ -112,6 +112,12 @@ def _preset_arg(s, kind: str, default: str) -> None:
         "  " + line for line in _preset_listing(kind).replace("%", "%%").splitlines())
 
 
+def _budget_arg(s) -> None:
+    s.add_argument("--memory-budget-gb", type=_at_least(0, float), default=None,
+                   help="memory each rank may spend on its Engram table shards; a world size whose shards do not "
+                        "fit is refused before any work, naming the smallest one that does")
+
+
 def _add_run_args(s, default_preset: str) -> None:
     _preset_arg(s, "run", default_preset)
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its newest intact checkpoint, with the run's own "
                         "config (only train.steps and the eval/log/ckpt intervals may change, each reported)")
+    _budget_arg(s)
     s.set_defaults(func=commands._train, preset=None)  # None: "not given", which --resume must tell apart
 
     s = sub.add_parser("compare", help="train an MoE baseline and its iso-parameter Engram variant")
@@ -158,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experts-moved", type=int, default=8,
                    help="routed experts per MoE layer moved into memory (8 of the demo's 32: 25%%)")
     s.add_argument("--out", help="output directory (default: runs/compare-PRESET-TIMESTAMP)")
+    _budget_arg(s)
     s.set_defaults(func=commands._compare)
 
     s = sub.add_parser("generate", help="sample from a trained model (KV cache + incremental hashing)")

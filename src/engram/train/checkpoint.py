@@ -127,15 +127,21 @@ def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = No
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"checkpoint {pt} cannot be read ({e})") from None
     if cfg_dict is not None:
-        diffs = []
-        for key in compare_keys:
-            diffs += _diff(state["config"].get(key), cfg_dict.get(key), key)
-        diffs = [d for d in diffs if d.split(":", 1)[0] not in ignore]
+        diffs = config_diffs(state["config"], cfg_dict, compare_keys, ignore)
         if diffs:
             raise CheckpointMismatch(
                 f"checkpoint {pt} was made with another configuration; differing fields: " + "; ".join(diffs[:10])
             )
     return state
+
+
+def config_diffs(saved: dict, now: dict, keys: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"section.field: checkpoint X vs now Y"`` for every field of the sections ``keys`` that differs between
+    a checkpoint's config ``saved`` and ``now``, the dotted fields in ``ignore`` aside."""
+    diffs = []
+    for key in keys:
+        diffs += _diff(saved.get(key), now.get(key), key)
+    return [d for d in diffs if d.split(":", 1)[0] not in ignore]
 
 
 def _diff(a, b, prefix: str) -> list[str]:

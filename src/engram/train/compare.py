@@ -39,12 +39,16 @@ def variants(base: RunConfig, n_experts_moved: int) -> dict[str, RunConfig]:
 
 
 def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, seeds=(0,), progress=True,
-                cache_dir=None, data=None, out=print) -> dict:
+                cache_dir=None, data=None, out=print, trainer=None, main: bool = True) -> dict:
     """Train both variants for every seed into ``out_dir`` and write the table, plot and summary.
 
     ``data``: the prepared `engram.data.DataBundle` of ``base.data`` (prepared here when None).
+    ``trainer``: ``trainer(cfg, run_dir, data=, progress=)`` builds each run's trainer (default `Trainer`; the
+    row-sharded one under torchrun); ``main``: whether this process writes the shared files (rank 0).
     """
     from engram.train.trainer import Trainer, prepare_run_data
+
+    trainer = trainer or Trainer
 
     variants(base, n_experts_moved)  # an impossible split fails before anything is written
     out_dir = Path(out_dir)
@@ -59,18 +63,20 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
             cfg.train.seed = seed
             tag = f"{name}-seed{seed}"
             out(f"== training {tag} ==")
-            res = Trainer(cfg, out_dir / tag, data=data, progress=progress).train()
+            res = trainer(cfg, out_dir / tag, data=data, progress=progress).train()
             p = res.params
             rows.append({"model": name, "seed": seed, "total_params": p["total"],
                          "active_params": p["activated_per_token"], "memory_params": p["memory"],
                          "tokens": res.tokens, "val_loss": res.val_loss, "tokens_per_s": res.tokens_per_s})
-            curves[tag] = read_metrics(out_dir / tag / "metrics.jsonl")
-    plot = plot_losses(curves, out_dir / "compare.png", title="MoE vs iso-parameter Engram (validation markers)")
+            curves[tag] = read_metrics(out_dir / tag / "metrics.jsonl") if main else []
+    plot = out_dir / "compare.png"
     summary = {"rows": rows, "plot": str(plot), "wall_s": time.time() - t_start,
                "gain_by_seed": {s: _gain(rows, s) for s in seeds}}
-    write_json_atomic(out_dir / "compare.json", summary)
     table = format_table(rows)
-    (out_dir / "compare.md").write_text(table + "\n")
+    if main:
+        plot_losses(curves, plot, title="MoE vs iso-parameter Engram (validation markers)")
+        write_json_atomic(out_dir / "compare.json", summary)
+        (out_dir / "compare.md").write_text(table + "\n")
     out(table)
     for s, g in summary["gain_by_seed"].items():
         out(f"seed {s}: Engram - MoE validation loss = {-g:+.4f} nats")

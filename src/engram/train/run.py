@@ -42,14 +42,15 @@ def versions() -> dict:
     return out
 
 
-def init_run_dir(run_dir: Path, cfg_dict: dict, requested: dict, data: dict) -> None:
+def init_run_dir(run_dir: Path, cfg_dict: dict, requested: dict, data: dict, **info) -> None:
     """Record a new run: ``resolved.json`` (the config as asked for, the data's fingerprints),
     ``meta.json`` (provenance), then ``config.json`` (the resolved config). config.json comes last:
-    it marks the directory as holding a run, so a start killed before it left nothing to resume."""
+    it marks the directory as holding a run, so a start killed before it left nothing to resume. ``info``
+    goes into the start's record (see `record_start`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "resolved.json", {"format": "engram-run-1", "requested": requested, "data": data})
     write_json_atomic(run_dir / "meta.json", {"starts": []})
-    record_start(run_dir)
+    record_start(run_dir, **info)
     write_json_atomic(run_dir / "config.json", cfg_dict)
 
 

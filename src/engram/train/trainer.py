@@ -100,7 +100,7 @@ class Trainer:
         elif cfg is None:
             raise ValueError("a new run needs a config (cfg=None only resumes a recorded run)")
         else:
-            if (self.run_dir / "config.json").is_file() or latest_checkpoint(ckpt_dir) is not None:
+            if self._holds_run(ckpt_dir):
                 raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it, or use a "
                                       f"new run dir")
             cfg.validate()
@@ -112,7 +112,7 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         tc.threads = torch.get_num_threads()  # the run dir records the concrete choices
         tc.dtype = resolve_dtype(tc.dtype, self.device)  # a resumed run's is concrete already: no probe
-        self.data = data or prepare_run_data(cfg, cache_dir)
+        self.data = data or self._prepare_data(cfg, cache_dir)
         if resume:
             check_same_data(record, self.data)
         # Resolve what the data decides: vocabulary size and the pad id the hashing pads with.
@@ -128,20 +128,26 @@ class Trainer:
                                   f"train.seq_len + 1 = {tc.seq_len + 1}: use a shorter train.seq_len or a larger "
                                   f"corpus")
         self.cfg_dict = cfg.to_dict()
+        vocab = CompressedVocab.from_pretrained(self.data.tokenizer_spec) if cfg.model.engram else None
+        self._check_setup(vocab)
         state = manifest = None
         if resume:
             state, manifest = self._find_checkpoint(ckpt_dir, changes)
-            if changes:  # the run's record follows the accepted changes (a later resume keeps them)
-                write_json_atomic(self.run_dir / "resolved.json", {"format": "engram-run-1", "requested": requested,
-                                                                   "data": record.data or data_facts(self.data)})
-                write_json_atomic(self.run_dir / "config.json", self.cfg_dict)
-            record_start(self.run_dir, resume=manifest.stem if manifest else "step 0", changes=changes)
-        else:
-            init_run_dir(self.run_dir, self.cfg_dict, requested, data_facts(self.data))
 
-        vocab = CompressedVocab.from_pretrained(self.data.tokenizer_spec) if cfg.model.engram else None
+            def write_record() -> None:
+                if changes:  # the run's record follows the accepted changes (a later resume keeps them)
+                    write_json_atomic(self.run_dir / "resolved.json", {
+                        "format": "engram-run-1", "requested": requested, "data": record.data or data_facts(self.data)})
+                    write_json_atomic(self.run_dir / "config.json", self.cfg_dict)
+                record_start(self.run_dir, resume=manifest.stem if manifest else "step 0", changes=changes,
+                             **self._start_info())
+        else:
+            def write_record() -> None:
+                init_run_dir(self.run_dir, self.cfg_dict, requested, data_facts(self.data), **self._start_info())
+        self._write_record(write_record)
+
         torch.manual_seed(tc.seed)
-        self.model = EngramLM(cfg.model, vocab).to(self.device).compile_engram(tc.compile_engram)
+        self.model = self._build_model(EngramLM(cfg.model, vocab).to(self.device).compile_engram(tc.compile_engram))
         self.opt, self.table_opt = self._build_optimizers()
         from engram.data import BatchSampler, val_batches
 
@@ -151,13 +157,54 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         if state is not None:
             self._load(state)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
+        self.metrics = self._open_metrics(resume)
         self._stop = False
+
+    # -- hooks a data-parallel trainer overrides (engram.distributed.trainer) ---------------------
+    is_main = True  # the process that prints and writes the run's shared files
+
+    def _holds_run(self, ckpt_dir: Path) -> bool:
+        return (self.run_dir / "config.json").is_file() or latest_checkpoint(ckpt_dir) is not None
+
+    def _check_setup(self, vocab) -> None:
+        """Last checks of the resolved config before anything is written (nothing to check in one process)."""
+
+    def _start_info(self) -> dict:
+        """What ``meta.json`` records about this start beyond the defaults."""
+        return {}
+
+    def _write_record(self, write) -> None:
+        """Run ``write()``, which records the run's start in its directory."""
+        write()
+
+    def _build_model(self, model):
+        """The model to train, given the freshly built one (here: itself)."""
+        return model
+
+    def _count_params(self) -> dict:
+        from engram.model.params import count_params
+
+        return count_params(self.model)
+
+    def _table_parameters(self) -> list:
+        """The memory-table weights the table optimizer trains."""
+        return list(self.model.engram_parameters())
+
+    def _prepare_data(self, cfg: RunConfig, cache_dir: str | None):
+        return prepare_run_data(cfg, cache_dir)
+
+    def _should_stop(self) -> bool:
+        """Whether to save and stop after this step (Ctrl-C)."""
+        return self._stop
+
+    def _open_metrics(self, resume: bool):
+        return MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
 
     def notice(self, msg: str) -> None:
         """Tell the user something they should know (stderr), and keep it in ``self.notices``."""
         self.notices.append(msg)
-        print(f"[engram.train] {msg}", file=sys.stderr, flush=True)
+        if self.is_main:
+            print(f"[engram.train] {msg}", file=sys.stderr, flush=True)
 
     def _find_checkpoint(self, ckpt_dir: Path, changes: list[str]) -> tuple[dict | None, Path | None]:
         state, manifest, skipped = load_newest_good(ckpt_dir, self.cfg_dict)
@@ -180,7 +227,7 @@ class Trainer:
         from engram.optim import SparseRowAdam, TorchSparseAdam
 
         tc = self.cfg.train
-        tables = list(self.model.engram_parameters())
+        tables = self._table_parameters()
         table_ids = {id(p) for p in tables}
         decay, no_decay = [], []
         for p in self.model.parameters():
@@ -231,15 +278,17 @@ class Trainer:
     def save_model(self, directory: Path) -> Path:
         """The trained model plus its tokenizer, so `engram generate --model DIR` needs nothing else;
         the tokenizer files are checksummed with the weights."""
+        self.model.save_pretrained(directory, extra_files=self._tokenizer_files())
+        return directory
+
+    def _tokenizer_files(self) -> dict:
+        """The files that carry the tokenizer next to a saved model."""
         spec = Path(self.data.tokenizer_spec)
         if spec.is_dir():
-            extra = {f"tokenizer/{name}": spec / name
-                     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-                     if (spec / name).is_file()}
-        else:  # a bundled name or a single file: record where it came from
-            extra = {"tokenizer.txt": (str(self.data.tokenizer_spec) + "\n").encode()}
-        self.model.save_pretrained(directory, extra_files=extra)
-        return directory
+            return {f"tokenizer/{name}": spec / name
+                    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+                    if (spec / name).is_file()}
+        return {"tokenizer.txt": (str(self.data.tokenizer_spec) + "\n").encode()}  # a bundled name or one file
 
     def _diverged(self, what: str, value, step: int | None = None) -> TrainingDiverged:
         """The error for a non-finite ``what`` at ``step`` (default: the step being taken): the step, the
@@ -319,15 +368,13 @@ class Trainer:
         tc = self.cfg.train
         from tqdm import tqdm
 
-        from engram.model.params import count_params
-
-        params = count_params(self.model)
+        params = self._count_params()
         # PaLM-style estimate: 6 FLOPs per activated parameter + attention over the context.
         mc = self.cfg.model
         flops_per_token = 6 * params["activated_per_token"] + 12 * mc.n_layers * mc.d_model * tc.seq_len
         prev = signal.signal(signal.SIGINT, self._on_sigint)
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main), unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
         status, val_loss, last_good = "finished", None, None
         try:
             while self.step < tc.steps:
@@ -350,12 +397,15 @@ class Trainer:
                     if not math.isfinite(val_loss):
                         raise self._diverged("validation loss", val_loss, step=self.step)
                     self.metrics.log(kind="eval", step=self.step, tokens=self.tokens, val_loss=val_loss)
-                    bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
-                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or self._stop:
+                    if self.is_main:
+                        bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
+                stop = self._should_stop()
+                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop:
                     last_good = self.save()
-                if self._stop:
+                if stop:
                     status = "interrupted"
-                    bar.write(f"interrupted: saved {last_good}; resume with --resume")
+                    if self.is_main:
+                        bar.write(f"interrupted: saved {last_good}; resume with --resume")
                     break
         finally:
             bar.close()
@@ -366,8 +416,9 @@ class Trainer:
         mfu = flops_per_token * tok_s / peak if self.device.type == "cpu" else None
         if status == "finished":
             self.save_model(self.run_dir / "model")
-        recs = read_metrics(self.run_dir / "metrics.jsonl")
-        plot_losses({self.cfg.preset or "run": recs}, self.run_dir / "loss.png")
         res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params, mfu)
-        write_json_atomic(self.run_dir / "summary.json", {**res.__dict__, "run_dir": str(self.run_dir)})
+        if self.is_main:
+            recs = read_metrics(self.run_dir / "metrics.jsonl")
+            plot_losses({self.cfg.preset or "run": recs}, self.run_dir / "loss.png")
+            write_json_atomic(self.run_dir / "summary.json", {**res.__dict__, "run_dir": str(self.run_dir)})
         return res
