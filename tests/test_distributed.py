@@ -258,3 +258,84 @@ def test_the_budget_error_names_the_smallest_world_that_fits(sizes, world, budge
         check_budget(heads, 4, torch.float32, world, budget)
     w = next(w for w in range(world + 1, 10_001) if fits(w))
     assert f"use at least {w} ranks" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A model directory with a BPE tokenizer, its store, a corpus and a data cache (for the commands)."""
+    import numpy as np
+
+    from engram.config import EngramConfig, ModelConfig
+    from engram.data.bpe import train_bpe
+    from engram.model import EngramLM
+    from engram.serve import export_tables
+    from engram.tokenizer.compression import CompressedVocab
+
+    root = tmp_path_factory.mktemp("cli")
+    text = " ".join(f"the cat {w} sat on the mat number {i % 17}." for i, w in enumerate(["a", "b", "c"] * 60))
+    tok = train_bpe([text] * 4, vocab_size=300)
+    tdir = root / "model" / "tokenizer"
+    tdir.mkdir(parents=True)
+    (tdir / "tokenizer.json").write_text(tok.to_str())
+    (tdir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}))
+    eng = EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1],
+                       pad_id=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, mlp_hidden=48,
+                      max_seq_len=64, engram=eng)
+    EngramLM(cfg, CompressedVocab(np.arange(tok.get_vocab_size()) % 200)).save_pretrained(root / "model")
+    export_tables(root / "model", root / "store")
+    (root / "corpus").mkdir()
+    for i in range(30):
+        (root / "corpus" / f"doc{i}.txt").write_text(text[i * 40:] + f" document {i}\n" * 20)
+    return root
+
+
+def _engram(root: Path, *args: str, world: int = 1) -> subprocess.CompletedProcess:
+    src = str(Path(engram.__file__).parent.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGRAM_CACHE": str(root / "cache"),
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    # torchrun's documented form: torchrun --standalone --nproc_per_node=N -m engram ...
+    launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    return subprocess.run([sys.executable, *launcher, "-m", "engram", *args], env=env, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_torchrun_generate_and_eval_print_the_single_process_outputs(cli_model):
+    model, store = str(cli_model / "model"), str(cli_model / "store")
+    gen = ["generate", "--model", model, "--prompt", "the cat sat", "--max-new-tokens", "6", "--temperature", "0"]
+    ev = ["eval", "--model", model, "--data", str(cli_model / "corpus"), "--batch-size", "2", "--seq-len", "16",
+          "--eval-tokens", "160", "--json"]
+    one = [_engram(cli_model, *gen), _engram(cli_model, *ev)]
+    two = [_engram(cli_model, *gen, world=2), _engram(cli_model, *ev, "--store", store, world=2)]
+    for res in (*one, *two):
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert two[0].stdout == one[0].stdout and one[0].stdout.strip()  # rank 0 alone printed it
+    want, got = json.loads(one[1].stdout), json.loads(two[1].stdout)
+    assert got["val_loss"] == want["val_loss"] and got["tokens"] == want["tokens"] > 0  # 5 batches on 2 ranks
+    assert got["world_size"] == 2 and got["memory"] == "sharded"
+
+
+def test_cli_sharded_options_are_checked(cli_model, capsys, monkeypatch):
+    from engram.cli import main
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(cli_model / "cache"))
+    gen = ["generate", "--model", str(cli_model / "model"), "--prompt", "the cat", "--max-new-tokens", "3",
+           "--temperature", "0"]
+    assert main(gen) == 0
+    plain = capsys.readouterr().out
+    assert main([*gen, "--memory", "sharded", "--store", str(cli_model / "store")]) == 0
+    assert capsys.readouterr().out == plain  # a world of one
+    assert main([*gen, "--memory", "sharded", "--memory-budget-gb", "1e-6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("engram: error: a world of 1 rank(s) cannot hold") and "use at least" in err
+    assert main([*gen, "--memory", "ram", "--memory-budget-gb", "1"]) == 2
+    assert "--memory-budget-gb applies to --memory sharded" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: a whole-table memory on every rank is refused
+    assert main([*gen, "--memory", "ram"]) == 2
+    assert "--memory sharded" in capsys.readouterr().err
