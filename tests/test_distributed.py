@@ -139,7 +139,7 @@ def test_provider_rows_and_gradients_are_exact(provider, world, exchange, case):
 
 # ------------------------------------------------------------------------------------------ serving
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, tiny):
     """A saved uneven model, its store, and its single-process outputs; ``served.run(world)`` the sharded ones."""
     sys.path.insert(0, str(HERE))
     from distributed_worker import uneven_model
@@ -150,10 +150,8 @@ def served(tmp_path_factory):
     model = uneven_model("bfloat16").eval()
     model_dir = model.save_pretrained(root / "model")
     store_dir = export_tables(model_dir, root / "store")
-    from conftest import Tiny
-
-    idx, prompt = Tiny.ids(), Tiny.ids(2, 5, seed=3)
-    batches = [(Tiny.ids(3, 10, seed=s), Tiny.ids(3, 10, seed=s + 100)) for s in range(4)]
+    idx, prompt = tiny.ids(), tiny.ids(2, 5, seed=3)
+    batches = [(tiny.ids(3, 10, seed=s), tiny.ids(3, 10, seed=s + 100)) for s in range(4)]
     batches[1][1][0, :3] = -100
     with torch.no_grad():
         total = n = 0
