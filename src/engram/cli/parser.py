@@ -81,10 +81,15 @@ def _preset_listing(kind: str) -> str:
 
 
 def _add_memory_args(s, default: str | None) -> None:
-    s.add_argument("--memory", choices=["ram", "disk"], default=default,
-                   help="where the Engram tables live: ram, or disk (a store directory, see export-memory)"
-                        + ("" if default else "; default: loaded with the model, no memory tier"))
-    s.add_argument("--store", help="store directory written by `engram export-memory` (for --memory disk)")
+    s.add_argument("--memory", choices=["ram", "disk", "sharded"], default=None,
+                   help="where the Engram tables live: ram, disk (a store directory, see export-memory), or sharded "
+                        "(row ranges split over the ranks of `torchrun --nproc_per_node=N -m engram ...`, read from "
+                        "--store or the model); default: " + (default or "loaded with the model, no memory tier")
+                        + ", sharded under torchrun with more than one rank")
+    s.add_argument("--store", help="store directory written by `engram export-memory` (for --memory disk or sharded)")
+    s.add_argument("--memory-budget-gb", type=_at_least(0, float),
+                   help="per-rank limit on the table shards in GiB (--memory sharded): a world too small for it is "
+                        "refused before loading, naming the smallest one that fits")
     s.add_argument("--cache-mb", type=_at_least(0, float), default=0.0,
                    help="hot-row cache budget in MiB (0: no cache)")
     s.add_argument("--policy", choices=["lru", "lfu", "static"], default="lru",

@@ -110,12 +110,14 @@ def _train_windows(args, seq_len: int, tokens: int | None = None):
 def _generate(args) -> int:
     import torch
 
+    from engram.cli import sharded
     from engram.config import UserError
     from engram.model import EngramLM
     from engram.model.generation import generate
     from engram.tokenizer import load_tokenizer
 
     cfg = _model_config(args.model)
+    sharded.resolve_memory(args, None)
     if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
         raise UserError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
     with _reading_user_input():
@@ -124,6 +126,8 @@ def _generate(args) -> int:
     if not ids:
         raise UserError("the prompt encodes to no tokens")
     n_new = _context_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
+    if args.memory == "sharded":
+        return sharded.generate(args, tok, ids, n_new)
     g = torch.Generator().manual_seed(args.seed)
     if args.memory is None:
         with _reading_user_input():
@@ -202,16 +206,20 @@ def _verify(args) -> int:
 def _eval(args) -> int:
     import time
 
+    from engram.cli import sharded
     from engram.config import UserError
     from engram.data import prepare_data, val_batches
     from engram.model import EngramLM
 
     _model_config(args.model)
+    sharded.resolve_memory(args, "ram")
     with _reading_user_input():
         cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
     seq_len = args.seq_len or min(cfg.max_seq_len, 128)
     if seq_len > cfg.max_seq_len:
         raise UserError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_seq_len} tokens)")
+    if args.memory == "sharded":
+        return sharded.evaluate(args, cfg, seq_len)
     # The memory first: a bad store fails before the corpus is read (and tokenised, on a first run).
     with _open_memory(args, lambda: _train_windows(args, seq_len)) as lm:
         with _reading_user_input():
