@@ -9,7 +9,9 @@ disk, in pieces, into the shard's own memory (no second copy of a shard, no mapp
   checked against the CRC32C the store keeps beside it; the store must fit the model (manifest, config,
   tokenizer, backbone identity) and, where the model's weights file holds the tables, each rank also
   checks that its rows' checksums are those of the weights file's rows (together the ranks check all);
-* from the model directory's ``model.safetensors`` (byte ranges read with ``pread``).
+* from the model directory, either layout (one ``model.safetensors`` or the per-rank ``tables/`` shards of a
+  sharded training run, written by any world size): only this rank's rows, each checked against the
+  directory's per-block checksums (:mod:`engram.model.table_rows`).
 
 :class:`ShardedLM` runs inference with it. Its ``forward``/``generate`` are collectives (every rank, the
 same calls, the same batch shape: generation replicates the prompts, which keeps the sampling identical on
@@ -23,9 +25,7 @@ Legend: B batch, T time, d row width, N rows of one piece.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,14 +36,14 @@ import torch.distributed as dist
 from engram.distributed.exchange import _world
 from engram.distributed.memory import ShardedMemory
 from engram.distributed.sharding import check_budget
+from engram.model import table_rows
 from engram.model.generation import generate as _generate
-from engram.model.transformer import WEIGHTS_FILE, EngramLM, engram_table_key
+from engram.model.transformer import WEIGHTS_FILE, EngramLM
 from engram.store.format import RAW_TORCH
 
 __all__ = ["ShardedLM", "StoreRowReader", "WeightsRowReader", "init_from_env", "load_sharded"]
 
 _PIECE_BYTES = 32 << 20  # rows read per piece: bounds the transient memory of a read to this much
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def init_from_env() -> tuple[int, int]:  # replaced by engram.distributed.launch at merge
@@ -65,70 +65,40 @@ def shutdown(clean: bool = True) -> None:  # replaced by engram.distributed.laun
 
 # ---------------------------------------------------------------------------------------------- readers
 class WeightsRowReader:
-    """Rows ``[start, end)`` of the tables in a model directory's ``model.safetensors``, read with ``pread``.
-
-    Reads only the requested bytes (safetensors stores a tensor row-major and contiguous); the file is never
-    mapped, so the pages read do not count against the process's memory. The directory's checksums cover
-    each table as a whole, which a range cannot check: the rows read here are not verified (a store
-    directory's rows are).
-    """
-
-    # replaced by engram.model.sharded_tables.load_table_rows at merge (which also reads per-rank files)
+    """Rows ``[start, end)`` of the tables in a model directory, either layout (one ``model.safetensors`` or
+    per-rank ``tables/`` shards written by another world size), via :mod:`engram.model.table_rows`: only the
+    requested rows (and the checksum blocks around them) are read, with plain reads (never mapped, so the
+    pages do not count against the process), and every byte is checked against ``checksums.json``."""
 
     def __init__(self, model_dir: str | os.PathLike) -> None:
-        self.path = Path(model_dir) / WEIGHTS_FILE
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            self._header = json.loads(f.read(n))
-        self._base = 8 + n
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.dir = Path(model_dir)
+        self.path = self.dir / WEIGHTS_FILE
 
     def has_tables(self, layers: Iterable[int]) -> bool:
-        return all(engram_table_key(lay) in self._header for lay in layers)
+        return all(table_rows.holds_table(self.dir, lay) for lay in layers)
 
     def shape(self, layer: int) -> tuple[tuple[int, int], torch.dtype]:
-        key = engram_table_key(layer)
-        if key not in self._header:
-            raise ValueError(f"{self.path} holds no table of Engram layer {layer} ({key!r}): it was saved without "
-                             f"its tables; serve them from a store directory (engram export-memory)")
-        spec = self._header[key]
-        return tuple(spec["shape"]), _ST_DTYPES.get(spec["dtype"], spec["dtype"])
+        if not table_rows.holds_table(self.dir, layer):
+            raise ValueError(f"{self.dir} holds no table of Engram layer {layer}: it was saved without its "
+                             f"tables; serve them from a store directory (engram export-memory)")
+        R, d, dtype = table_rows.table_info(self.dir, layer)
+        return (R, d), dtype
 
     def read_into(self, layer: int, start: int, out_Nd: torch.Tensor) -> None:
-        (R, d), dtype = self.shape(layer)
-        n = out_Nd.shape[0]
-        if dtype != out_Nd.dtype or out_Nd.shape[1] != d or not 0 <= start <= start + n <= R:
-            raise ValueError(f"{self.path}: layer {layer} is [{R}, {d}] {dtype}; cannot read rows "
-                             f"[{start}, {start + n}) into a {list(out_Nd.shape)} {out_Nd.dtype} tensor")
-        row = d * out_Nd.element_size()
-        offset = self._base + self._header[engram_table_key(layer)]["data_offsets"][0] + start * row
-        buf = memoryview(out_Nd.view(RAW_TORCH[dtype]).numpy()).cast("B")
-        done = 0
-        while done < len(buf):
-            got = os.preadv(self._fd, [buf[done:]], offset + done)
-            if got == 0:
-                raise ValueError(f"{self.path} ends inside the table of Engram layer {layer}: the file is truncated")
-            done += got
-        if hasattr(os, "posix_fadvise"):  # read once: leave the page cache to the rows being served
-            os.posix_fadvise(self._fd, offset, done, os.POSIX_FADV_DONTNEED)
+        table_rows.load_table_rows(self.dir, layer, start, start + out_Nd.shape[0], out=out_Nd)
 
     def row_sums(self, layer: int, start: int, end: int) -> np.ndarray:
         """CRC32C of rows ``[start, end)`` (to compare with a store's), read in pieces."""
         from engram.store.checksum import row_crcs
 
-        (_, d), dtype = self.shape(layer)
-        step = max(1, _PIECE_BYTES // (d * torch.empty((), dtype=dtype).element_size()))
-        out = np.empty(end - start, dtype=np.uint32)
-        for a in range(start, end, step):
-            piece = torch.empty(min(step, end - a), d, dtype=dtype)
-            self.read_into(layer, a, piece)
-            out[a - start:a - start + piece.shape[0]] = row_crcs(piece.view(RAW_TORCH[dtype]).numpy())
+        out, pos = np.empty(end - start, dtype=np.uint32), 0
+        for piece in table_rows.iter_table_rows(self.dir, layer, start, end, piece_bytes=_PIECE_BYTES):
+            out[pos:pos + piece.shape[0]] = row_crcs(piece.view(RAW_TORCH[piece.dtype]).numpy())
+            pos += piece.shape[0]
         return out
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        pass
 
 
 class StoreRowReader:

@@ -160,6 +160,11 @@ def _sources(d: Path, layer: int) -> tuple[list[TableSource], tuple[int, int, to
     return [TableSource(w, WEIGHTS_FILE, key, 0, R)], (R, dim, _SAFETENSORS_DTYPES.get(dt, dt))
 
 
+def table_info(directory: str | os.PathLike, layer: int) -> tuple[int, int, torch.dtype]:
+    """``(R, d, dtype)`` of layer ``layer``'s table in a model directory of either layout (headers only)."""
+    return _sources(Path(directory), int(layer))[1]
+
+
 def table_shape(directory: str | os.PathLike, layer: int) -> tuple[int, int]:
     """``(R, d)`` of layer ``layer``'s table in a model directory of either layout (no rows are read)."""
     _, (R, dim, _) = _sources(Path(directory), int(layer))
