@@ -89,8 +89,23 @@ def check_budget(head_sizes: Mapping[int, Sequence[int]], dim: int, dtype: torch
 
     if need(world) <= budget_bytes:
         return
-    fits = next((w for w in range(world + 1, 1 << 20) if need(w) <= budget_bytes), None)
-    hint = f"at least {fits} ranks" if fits else "a larger per-rank budget"
-    raise ConfigError(f"a world of {world} rank(s) cannot hold the Engram tables ({total / 2**30:.3f} GiB in all): "
-                      f"each rank's shards take up to {need(world) / 2**30:.3f} GiB, over the per-rank memory budget "
-                      f"of {budget_bytes / 2**30:.3f} GiB; use {hint}")
+    # Past the largest table's row count every rank holds at most one row per layer: nothing smaller exists.
+    # need() never grows with the world size, so the smallest world that fits is found by bisection.
+    lo, hi = world + 1, max(world + 1, max((sum(s) for s in head_sizes.values()), default=1))
+    fits = None
+    if need(hi) <= budget_bytes:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if need(mid) <= budget_bytes else (mid + 1, hi)
+        fits = lo
+    hint = f"at least {fits} ranks" if fits else "a larger per-rank budget (one row per rank does not fit)"
+    raise ConfigError(f"a world of {world} rank(s) cannot hold the Engram tables ({_size(total)} in all): each "
+                      f"rank's shards take up to {_size(need(world))}, over the per-rank memory budget of "
+                      f"{_size(budget_bytes)}; use {hint}")
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << k:
+            return f"{n / (1 << k):.3f} {unit}"
+    return f"{n} bytes"
