@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from engram.distributed import ShardedMemory, row_bounds
 from engram.distributed.exchange import _world
-from engram.distributed.serve import init_from_env, load_sharded, shutdown
+from engram.distributed.launch import init_distributed, shutdown
+from engram.distributed.serve import load_sharded
 from engram.model import EngramLM
 from engram.optim.sparse_adam import SparseRowAdam
 
@@ -216,17 +217,13 @@ def run_serve(outdir: Path, model_dir: str, store_dir: str) -> None:
 
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    init_from_env()
-    try:
-        outdir = Path(argv[1])
-        if argv[0] == "provider":
-            run_provider(outdir)
-        else:
-            run_serve(outdir, argv[2], argv[3])
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
+    ctx = init_distributed()
+    outdir = Path(argv[1])
+    if argv[0] == "provider":
+        run_provider(outdir)
+    else:
+        run_serve(outdir, argv[2], argv[3])
+    shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from engram.cli import main
-from engram.distributed.trainer import DistContext, DistTrainer
+from engram.distributed.launch import DistContext
+from engram.distributed.trainer import DistTrainer
 from engram.model import EngramLM
 from engram.train.config import apply_overrides, run_preset
 from engram.train.run import read_metrics
@@ -207,7 +208,7 @@ def test_world_that_cannot_hold_the_tables_or_split_the_batch_is_refused(env, tm
     err = capsys.readouterr().err
     assert "cannot hold the Engram tables" in err and "at least 3 ranks" in err, err
     assert not run.exists()
-    ctx = DistContext(rank=0, world_size=4, local_rank=0, backend=None, is_main=True)
+    ctx = DistContext(rank=0, world_size=4, local_rank=0, backend=None)
     with pytest.raises(Exception, match="batch_size=6 does not divide over 4 ranks"):
         DistTrainer(env["cfg"], run, ctx=ctx, data=env["data"], progress=False)
     assert not run.exists()

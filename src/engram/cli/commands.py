@@ -130,11 +130,11 @@ def _distributed(args, run_dir=None):
     if "WORLD_SIZE" not in os.environ and run_dir is None:
         return None
     from engram.distributed.checkpoint import is_sharded_run
-    from engram.distributed.trainer import init_from_env
+    from engram.distributed.launch import init_distributed
 
     if "WORLD_SIZE" not in os.environ and not is_sharded_run(run_dir):
         return None
-    return init_from_env()
+    return init_distributed()
 
 
 def _trainer_factory(args, ctx):
@@ -144,9 +144,10 @@ def _trainer_factory(args, ctx):
     budget = getattr(args, "memory_budget_gb", None)
     if ctx is None:
         if budget is not None:
-            from engram.distributed.trainer import DistTrainer, init_from_env
+            from engram.distributed.launch import init_distributed
+            from engram.distributed.trainer import DistTrainer
 
-            return lambda *a, **kw: DistTrainer(*a, ctx=init_from_env(), memory_budget_bytes=int(budget * 2**30),
+            return lambda *a, **kw: DistTrainer(*a, ctx=init_distributed(), memory_budget_bytes=int(budget * 2**30),
                                                 **kw)
         return Trainer
     from engram.distributed.trainer import DistTrainer
@@ -192,15 +193,13 @@ def _train(args) -> int:
                 data = rank0_first(lambda: prepare_run_data(cfg))
         make = _trainer_factory(args, ctx)
         res = make(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
-    except TrainingDiverged as e:  # not a user error, not a bug: its own exit status
+    except TrainingDiverged as e:  # not a user error, not a bug: its own exit status (all ranks agree on it)
+        _leave(ctx)
         if main:
             print(f"engram: error: training diverged: {e}", file=sys.stderr)
         return 3
-    finally:
-        if ctx is not None:
-            from engram.distributed.trainer import shutdown
-
-            shutdown(ctx)
+    # Only after success: a rank that fails exits without it, and its watchdog tells the others who failed.
+    _leave(ctx)
     if main:
         val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
         mfu = f", MFU {res.mfu:.1%}" if res.mfu else ""
@@ -221,21 +220,23 @@ def _compare(args) -> int:
     out = _output_dir(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     ctx = _distributed(args)
     _check_world(cfg, ctx)
-    try:
-        with _reading_user_input():
-            if ctx is None:
-                data = prepare_run_data(cfg)
-            else:
-                from engram.distributed.trainer import rank0_first
+    with _reading_user_input():
+        if ctx is None:
+            data = prepare_run_data(cfg)
+        else:
+            from engram.distributed.trainer import rank0_first
 
-                data = rank0_first(lambda: prepare_run_data(cfg))
-        main = ctx is None or ctx.is_main
-        run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
-                    progress=not args.no_progress, data=data, trainer=_trainer_factory(args, ctx), main=main,
-                    out=print if main else (lambda *a, **k: None))
-    finally:
-        if ctx is not None:
-            from engram.distributed.trainer import shutdown
-
-            shutdown(ctx)
+            data = rank0_first(lambda: prepare_run_data(cfg))
+    main = ctx is None or ctx.is_main
+    run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
+                progress=not args.no_progress, data=data, trainer=_trainer_factory(args, ctx), main=main,
+                out=print if main else (lambda *a, **k: None))
+    _leave(ctx)
     return 0
+
+
+def _leave(ctx) -> None:
+    if ctx is not None:
+        from engram.distributed.launch import shutdown
+
+        shutdown(ctx)

@@ -42,7 +42,7 @@ def _notices(args, command: str) -> None:
               f"rows in RAM)", file=sys.stderr)
 
 
-def _load(args):
+def _load(args, ctx):
     from pathlib import Path
 
     from engram.config import UserError
@@ -52,30 +52,28 @@ def _load(args):
         raise UserError(f"--store {args.store} is a file; it takes a store directory (see `engram export-memory`)")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     with _reading_user_input():
-        return load_sharded(args.model, args.store, budget_bytes=budget, io=args.io)
+        return load_sharded(args.model, args.store, group=ctx.memory_group, budget_bytes=budget, io=args.io)
 
 
 def generate(args, tok, ids: list[int], n_new: int) -> int:
     """The sampled continuation of ``ids``, printed by rank 0 (the same on every rank: same prompt, same seed)."""
     import torch
 
-    from engram.distributed.serve import init_from_env, shutdown
+    from engram.distributed.launch import init_distributed, shutdown
 
-    rank, _ = init_from_env()
-    try:
-        if rank == 0:
-            _notices(args, "generate")
-        lm = _load(args)
-        g = torch.Generator().manual_seed(args.seed)
-        out = lm.generate(torch.tensor([ids]), n_new, temperature=args.temperature, top_k=args.top_k, generator=g)
-        if rank == 0:
-            print(tok.decode(out[0].tolist()))
-            print(f"sharded memory: {lm.world} rank(s), {lm.memory.nbytes / 2**20:,.1f} MiB of table rows on rank 0",
-                  file=sys.stderr)
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
+    # A rank that fails exits without shutdown(): its watchdog tells the others which rank and why.
+    ctx = init_distributed()
+    rank = ctx.rank
+    if rank == 0:
+        _notices(args, "generate")
+    lm = _load(args, ctx)
+    g = torch.Generator().manual_seed(args.seed)
+    out = lm.generate(torch.tensor([ids]), n_new, temperature=args.temperature, top_k=args.top_k, generator=g)
+    if rank == 0:
+        print(tok.decode(out[0].tolist()))
+        print(f"sharded memory: {lm.world} rank(s), {lm.memory.nbytes / 2**20:,.1f} MiB of table rows on rank 0",
+              file=sys.stderr)
+    shutdown(ctx)
     return 0
 
 
@@ -84,27 +82,24 @@ def evaluate(args, cfg, seq_len: int) -> int:
     from engram.cli.serving import _tokenizer_spec
     from engram.config import UserError
     from engram.data import val_batches
-    from engram.distributed.serve import init_from_env, shutdown
+    from engram.distributed.launch import init_distributed, shutdown
 
-    rank, world = init_from_env()
-    try:
-        if rank == 0:
-            _notices(args, "eval")
-        lm = _load(args)  # the memory first: a bad store fails before the corpus is read
-        data = _prepare_data(args, rank, world, _tokenizer_spec(args.model, args.tokenizer))
-        if data.vocab_size > cfg.vocab_size:
-            raise UserError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
-        with _reading_user_input():
-            batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
-        t0 = time.perf_counter()
-        loss = lm.evaluate(batches)
-        seconds = time.perf_counter() - t0
-        if rank == 0:
-            _print_eval(args, lm, loss, batches, seq_len, seconds)
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
+    ctx = init_distributed()
+    rank, world = ctx.rank, ctx.world_size
+    if rank == 0:
+        _notices(args, "eval")
+    lm = _load(args, ctx)  # the memory first: a bad store fails before the corpus is read
+    data = _prepare_data(args, rank, world, _tokenizer_spec(args.model, args.tokenizer))
+    if data.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
+    with _reading_user_input():
+        batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
+    t0 = time.perf_counter()
+    loss = lm.evaluate(batches)
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        _print_eval(args, lm, loss, batches, seq_len, seconds)
+    shutdown(ctx)
     return 0
 
 

@@ -41,26 +41,9 @@ from engram.model.generation import generate as _generate
 from engram.model.transformer import WEIGHTS_FILE, EngramLM
 from engram.store.format import RAW_TORCH
 
-__all__ = ["ShardedLM", "StoreRowReader", "WeightsRowReader", "init_from_env", "load_sharded"]
+__all__ = ["ShardedLM", "StoreRowReader", "WeightsRowReader", "load_sharded"]
 
 _PIECE_BYTES = 32 << 20  # rows read per piece: bounds the transient memory of a read to this much
-
-
-def init_from_env() -> tuple[int, int]:  # replaced by engram.distributed.launch at merge
-    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``MASTER_*``, gloo); no-op in one
-    process. Returns ``(rank, world_size)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return _world(None)[::-1]
-
-
-def shutdown(clean: bool = True) -> None:  # replaced by engram.distributed.launch at merge
-    """Leave the process group: all ranks together when ``clean``; after an error, leave it to the process's
-    exit (a barrier would wait for peers that may be stuck in another collective)."""
-    if clean and dist.is_available() and dist.is_initialized():
-        dist.barrier()  # gloo aborts a rank whose peers tear the group down under it
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------- readers

@@ -20,8 +20,6 @@ Legend: B global batch, b rows per rank, T time, W world size.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,47 +27,13 @@ import torch.distributed as dist
 
 from engram.config import ConfigError
 from engram.distributed.checkpoint import ROW_STATE, PtSource, Source, find_newest_good, save_sharded
+from engram.distributed.launch import DistContext, init_distributed
 from engram.distributed.memory import ShardedMemory
 from engram.distributed.sharding import check_budget
 from engram.train.checkpoint import CheckpointError
 from engram.train.trainer import Trainer, _all_finite, lr_at
 
-__all__ = ["DistContext", "DistTrainer", "init_from_env", "rank0_first"]
-
-
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str | None
-    is_main: bool
-    memory_group: object = None
-
-
-def init_from_env() -> DistContext:
-    """The process group torchrun's environment describes (one process without it: world 1, no group).
-
-    # replaced by engram.distributed.launch at merge (init_distributed: heartbeat watchdog, rank-0 output)
-    """
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        if dist.is_initialized():
-            return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                               dist.get_backend(), dist.get_rank() == 0, dist.new_group(backend=dist.get_backend()))
-        return DistContext(0, 1, 0, None, True)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
-    return DistContext(rank, dist.get_world_size(), local, backend, rank == 0, dist.new_group(backend=backend))
-
-
-def shutdown(ctx: DistContext) -> None:
-    """# replaced by engram.distributed.launch at merge"""
-    if ctx.backend is not None and dist.is_initialized():
-        dist.destroy_process_group()
+__all__ = ["DistTrainer", "rank0_first"]
 
 
 def _on() -> bool:
@@ -96,13 +60,14 @@ class _NoMetrics:
 class DistTrainer(Trainer):
     """`Trainer` on every rank of the default process group (see the module docstring).
 
-    Extra args: ``ctx`` (from `init_from_env`; default: the environment's), ``memory_budget_bytes`` (a world
-    whose per-rank table shards exceed it is refused before any work), ``exchange`` (the row exchange).
+    Extra args: ``ctx`` (from `engram.distributed.launch.init_distributed`; default: the environment's),
+    ``memory_budget_bytes`` (a world whose per-rank table shards exceed it is refused before any work),
+    ``exchange`` (the row exchange).
     """
 
     def __init__(self, cfg, run_dir, *, ctx: DistContext | None = None, memory_budget_bytes: int | None = None,
                  exchange: str = "all_to_all", **kw):
-        self.ctx = ctx or init_from_env()
+        self.ctx = ctx or init_distributed()
         self.world, self.rank, self.is_main = self.ctx.world_size, self.ctx.rank, self.ctx.is_main
         self.budget, self.exchange, self._mesh = memory_budget_bytes, exchange, None
         super().__init__(cfg, run_dir, **kw)
