@@ -23,10 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engram.cli import main
 from engram.config import ConfigError
+from engram.distributed.parallel import clip_in_order_
 from engram.model import EngramLM
+from engram.optim.sparse_adam import clip_grad_norm_
 from engram.train.config import apply_overrides, run_preset
 from engram.train.resume import RESUMABLE, RunRecord, resume_config
 from engram.train.run import read_metrics
@@ -111,6 +115,24 @@ def test_the_option_is_checked_and_a_resume_may_switch_it():
     assert changes == ["train.backbone_parallel: 'fsdp' -> 'ddp'"]
     with pytest.raises(ConfigError, match="train.lr"):  # what a run computes stays refused
         resume_config(rec, apply_overrides(cfg, ["train.lr=1e-3"]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), scale=st.sampled_from([1e-3, 1.0, 50.0]),
+       max_norm=st.sampled_from([0.5, 1.0, 1e3]), seed=st.integers(0, 2**16), data=st.data())
+def test_clipping_in_one_process_is_the_single_process_clipping(sizes, scale, max_norm, seed, data):
+    """Without a process group every part is the whole: clip_in_order_ computes, bit for bit, the norm and the
+    clipped gradients of the single-process trainer's clipping, whichever tensors are flagged as split."""
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(n, 3, generator=g) * scale for n in sizes]
+    split = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)))
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, t in zip(params, grads, strict=True):
+        p.grad = t.clone()
+    want = clip_grad_norm_(params, max_norm)
+    got = [t.clone() for t in grads]
+    assert clip_in_order_(got, split, max_norm) == float(want)
+    assert all(torch.equal(a, p.grad) for a, p in zip(got, params, strict=True))
 
 
 # ------------------------------------------------------------------------------------- runs

@@ -68,8 +68,10 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
 
 
 def reshard(model: nn.Module) -> None:
-    """Put every FSDP2 module of ``model`` back on its sharded parameters (FSDP2 keeps the root's gathered
-    after a forward that no backward followed, an evaluation); nothing to do without FSDP2. Not a collective."""
+    """Put every FSDP2 module of ``model`` back on its sharded parameters. After a forward that no backward
+    followed (an evaluation) FSDP2 leaves the root's parameters gathered and registered in place of the
+    sharded ones, which the optimizer and the checkpoints know by identity. Not a collective; nothing to do
+    without FSDP2."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():

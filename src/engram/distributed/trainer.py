@@ -261,11 +261,9 @@ class DistTrainer(Trainer):
             p = self.mem.shard(item) if isinstance(item, int) else item
             if p.grad is None:
                 continue
-            if isinstance(item, int):
-                grads.append(coalesce_(p)._values() if p.grad.is_sparse else p.grad)
-            else:
-                grads.append(local_part(p.grad))
-            split.append(isinstance(item, int) or hasattr(p.grad, "to_local"))
+            g = coalesce_(p)._values() if p.grad.is_sparse else p.grad
+            split.append(isinstance(item, int) or hasattr(g, "to_local"))
+            grads.append(local_part(g))
         return clip_in_order_(grads, split, max_norm)
 
     # -- evaluation --------------------------------------------------------------------------------------
