@@ -144,7 +144,8 @@ def test_every_choice_field_is_a_literal_that_validation_agrees_with():
                 d = base.to_dict()
                 (d["train"] if section == "train" else d["model"]["engram"])[name] = "nonsense"
                 RunConfig.from_dict(d).validate()
-    assert found == 4  # train.engram_optimizer, train.dtype, model.engram.conv_init, model.engram.table_dtype
+    # train.engram_optimizer, train.dtype, train.backbone_parallel, model.engram.conv_init, model.engram.table_dtype
+    assert found == 5
 
 
 # ------------------------------------------------------------------------------ CLI errors

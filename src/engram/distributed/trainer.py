@@ -2,17 +2,19 @@
 
 Semantics (the batches, and so the run, do not depend on the world size W): every rank draws the same
 global batch of ``train.batch_size`` windows (same seed) and trains on its slice of ``batch_size / W`` rows.
-The backbone is replicated under DDP (it averages the gradients); each Engram table is split by rows over
-the ranks (`ShardedMemory`, on a process group of its own so its exchanges never interleave with DDP's
-all-reduces) and every rank's SparseRowAdam updates its own rows. The objective is the mean over the global
-batch, so the table gradients, which arrive at their owner as the sum of the ranks' local-mean gradients,
-are scaled by 1/W; gradient clipping uses the global norm. The logged loss is the mean over the ranks, and
-every decision that stops or saves (a non-finite loss, Ctrl-C) is taken from values all ranks share, so the
-ranks always stop together.
+The backbone is replicated under DDP (it averages the gradients), or with ``train.backbone_parallel="fsdp"``
+sharded by FSDP2 (parameters, gradients and AdamW state are DTensors placed Shard(0), gathered block by block
+for the forward and backward); each Engram table is split by rows over the ranks (`ShardedMemory`, on a
+process group of its own so its exchanges never interleave with the backbone's collectives) and every rank's
+SparseRowAdam updates its own rows. The objective is the mean over the global batch, so the table gradients,
+which arrive at their owner as the sum of the ranks' local-mean gradients, are scaled by 1/W; gradient clipping
+uses the global norm (per-tensor norms in the single-process order, a sharded tensor's from its parts' squared
+norms summed over the ranks). The logged loss is the mean over the ranks, and every decision that stops or
+saves (a non-finite loss, Ctrl-C) is taken from values all ranks share, so the ranks always stop together.
 
 Rank 0 alone prints and writes the run's shared files; checkpoints are sharded (`engram.distributed.checkpoint`)
-and load on any world size, a single process included (``W = 1`` without a process group: a plain
-``engram train --resume`` of such a run).
+and load on any world size and either backbone mode, a single process included (``W = 1`` without a process
+group: a plain ``engram train --resume`` of such a run).
 
 Legend: B global batch, b rows per rank, T time, W world size.
 """
@@ -29,6 +31,7 @@ from engram.config import ConfigError
 from engram.distributed.checkpoint import ROW_STATE, PtSource, Source, find_newest_good, save_sharded
 from engram.distributed.launch import DistContext, init_distributed
 from engram.distributed.memory import ShardedMemory
+from engram.distributed.parallel import clip_in_order_, local_part, reshard, shard_backbone
 from engram.distributed.sharding import check_budget
 from engram.train.checkpoint import CheckpointError
 from engram.train.trainer import Trainer, _all_finite, lr_at
@@ -101,7 +104,19 @@ class DistTrainer(Trainer):
         check_budget(heads, e.n_embed_per_ngram // e.n_head_per_ngram, e.torch_table_dtype, self.world, self.budget)
 
     def _start_info(self) -> dict:
-        return {"world_size": self.world}
+        return {"world_size": self.world, "backbone_parallel": self._mode()}
+
+    def _mode(self) -> str:
+        """How this process holds the backbone: the configured mode on a process group, whole without one."""
+        return self.cfg.train.backbone_parallel if _on() else "none"
+
+    def _device_mesh(self):
+        """The 1-D mesh of the ranks, shared by the FSDP2 backbone and the checkpoints' row-sharded tables."""
+        if self._mesh is None:
+            from torch.distributed.tensor import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.world,))
+        return self._mesh
 
     def _write_record(self, write) -> None:
         if self.is_main:
@@ -113,24 +128,29 @@ class DistTrainer(Trainer):
         return super()._open_metrics(resume) if self.is_main else _NoMetrics()
 
     def _build_model(self, model):
-        # The order of the parameters (tables included) that the single-process clipping sees.
+        # The order of the parameters (tables included) that the single-process clipping sees, by name: FSDP2
+        # replaces the parameters by DTensors of the same names.
         table_of = {id(blk.engram.table.weight): blk.layer for blk in model.blocks
                     if blk.engram is not None and blk.engram.table is not None}
-        self._clip_order = [table_of.get(id(p), p) for p in model.parameters()]
+        order = [table_of.get(id(p), n) for n, p in model.named_parameters()]
         from engram.model.params import count_params
 
         self._params = count_params(model)  # of the whole model: the tables leave it next
         self.mem = ShardedMemory.from_model(model, group=self.ctx.memory_group, exchange=self.exchange) \
             if table_of else None
-        self.ddp = model
-        if _on():
+        self.net = model
+        # Experts that no token of a rank routes to get no gradient there: the reduction must not wait for them.
+        unused = self.cfg.model.n_routed_experts > 0
+        if self._mode() == "fsdp":
+            self.net = shard_backbone(model, self._device_mesh(), unused=unused)
+        elif _on():
             from torch.nn.parallel import DistributedDataParallel
 
-            # Experts that no token of a rank routes to get no gradient there: DDP must not wait for them.
-            unused = self.cfg.model.n_routed_experts > 0
             dev = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(model, device_ids=dev, forward_sync_buffers=False,
+            self.net = DistributedDataParallel(model, device_ids=dev, forward_sync_buffers=False,
                                                find_unused_parameters=unused)
+        named = dict(model.named_parameters())
+        self._clip_order = [x if isinstance(x, int) else named[x] for x in order]
         return model
 
     def _count_params(self) -> dict:
@@ -169,7 +189,7 @@ class DistTrainer(Trainer):
                     g["lr"] = lr * g.get("lr_mult", 1.0)
         rows = self.model.engram_rows(x_bT) if self.model.hasher is not None else None
         with self._autocast():
-            out = self.ddp(x_bT, y_bT, engram_rows=rows)
+            out = self.net(x_bT, y_bT, engram_rows=rows)
             loss = out.loss + self.cfg.model.router_aux_coef * out.aux_loss
         # The mean over the ranks, seen by all: they stop together on a non-finite loss.
         total, lm_loss = self._mean([float(loss.detach()), float(out.loss.detach())]) if self.world > 1 else \
@@ -195,42 +215,21 @@ class DistTrainer(Trainer):
         if self.mem is not None:
             self.mem.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
     def _clip(self, max_norm: float) -> float:
         """Clip by the global norm: the single-process computation (per-tensor norms in parameter order, then
-        their norm), where a table's norm is that of all its shards' gradients together."""
-        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
-
+        their norm), where a table's norm is that of all its shards' gradients together, and an FSDP2
+        gradient's that of all its ranks' parts."""
         from engram.optim.sparse_adam import coalesce_
 
-        grads, is_table = [], []
+        grads, split = [], []
         for item in self._clip_order:
             p = self.mem.shard(item) if isinstance(item, int) else item
             if p.grad is None:
                 continue
-            grads.append(coalesce_(p)._values() if p.grad.is_sparse else p.grad)
-            is_table.append(isinstance(item, int))
-        if not grads:
-            return 0.0
-        norms, where = [], []
-        for (device, _), ([ts], idx) in _group_tensors_by_device_and_dtype([grads], with_indices=True).items():
-            if _has_foreach_support(ts, device):
-                norms.extend(torch._foreach_norm(ts, 2.0))
-            else:
-                norms.extend(torch.linalg.vector_norm(g, 2.0) for g in ts)
-            where.extend(idx)
-        tables = [j for j, i in enumerate(where) if is_table[i]]
-        if self.world > 1 and tables and _on():
-            sq = torch.stack([norms[j].double() ** 2 for j in tables])
-            dist.all_reduce(sq)
-            for j, v in zip(tables, sq.sqrt(), strict=True):
-                norms[j] = v.to(norms[j].dtype)
-        first = grads[0].device
-        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), 2.0)
-        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.device))
-        return float(total)
+            g = coalesce_(p)._values() if p.grad.is_sparse else p.grad
+            split.append(isinstance(item, int) or hasattr(g, "to_local"))
+            grads.append(local_part(g))
+        return clip_in_order_(grads, split, max_norm)
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,9 +242,12 @@ class DistTrainer(Trainer):
         with self._autocast():
             for x, y in mine:
                 losses.append((float(self.model(x, y).loss), y.numel()))
-            if self.mem is not None:  # the others' forwards need this rank's rows
-                for _ in range(math.ceil(len(self.val) / self.world) - len(mine)):
+            for _ in range(math.ceil(len(self.val) / self.world) - len(mine)):
+                if self._mode() == "fsdp":  # the others' forwards need this rank's parameters and rows
+                    self.model(*self.val[0])
+                elif self.mem is not None:  # the others' forwards need this rank's rows
                     self.mem.idle()
+        reshard(self.model)
         self.model.train()
         parts = [losses]
         if _on():
@@ -279,14 +281,12 @@ class DistTrainer(Trainer):
         Shard(0) on the 1-D mesh of the ranks, or the tensor itself without a process group."""
         if not _on():
             return local
-        from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
 
-        if self._mesh is None:
-            self._mesh = init_device_mesh(self.device.type, (self.world,))
         shape = (num_rows, *local.shape[1:])
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return DTensor.from_local(local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
-                                  stride=stride)
+        return DTensor.from_local(local, self._device_mesh(), [Shard(0)], run_check=False,
+                                  shape=torch.Size(shape), stride=stride)
 
     def _backbone_names(self) -> list[tuple[str, torch.nn.Parameter]]:
         name = {id(p): n for n, p in self.model.named_parameters()}
@@ -306,7 +306,7 @@ class DistTrainer(Trainer):
 
     def save(self) -> Path:
         tensors = list(self.model.parameters()) + self._table_parameters()
-        bad = next((i for i, p in enumerate(tensors) if not _all_finite(p)), None)
+        bad = next((i for i, p in enumerate(tensors) if not _all_finite(local_part(p))), None)
         if self._any(bad is not None):
             raise self._diverged("a parameter", "non-finite", step=self.step)
         extra = {"sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(), "tokens": self.tokens,
@@ -325,10 +325,12 @@ class DistTrainer(Trainer):
         dest = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         missing = [k for k in dest if k not in have]
         opt_state: dict[int, dict] = {}
-        for i, (n, _) in enumerate(names):
+        for i, (n, p) in enumerate(names):
             for key, (shape, dtype) in have.items():
-                if key.startswith(f"opt/{n}/"):
-                    dest[key] = opt_state.setdefault(i, {})[key.rsplit("/", 1)[1]] = torch.empty(shape, dtype=dtype)
+                if key.startswith(f"opt/{n}/"):  # the state of an FSDP2 parameter is sharded like it
+                    sharded = hasattr(p, "to_local") and tuple(shape) == tuple(p.shape)
+                    t = torch.empty_like(p, dtype=dtype) if sharded else torch.empty(shape, dtype=dtype)
+                    dest[key] = opt_state.setdefault(i, {})[key.rsplit("/", 1)[1]] = t
         table_state: dict[int, dict] = {}
         if self.mem is not None:
             for i, (layer, s) in enumerate(self.mem.spec.items()):

@@ -16,6 +16,7 @@ from engram.config import ConfigError, EngramConfig, ModelConfig, build_preset, 
 # The documented values of the options that take names (the CLI's --set checks them by these types).
 EngramOptimizer = Literal["sparse_row_adam", "dense_adamw", "torch_sparse_adam"]
 AutocastDtype = Literal["auto", "bfloat16", "float32"]
+BackboneParallel = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -50,6 +51,10 @@ class TrainConfig:
     ckpt_every: int = 200
     log_every: int = 10
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # How the backbone is spread over the ranks of a torchrun launch (the Engram tables are row-sharded
+    # either way): "ddp" replicates it and its AdamW state on every rank; "fsdp" (FSDP2) shards both, so
+    # a rank holds 1/W of them. No effect in one process; a resume may switch it (checkpoints reshard).
+    backbone_parallel: BackboneParallel = "ddp"
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first invalid setting."""
@@ -58,7 +63,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        for name, choices in (("dtype", get_args(AutocastDtype)), ("engram_optimizer", get_args(EngramOptimizer))):
+        for name, choices in (("dtype", get_args(AutocastDtype)), ("engram_optimizer", get_args(EngramOptimizer)),
+                              ("backbone_parallel", get_args(BackboneParallel))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"train.{name} must be one of {', '.join(map(repr, choices))}, "
                                   f"got {getattr(self, name)!r}")

@@ -18,10 +18,11 @@ from engram.config import ConfigError
 from engram.train.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
 from engram.train.config import RunConfig
 
-# Settings a resumed run may change: when it stops and what it reports, never what it computes up to
-# the checkpoint. (``train.steps`` moves the end of the cosine schedule, so the steps after the
-# checkpoint follow the new schedule: that is what extending a run means.)
-RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.ckpt_every")
+# Settings a resumed run may change: when it stops, what it reports and how its ranks hold the backbone
+# (the checkpoints reshard either way), never what it computes up to the checkpoint. (``train.steps``
+# moves the end of the cosine schedule, so the steps after the checkpoint follow the new schedule: that
+# is what extending a run means.)
+RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.ckpt_every", "train.backbone_parallel")
 RESOLVED_FILE = "resolved.json"
 # Data facts that must not change under a resumed run: the batches are a function of the tokens.
 DATA_KEYS = ("corpus_fingerprint", "tokenizer_fingerprint", "vocab_size", "train_tokens", "val_tokens")
