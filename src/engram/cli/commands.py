@@ -134,7 +134,7 @@ def _distributed(args, run_dir=None):
 
     if "WORLD_SIZE" not in os.environ and not is_sharded_run(run_dir):
         return None
-    return init_distributed()
+    return init_distributed(device="cpu")
 
 
 def _trainer_factory(args, ctx):
@@ -147,7 +147,9 @@ def _trainer_factory(args, ctx):
             from engram.distributed.launch import init_distributed
             from engram.distributed.trainer import DistTrainer
 
-            return lambda *a, **kw: DistTrainer(*a, ctx=init_distributed(), memory_budget_bytes=int(budget * 2**30),
+            # The CLI trains on the CPU (gloo): no GPU selection yet, so NCCL is never picked under it.
+            return lambda *a, **kw: DistTrainer(*a, ctx=init_distributed(device="cpu"),
+                                                memory_budget_bytes=int(budget * 2**30),
                                                 **kw)
         return Trainer
     from engram.distributed.trainer import DistTrainer

@@ -62,7 +62,7 @@ def generate(args, tok, ids: list[int], n_new: int) -> int:
     from engram.distributed.launch import init_distributed, shutdown
 
     # A rank that fails exits without shutdown(): its watchdog tells the others which rank and why.
-    ctx = init_distributed()
+    ctx = init_distributed(device="cpu")
     rank = ctx.rank
     if rank == 0:
         _notices(args, "generate")
@@ -84,7 +84,7 @@ def evaluate(args, cfg, seq_len: int) -> int:
     from engram.data import val_batches
     from engram.distributed.launch import init_distributed, shutdown
 
-    ctx = init_distributed()
+    ctx = init_distributed(device="cpu")
     rank, world = ctx.rank, ctx.world_size
     if rank == 0:
         _notices(args, "eval")

@@ -70,7 +70,7 @@ class DistTrainer(Trainer):
 
     def __init__(self, cfg, run_dir, *, ctx: DistContext | None = None, memory_budget_bytes: int | None = None,
                  exchange: str = "all_to_all", **kw):
-        self.ctx = ctx or init_distributed()
+        self.ctx = ctx or init_distributed(device=kw.get("device", "cpu"))
         self.world, self.rank, self.is_main = self.ctx.world_size, self.ctx.rank, self.ctx.is_main
         self.budget, self.exchange, self._mesh = memory_budget_bytes, exchange, None
         super().__init__(cfg, run_dir, **kw)
