@@ -279,3 +279,13 @@ def test_plain_resume_of_a_sharded_checkpoint_is_exact(env, tmp_path, monkeypatc
     assert main(_cmd(env, 0, run, "--resume")[3:]) == 0
     assert losses(run) == losses(env["base"] / "single")
     assert sorted(p.name for p in (run / "ckpt").glob("step-*.json")) == ["step-0000004.json", "step-0000006.json"]
+
+
+@pytest.mark.slow
+def test_a_user_error_on_every_rank_is_printed_once(env, tmp_path):
+    """Every rank meets the same error: rank 0 prints the one line, the others hand theirs to the watchdog."""
+    p = launch(env, 2, tmp_path / "run", "--set", "train.batch_size=3", ok=False)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("engram: error:")]
+    assert lines == ["engram: error: train.batch_size=3 does not divide over 2 ranks: the global batch is split "
+                     "evenly, so use a multiple of 2"], p.stderr[-3000:]

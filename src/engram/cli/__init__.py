@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_user_error(e):
             raise
-        print(error_line(e), file=sys.stderr)
+        # Under torchrun every rank usually meets the same error: rank 0 prints it; another rank hands its
+        # own to the job's watchdog, so a rank-specific error still reaches the ranks that are left.
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+        if rank == "0":
+            print(error_line(e), file=sys.stderr)
+        elif "engram.distributed.launch" in sys.modules:
+            sys.modules["engram.distributed.launch"].report_failure(error_line(e).removeprefix("engram: error: "))
         return 2
 
 

@@ -223,6 +223,17 @@ def _at_exit() -> None:
         dog.stop()
 
 
+def report_failure(message: str) -> None:
+    """Tell the other ranks why this rank is about to exit (a user error it has already handled): they end
+    with ``rank R failed (message)`` instead of "exited without calling shutdown()". No-op without a job."""
+    if _hooked:
+        ctx = _hooked[0]
+        dog = ctx.watchdog
+        _remove_hooks()
+        dog.publish(f"rank {ctx.rank} failed ({message})")
+        dog.stop()
+
+
 def _install_hooks(ctx: DistContext) -> None:
     _hooked[:] = [ctx, sys.excepthook]
     sys.excepthook = _excepthook
