@@ -27,6 +27,11 @@ on a CPU, to test the script itself. Data are synthetic (Zipf-distributed token 
 machine has no corpus, no tokenizer training time and perhaps no ``tokenizers`` package, and
 throughput does not depend on what the tokens mean.
 
+Device-specific on purpose, behind ``device.type == "cuda"``: waiting for queued work before a clock
+is read (`synchronize`; on another accelerator type the timings would miss queued work), pinned host
+tables (`RamStore` ignores ``pin`` without CUDA), the free device memory checked before the offload
+check, the TF32 switches turned off for the fp32 comparison, and the peak device memory recorded.
+
 Legend: B batch, T time.
 """
 
@@ -227,15 +232,21 @@ def check_generate(ctx: Context, rec: dict) -> None:
     dev_model = copy.deepcopy(cpu_model).to(ctx.device)
     prompt_BT = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(1))
     n_new = 16 if ctx.tiny else 64
-    want = generate(cpu_model, prompt_BT, n_new, temperature=0)
-    got = generate(dev_model, prompt_BT.to(ctx.device), n_new, temperature=0).cpu()
+    # fp32 means fp32: CUDA convolutions (the ShortConv) default to TF32, which rounds inputs to 10 bits.
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        want = generate(cpu_model, prompt_BT, n_new, temperature=0)
+        got = generate(dev_model, prompt_BT.to(ctx.device), n_new, temperature=0).cpu()
+        with torch.no_grad():
+            full = want[:, :-1]
+            diff = (cpu_model(full).logits - dev_model(full.to(ctx.device)).logits.cpu()).abs().max()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     same = want == got
     rec.update(prompt=list(prompt_BT.shape), new_tokens=n_new, tokens_equal=bool(same.all()),
-               first_difference=None if same.all() else int((~same).any(0).nonzero()[0]))
-    with torch.no_grad():
-        full = want[:, :-1]
-        diff = (cpu_model(full).logits - dev_model(full.to(ctx.device)).logits.cpu()).abs().max()
-    rec["max_logit_diff"] = float(diff)
+               first_difference=None if same.all() else int((~same).any(0).nonzero()[0]),
+               max_logit_diff=float(diff))
     if not same.all():
         raise AssertionError(f"greedy tokens differ from the CPU's from position {rec['first_difference']} "
                              f"(max logit difference {rec['max_logit_diff']:.3g})")
