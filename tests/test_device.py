@@ -119,6 +119,14 @@ def test_sharded_training_stays_on_the_cpu(two_gpus, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_generate_on_the_cpu(trained, no_cuda, capsys):
+    args = ["generate", "--model", str(trained), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main([*args, "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert main([*args, "--device", "auto"]) == 0  # auto without CUDA is the CPU: the same greedy text
+    assert capsys.readouterr().out == text and text.startswith("def")
+
+
 def test_device_help_names_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -208,7 +216,7 @@ def test_a_cuda_step_does_not_synchronise(env, tmp_path):
 
     def step():
         x, y = tr.sampler.next()
-        out = tr._train_step(x.to(tr.device), y.to(tr.device))
+        out = tr._train_step(tr._to_device(x), tr._to_device(y))
         tr.step += 1
         return out
 

@@ -379,6 +379,13 @@ class Trainer(DeferredReads):
         self.model.zero_grad(set_to_none=True)
         return out.loss.item(), gnorm
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device; to CUDA through pinned memory, as a blocking copy from pageable
+        memory would wait for the device (a host sync every step)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _on_sigint(self, signum, frame):
         if self._stop:  # second Ctrl-C: stop right now
             raise KeyboardInterrupt
@@ -399,7 +406,7 @@ class Trainer(DeferredReads):
         try:
             while self.step < tc.steps:
                 x, y = self.sampler.next()
-                x, y = x.to(self.device), y.to(self.device)
+                x, y = self._to_device(x), self._to_device(y)
                 t0 = time.perf_counter()
                 loss, gnorm = self._train_step(x, y)
                 self.step += 1
