@@ -414,10 +414,10 @@ class Trainer(DeferredReads):
                 rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
                        "lr": lr_at(self.step - 1, tc), "grad_norm": gnorm}
                 self._pending.append(rec)
-                logging = self.step % tc.log_every == 0 or self.step == tc.steps
+                log_now = self.step % tc.log_every == 0 or self.step == tc.steps
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
                 at_ckpt = self.step % tc.ckpt_every == 0 or self.step == tc.steps
-                read = not isinstance(loss, torch.Tensor) or logging or at_eval or at_ckpt
+                read = not isinstance(loss, torch.Tensor) or log_now or at_eval or at_ckpt
                 if read:
                     self._read_pending()  # deferred steps: the wait for the device is timed into this one
                 dt = time.perf_counter() - t0
@@ -427,7 +427,7 @@ class Trainer(DeferredReads):
                 self.elapsed += dt
                 tok_s = self.tokens / max(self.elapsed, 1e-9)
                 bar.update(1)
-                if logging:
+                if log_now:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 if at_eval:
                     val_loss = self.evaluate()
