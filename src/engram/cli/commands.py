@@ -137,11 +137,28 @@ def _distributed(args, run_dir=None):
     return init_distributed(device="cpu")
 
 
+def _train_device(args, ctx):
+    """The device ``--device`` names for training: any in a single process; the CPU for the row-sharded
+    trainer (``--memory-budget-gb`` or torchrun), which the CLI runs over gloo for now."""
+    from engram.config import UserError
+    from engram.train.probe import resolve_device
+
+    if ctx is None and getattr(args, "memory_budget_gb", None) is None:
+        return resolve_device(args.device)
+    if args.device not in ("auto", "cpu"):
+        resolve_device(args.device)  # a spelling that names no device says so first
+        raise UserError(f"--device {args.device}: the row-sharded trainer (torchrun or --memory-budget-gb) runs on "
+                        f"the CPU for now; use --device cpu (or auto)")
+    return resolve_device("cpu")
+
+
 def _trainer_factory(args, ctx):
-    """``make(cfg, run_dir, **kw)``: the single-process Trainer, or the row-sharded one on ``ctx``."""
+    """``make(cfg, run_dir, **kw)``: the single-process Trainer on ``--device``, or the row-sharded one on
+    ``ctx`` (CPU)."""
     from engram.train.trainer import Trainer
 
     budget = getattr(args, "memory_budget_gb", None)
+    device = _train_device(args, ctx)
     if ctx is None:
         if budget is not None:
             from engram.distributed.launch import init_distributed
@@ -151,7 +168,7 @@ def _trainer_factory(args, ctx):
             return lambda *a, **kw: DistTrainer(*a, ctx=init_distributed(device="cpu"),
                                                 memory_budget_bytes=int(budget * 2**30),
                                                 **kw)
-        return Trainer
+        return lambda *a, **kw: Trainer(*a, device=device, **kw)
     from engram.distributed.trainer import DistTrainer
 
     return lambda *a, **kw: DistTrainer(*a, ctx=ctx, memory_budget_bytes=None if budget is None
@@ -184,6 +201,7 @@ def _train(args) -> int:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         run_dir = _output_dir(args.run_dir or f"runs/{cfg.preset}-{stamp}", "--run-dir")
     _check_world(cfg, ctx)  # before the corpus is read
+    make = _trainer_factory(args, ctx)  # a --device that names no device here fails here too
     main = ctx is None or ctx.is_main
     try:
         with _reading_user_input():
@@ -193,7 +211,6 @@ def _train(args) -> int:
                 from engram.distributed.trainer import rank0_first
 
                 data = rank0_first(lambda: prepare_run_data(cfg))
-        make = _trainer_factory(args, ctx)
         res = make(cfg, run_dir, resume=args.resume, data=data, progress=not args.no_progress).train()
     except TrainingDiverged as e:  # not a user error, not a bug: its own exit status (all ranks agree on it)
         _leave(ctx)
@@ -222,6 +239,7 @@ def _compare(args) -> int:
     out = _output_dir(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     ctx = _distributed(args)
     _check_world(cfg, ctx)
+    make = _trainer_factory(args, ctx)
     with _reading_user_input():
         if ctx is None:
             data = prepare_run_data(cfg)
@@ -231,7 +249,7 @@ def _compare(args) -> int:
             data = rank0_first(lambda: prepare_run_data(cfg))
     main = ctx is None or ctx.is_main
     run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
-                progress=not args.no_progress, data=data, trainer=_trainer_factory(args, ctx), main=main,
+                progress=not args.no_progress, data=data, trainer=make, main=main,
                 out=print if main else (lambda *a, **k: None))
     _leave(ctx)
     return 0

@@ -123,6 +123,12 @@ def _budget_arg(s) -> None:
                         "fit is refused before any work, naming the smallest one that does")
 
 
+def _device_arg(s, what: str) -> None:
+    s.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help=f"where {what} runs: auto (CUDA where torch sees a GPU, else the CPU), cpu, or a CUDA "
+                        f"device")
+
+
 def _add_run_args(s, default_preset: str) -> None:
     _preset_arg(s, "run", default_preset)
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
@@ -131,6 +137,7 @@ def _add_run_args(s, default_preset: str) -> None:
     s.add_argument("--data", nargs="+", help="corpus files/folders (text or JSONL); default: the Python stdlib")
     s.add_argument("--tokenizer", help="tokenizer instead of the locally trained BPE")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _device_arg(s, "training (recorded in the run directory's meta.json; single-process runs only for now)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=_at_least(1), default=50, help="sample among the k most likely tokens")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_memory_args(s, default=None)
+    _device_arg(s, "the model (--memory sharded: the CPU only for now)")
     s.set_defaults(func=serving._generate)
 
     s = sub.add_parser("export-memory", help="write a model's Engram tables to a store directory (for --memory disk)")
@@ -209,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-tokens", type=_at_least(1), default=1 << 15, help="validation tokens to evaluate")
     s.add_argument("--cold", action="store_true", help="drop the store files from the page cache first")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
+    _device_arg(s, "the model (--memory sharded: the CPU only for now)")
     s.set_defaults(func=serving._eval)
 
     s = sub.add_parser("demo", help="compress a bundled tokenizer, hash a sentence, run the module")

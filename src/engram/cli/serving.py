@@ -45,8 +45,26 @@ def _tokenizer_spec(model_dir: str, override: str | None) -> str:
     return named.read_text().strip()
 
 
-def _open_memory(args, profile_batches=None):
-    """The OffloadedLM the --memory/--store/--cache-mb/--policy options describe."""
+def _serving_device(args):
+    """The device ``--device`` names for the model (after `sharded.resolve_memory`): the CPU for
+    ``--memory sharded``, whose ranks exchange rows over gloo for now."""
+    import torch
+
+    from engram.config import UserError
+    from engram.train.probe import resolve_device
+
+    if args.memory != "sharded":
+        return resolve_device(args.device)
+    if args.device not in ("auto", "cpu"):
+        resolve_device(args.device)  # a spelling that names no device says so first
+        raise UserError(f"--device {args.device}: --memory sharded runs on the CPU for now; use --device cpu "
+                        f"(or auto)")
+    return torch.device("cpu")
+
+
+def _open_memory(args, profile_batches=None, device=None):
+    """The OffloadedLM the --memory/--store/--cache-mb/--policy options describe, its backbone on ``device``
+    (default: the CPU)."""
     from pathlib import Path
 
     from engram.config import UserError
@@ -64,10 +82,16 @@ def _open_memory(args, profile_batches=None):
             bare = EngramLM.from_pretrained(args.model, tables=False)
         # Rank rows by their counts on the train split, never on what is evaluated.
         profile = access_profiles(bare, profile_batches())
+    model = None
+    if device is not None and device.type != "cpu":
+        from engram.model import EngramLM
+
+        with _reading_user_input():
+            model = EngramLM.from_pretrained(args.model, tables=False, map_location=device).eval()
     with _reading_user_input():
         return open_memory(args.model, args.memory, args.store, cache_bytes=int(args.cache_mb * 2**20),
                            policy=args.policy, profile=profile, prefetch=not args.no_prefetch, workers=args.workers,
-                           io=args.io)
+                           io=args.io, model=model)
 
 
 def _print_memory_stats(lm, file) -> None:
@@ -118,6 +142,7 @@ def _generate(args) -> int:
 
     cfg = _model_config(args.model)
     sharded.resolve_memory(args, None)
+    device = _serving_device(args)
     if args.memory is None and (args.store or args.cache_mb or args.no_prefetch):
         raise UserError("--store, --cache-mb and --no-prefetch apply to --memory ram|disk; pass --memory too")
     with _reading_user_input():
@@ -128,16 +153,16 @@ def _generate(args) -> int:
     n_new = _context_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     if args.memory == "sharded":
         return sharded.generate(args, tok, ids, n_new)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(device=device).manual_seed(args.seed)  # sampling draws where the logits are
     if args.memory is None:
         with _reading_user_input():
-            model = EngramLM.from_pretrained(args.model).eval()
+            model = EngramLM.from_pretrained(args.model, map_location=device).eval()
         with torch.no_grad():
             out = generate(model, torch.tensor([ids]), n_new, temperature=args.temperature, top_k=args.top_k,
                            generator=g)
         print(tok.decode(out[0].tolist()))
         return 0
-    with _open_memory(args, lambda: _train_windows(args, 64)) as lm:
+    with _open_memory(args, lambda: _train_windows(args, 64), device) as lm:
         out = lm.generate(torch.tensor([ids]), n_new, temperature=args.temperature, top_k=args.top_k, generator=g)
         print(tok.decode(out[0].tolist()))
         _print_memory_stats(lm, sys.stderr)
@@ -213,6 +238,7 @@ def _eval(args) -> int:
 
     _model_config(args.model)
     sharded.resolve_memory(args, "ram")
+    device = _serving_device(args)
     with _reading_user_input():
         cfg = EngramLM.from_pretrained(args.model, tables=False).cfg
     seq_len = args.seq_len or min(cfg.max_seq_len, 128)
@@ -221,13 +247,14 @@ def _eval(args) -> int:
     if args.memory == "sharded":
         return sharded.evaluate(args, cfg, seq_len)
     # The memory first: a bad store fails before the corpus is read (and tokenised, on a first run).
-    with _open_memory(args, lambda: _train_windows(args, seq_len)) as lm:
+    with _open_memory(args, lambda: _train_windows(args, seq_len), device) as lm:
         with _reading_user_input():
             data = prepare_data(args.data, _tokenizer_spec(args.model, args.tokenizer))
         if data.vocab_size > cfg.vocab_size:
             raise UserError(f"the tokenizer has {data.vocab_size} ids but the model only {cfg.vocab_size}")
         with _reading_user_input():  # --batch-size, --seq-len, --eval-tokens against the split
             batches = val_batches(data.val, args.batch_size, seq_len, args.eval_tokens)
+        batches = [(x.to(device), y.to(device)) for x, y in batches]
         if args.cold and lm.drop_page_cache() == 0:
             print("engram eval: --cold has no effect with --memory ram", file=sys.stderr)
         t0 = time.perf_counter()

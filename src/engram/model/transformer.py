@@ -363,6 +363,10 @@ class EngramLM(nn.Module):
             raise TypeError("targets must be an integer tensor")
         if tuple(targets_BT.shape) != (B, T):
             raise ValueError(f"targets must have the ids' shape {(B, T)}, got {tuple(targets_BT.shape)}")
+        if targets_BT.device.type != "cpu":  # no host sync per training step on an accelerator: the device raises
+            ok = (targets_BT == -100) | ((targets_BT >= 0) & (targets_BT < self.cfg.vocab_size))
+            torch._assert_async(ok.all(), "target id out of range (use -100 to ignore a position)")
+            return
         valid = targets_BT[targets_BT != -100]
         if valid.numel():
             lo, hi = (int(v) for v in torch.aminmax(valid))

@@ -1,15 +1,46 @@
-"""What the machine decides: the autocast dtype ``train.dtype="auto"`` resolves to, and the matmul
-FLOP/s that MFU is measured against. A run records the dtype it resolved at its first start and
-never probes again (`engram.train.resume`): timings vary, and a resumed run must compute the same way.
+"""What the machine decides: the device ``--device`` names, the autocast dtype ``train.dtype="auto"``
+resolves to, and the matmul FLOP/s that MFU is measured against. A run records the dtype it resolved
+at its first start and never probes again (`engram.train.resume`): timings vary, and a resumed run
+must compute the same way.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
 
+from engram.config import UserError
+
 _PEAK_FLOPS: dict = {}
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    """The concrete device ``--device`` names: ``"auto"`` is the current CUDA device where torch sees one,
+    else the CPU; ``"cuda"``/``"cuda:N"`` must exist here. Always an indexed CUDA device (``cuda:0``, not
+    ``cuda``), so the run directory records which card ran it. A UserError names what is wrong (no CUDA
+    at all, an index past the device count, a spelling that names no device) before any work.
+    """
+    text = (spec or "auto").strip().lower()
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if m is None:
+        raise UserError(f"--device {spec!r}: expected {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise UserError(f"--device {spec}: torch {torch.__version__} ({built}) sees no CUDA device on this machine; "
+                        f"use --device cpu (or auto)")
+    n = torch.cuda.device_count()
+    index = torch.cuda.current_device() if m[1] is None else int(m[1])
+    if index >= n:
+        raise UserError(f"--device {spec}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                        f"(cuda:0 to cuda:{n - 1})")
+    return torch.device("cuda", index)
 
 
 def peak_flops(dtype: torch.dtype) -> float:

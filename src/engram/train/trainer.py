@@ -23,6 +23,7 @@ from engram.atomic import write_json_atomic
 from engram.config import ConfigError
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from engram.train.config import RunConfig
+from engram.train.deferred import DeferredReads
 from engram.train.probe import peak_flops, resolve_dtype
 from engram.train.resume import check_same_data, data_facts, load_newest_good, load_run, resume_config
 from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics, record_start
@@ -67,13 +68,19 @@ def prepare_run_data(cfg: RunConfig, cache_dir: str | None = None):
                         val_permille=cfg.data.val_permille)
 
 
-class Trainer:
+class Trainer(DeferredReads):
     """Train one model described by a `RunConfig` into `run_dir`.
 
     `data` is a prepared `engram.data.DataBundle` (built from `cfg.data` when None). What the
     data and the machine decide (vocabulary size, pad id, ``train.dtype="auto"``, ``train.threads=0``)
     is resolved into the trainer's own copy, ``self.cfg``, which the run directory records; the
     caller's ``cfg`` is never modified, so one config can start several runs.
+
+    ``device`` (see `engram.train.probe.resolve_device`) is recorded with each start in ``meta.json``;
+    it is not part of the config, so a resumed run may continue on another device. On a CUDA device
+    a step reads nothing back to the host (``defer_reads``): its loss and gradient norm stay on the
+    device and are read in one transfer on logging steps (every ``train.log_every`` steps, eval and
+    checkpoint steps, the last step), and the finiteness check becomes a device-side flag checked there.
 
     ``resume=True`` continues the run recorded in `run_dir` with its own recorded config and
     resolved values (see `engram.train.resume`): ``cfg`` may be None ("as recorded") or ask for
@@ -90,6 +97,10 @@ class Trainer:
 
         self.run_dir, self.progress, self.notices = Path(run_dir), progress, []
         self.device = torch.device(device)
+        # On the CPU a read is free: check every step at once, as it is taken (the golden curve's path).
+        self.defer_reads = self.device.type == "cuda"
+        self._pending: list[dict] = []  # deferred steps' metrics, values still on the device
+        self._finite: torch.Tensor | None = None  # deferred steps' loss and grad norm all finite (device bool)
         ckpt_dir = self.run_dir / "ckpt"
         changes: list[str] = []
         if resume:
@@ -140,10 +151,11 @@ class Trainer:
                         "format": "engram-run-1", "requested": requested, "data": record.data or data_facts(self.data)})
                     write_json_atomic(self.run_dir / "config.json", self.cfg_dict)
                 record_start(self.run_dir, resume=manifest.stem if manifest else "step 0", changes=changes,
-                             **self._start_info())
+                             device=str(self.device), **self._start_info())
         else:
             def write_record() -> None:
-                init_run_dir(self.run_dir, self.cfg_dict, requested, data_facts(self.data), **self._start_info())
+                init_run_dir(self.run_dir, self.cfg_dict, requested, data_facts(self.data), device=str(self.device),
+                             **self._start_info())
         self._write_record(write_record)
 
         torch.manual_seed(tc.seed)
@@ -290,9 +302,10 @@ class Trainer:
                     if (spec / name).is_file()}
         return {"tokenizer.txt": (str(self.data.tokenizer_spec) + "\n").encode()}  # a bundled name or one file
 
-    def _diverged(self, what: str, value, step: int | None = None) -> TrainingDiverged:
+    def _diverged(self, what: str, value, step: int | None = None, found_at: int | None = None) -> TrainingDiverged:
         """The error for a non-finite ``what`` at ``step`` (default: the step being taken): the step, the
-        likely cause, and the last good checkpoint (untouched: nothing is saved after this)."""
+        likely cause, and the last good checkpoint (untouched: nothing is saved after this). ``found_at``:
+        the logging step whose read found it, where reads are deferred (`defer_reads`)."""
         tc, step = self.cfg.train, self.step + 1 if step is None else step
         lr = lr_at(step - 1, tc)
         if "validation" in what and tc.dtype == "bfloat16":
@@ -310,8 +323,11 @@ class Trainer:
                      f"lower train.lr, more train.warmup_steps or a lower train.grad_clip")
         last = latest_checkpoint(self.run_dir / "ckpt")
         good = last.with_suffix(".pt") if last else "none (nothing saved yet)"
-        return TrainingDiverged(f"{what} became {value} at step {step} (dtype {tc.dtype}); likely cause: {cause}. "
-                                f"Stopped without saving; last good checkpoint: {good}")
+        found = "" if found_at is None else (f" (found at logging step {found_at}: on this device values are read "
+                                             f"every train.log_every steps, and checkpoints are only written from "
+                                             f"a finite model)")
+        return TrainingDiverged(f"{what} became {value} at step {step}{found} (dtype {tc.dtype}); likely cause: "
+                                f"{cause}. Stopped without saving; last good checkpoint: {good}")
 
     # -- loop ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -330,7 +346,9 @@ class Trainer:
         self.model.train()
         return total / max(1, n)
 
-    def _train_step(self, x_BT, y_BT) -> tuple[float, float]:
+    def _train_step(self, x_BT, y_BT) -> tuple:
+        """One optimizer step: ``(loss, grad_norm)``, floats, or with `defer_reads` 0-d device tensors that
+        are not read here (their finiteness AND-ed into ``self._finite``, read on logging steps)."""
         from engram.optim.sparse_adam import clip_grad_norm_
 
         tc = self.cfg.train
@@ -344,6 +362,8 @@ class Trainer:
         with self._autocast():
             out = self.model(x_BT, y_BT, engram_rows=rows)
             loss = out.loss + self.cfg.model.router_aux_coef * out.aux_loss
+        if self.defer_reads:
+            return self._deferred_step(loss, out.loss)
         # Checked before any update, so the model (and every checkpoint) stays as it was.
         total = float(loss.detach())
         if not math.isfinite(total):
@@ -358,6 +378,13 @@ class Trainer:
             self.table_opt.step()
         self.model.zero_grad(set_to_none=True)
         return out.loss.item(), gnorm
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device; to CUDA through pinned memory, as a blocking copy from pageable
+        memory would wait for the device (a host sync every step)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # second Ctrl-C: stop right now
@@ -379,20 +406,30 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 x, y = self.sampler.next()
-                x, y = x.to(self.device), y.to(self.device)
+                x, y = self._to_device(x), self._to_device(y)
                 t0 = time.perf_counter()
                 loss, gnorm = self._train_step(x, y)
-                dt = time.perf_counter() - t0
                 self.step += 1
                 self.tokens += x.numel()
+                rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
+                       "lr": lr_at(self.step - 1, tc), "grad_norm": gnorm}
+                self._pending.append(rec)
+                log_now = self.step % tc.log_every == 0 or self.step == tc.steps
+                at_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
+                at_ckpt = self.step % tc.ckpt_every == 0 or self.step == tc.steps
+                read = not isinstance(loss, torch.Tensor) or log_now or at_eval or at_ckpt
+                if read:
+                    self._read_pending()  # deferred steps: the wait for the device is timed into this one
+                dt = time.perf_counter() - t0
+                rec["step_s"] = dt
+                if read:
+                    self._write_pending()
                 self.elapsed += dt
                 tok_s = self.tokens / max(self.elapsed, 1e-9)
-                self.metrics.log(kind="train", step=self.step, tokens=self.tokens, loss=loss,
-                                 lr=lr_at(self.step - 1, tc), grad_norm=gnorm, step_s=dt)
                 bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                if log_now:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                if at_eval:
                     val_loss = self.evaluate()
                     if not math.isfinite(val_loss):
                         raise self._diverged("validation loss", val_loss, step=self.step)
@@ -400,7 +437,9 @@ class Trainer:
                     if self.is_main:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
                 stop = self._should_stop()
-                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop:
+                if at_ckpt or stop:
+                    self._read_pending()
+                    self._write_pending()
                     last_good = self.save()
                 if stop:
                     status = "interrupted"
