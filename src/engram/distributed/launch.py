@@ -214,24 +214,24 @@ def _excepthook(kind, value, tb) -> None:
     dog.stop()
 
 
-def _at_exit() -> None:
+def _leave_with(verdict: str) -> None:
+    """Publish ``verdict`` (``{rank}`` filled in) as this rank's last word, once; no-op without a job."""
     if _hooked:
         ctx = _hooked[0]
         dog = ctx.watchdog
         _remove_hooks()
-        dog.publish(f"rank {ctx.rank} exited without calling shutdown()")
+        dog.publish(verdict.format(rank=ctx.rank))
         dog.stop()
+
+
+def _at_exit() -> None:
+    _leave_with("rank {rank} exited without calling shutdown()")
 
 
 def report_failure(message: str) -> None:
     """Tell the other ranks why this rank is about to exit (a user error it has already handled): they end
     with ``rank R failed (message)`` instead of "exited without calling shutdown()". No-op without a job."""
-    if _hooked:
-        ctx = _hooked[0]
-        dog = ctx.watchdog
-        _remove_hooks()
-        dog.publish(f"rank {ctx.rank} failed ({message})")
-        dog.stop()
+    _leave_with("rank {rank} failed (" + message.replace("{", "{{").replace("}", "}}") + ")")
 
 
 def _install_hooks(ctx: DistContext) -> None:
