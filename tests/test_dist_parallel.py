@@ -57,6 +57,7 @@ SCRIPT = textwrap.dedent('''
         dist.all_gather_object(parts, {k: v.detach().clone() for k, v in mem.shards.items()})
         for layer in parts[0]:
             sd[f"table.{layer}"] = torch.cat([p[layer] for p in parts])
+        dist.barrier()  # gloo aborts a rank whose peers tear the group down under it
         dist.destroy_process_group()
     else:
         for layer, t in zip(cfg.engram.layer_ids, tables, strict=True):
