@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engram.cli import commands, serving
+from engram.cli import commands, science, serving
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -223,4 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="compress a bundled tokenizer, hash a sentence, run the module")
     s.add_argument("--tokenizer", default="mistral-tekken", help="tokenizer directory, file or bundled name")
     s.set_defaults(func=commands._demo)
+
+    science.add_parsers(sub, _HelpFormatter, _at_least)
     return p

@@ -1,0 +1,187 @@
+"""`engram sweep`: run an experiment's grid, resumably, a few processes at a time.
+
+Layout under the sweep root (``--out``, default ``science/``)::
+
+    ROOT/runs/<run_id>/            one training run: spec.json, the trainer's files, result.json when done
+    ROOT/<experiment>-<preset>/sweep.json   the grid: command, git SHA, data, seeds, and each run's point + id
+    ROOT/corpora/man-pages/        the prose corpus, built once when the tokens experiment needs it
+
+A run's id hashes its whole config, so experiments that share a point share its run (trained once). Run
+the same command again to continue: finished runs are skipped, interrupted ones resume from their last
+checkpoint. Every run uses `SWEEP_THREADS` intra-op threads whatever ``--jobs`` is, so a figure does not
+depend on how many runs shared the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engram.atomic import write_json_atomic
+from engram.config import ConfigError, UserError
+from engram.science.grids import SWEEP_THREADS, RunSpec, build_grid
+from engram.science.worker import RESULT, SPEC
+
+RUNS, CORPORA, SWEEP_FILE = "runs", "corpora", "sweep.json"
+
+
+def default_jobs(mem_gib_per_run: float = 4.0) -> int:
+    """Processes at a time: one per core (each single-threaded), at most 2, fewer when RAM is short."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        avail = 2 * mem_gib_per_run
+    return max(1, min(2, cores, int(avail // mem_gib_per_run)))
+
+
+def prose_corpus(root: Path, out=print) -> list[str]:
+    """The tokens experiment's prose corpus: this machine's manual pages, rendered once under ``root``."""
+    from engram.data.manpages import build_man_corpus
+
+    dest = root / CORPORA / "man-pages"
+    if not dest.is_dir():
+        out(f"building the prose corpus from the manual pages into {dest} ...")
+    m = build_man_corpus(dest)
+    out(f"prose corpus: {m['pages']} manual pages, {m['bytes'] / 2**20:.1f} MiB ({dest})")
+    return [str(dest.resolve())]
+
+
+def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None,
+         command: str | None = None, out=print) -> tuple[Path, list[RunSpec]]:
+    """Write the sweep's ``sweep.json`` and each run's ``spec.json`` (existing runs untouched)."""
+    from engram.train.run import git_sha, versions
+
+    root = Path(root)
+    if experiment == "tokens" and not prose:
+        prose = prose_corpus(root, out)
+    data = [str(Path(p).resolve()) for p in data] if data else None
+    prose = [str(Path(p).resolve()) for p in prose] if prose else None
+    for p in (data or []) + (prose or []):
+        if not Path(p).exists():
+            raise UserError(f"data path {p} does not exist")
+    specs = build_grid(experiment, preset, seeds=seeds, data=data, prose=prose)
+    sweep_dir = root / f"{experiment}-{preset}"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    rundirs = root / RUNS
+    for spec in specs:
+        d = rundirs / spec.run_id
+        d.mkdir(parents=True, exist_ok=True)
+        keep = spec.keep_model
+        if (d / SPEC).is_file():
+            keep = keep or json.loads((d / SPEC).read_text()).get("keep_model", False)
+        write_json_atomic(d / SPEC, {"name": spec.name, "config": spec.config.to_dict(), "keep_model": keep})
+    record = {"format": "engram-sweep-1", "experiment": experiment, "preset": preset,
+              "command": command or "engram sweep " + shlex.join([experiment, "--preset", preset]),
+              "git_sha": git_sha(), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "data": data, "prose": prose, "vocab_size": specs[0].config.data.vocab_size, "seeds": sorted({s.seed for s in specs}), "threads": SWEEP_THREADS,
+              "runs": [{"name": s.name, "point": s.point, "seed": s.seed, "corpus": s.corpus,
+                        "run": f"../{RUNS}/{s.run_id}"} for s in specs]}
+    old = sweep_dir / SWEEP_FILE
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        record["created"] = prev.get("created", record["created"])
+        record["git_sha_first"] = prev.get("git_sha_first", prev.get("git_sha"))
+    write_json_atomic(old, record)
+    return sweep_dir, specs
+
+
+def status(sweep_dir: str | Path) -> dict[str, list[str]]:
+    """Runs of a sweep by state: ``done``, ``started`` (resumable) and ``pending``."""
+    sweep_dir = Path(sweep_dir)
+    rec = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    out: dict[str, list[str]] = {"done": [], "started": [], "pending": []}
+    for r in rec["runs"]:
+        d = (sweep_dir / r["run"]).resolve()
+        key = "done" if (d / RESULT).is_file() else "started" if (d / "config.json").is_file() else "pending"
+        out[key].append(r["name"])
+    return out
+
+
+def execute(sweep_dir: str | Path, *, jobs: int | None = None, out=print, max_runs: int | None = None) -> int:
+    """Train every unfinished run of the sweep, ``jobs`` worker processes at a time; returns the number
+    of runs that did not finish (0 when the sweep is complete)."""
+    sweep_dir = Path(sweep_dir)
+    rec = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    todo, seen = [], set()
+    for r in rec["runs"]:
+        d = (sweep_dir / r["run"]).resolve()
+        if d in seen or (d / RESULT).is_file():
+            continue
+        seen.add(d)
+        todo.append((r["name"], d))
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    jobs = jobs or default_jobs()
+    n_all = len({(sweep_dir / r["run"]).resolve() for r in rec["runs"]})
+    out(f"{sweep_dir.name}: {n_all - len(seen)} of {n_all} runs done, {len(todo)} to train, {jobs} at a time")
+    _warm_data(rec, out)
+    env = {**os.environ, "OMP_NUM_THREADS": str(SWEEP_THREADS), "MKL_NUM_THREADS": str(SWEEP_THREADS),
+           "ENGRAM_SWEEP_THREADS": str(SWEEP_THREADS)}
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    running: list[tuple[str, Path, subprocess.Popen, float]] = []
+    failed = 0
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                name, d = todo.pop(0)
+                log = open(d / "worker.log", "a")
+                p = subprocess.Popen([sys.executable, "-m", "engram.science.worker", str(d)], stdout=log,
+                                     stderr=subprocess.STDOUT, env=env)
+                log.close()
+                running.append((name, d, p, time.time()))
+                out(f"  started {name} ({d.name})")
+            time.sleep(1.0)
+            for item in list(running):
+                name, d, p, t0 = item
+                if p.poll() is None:
+                    continue
+                running.remove(item)
+                if p.returncode == 0 and (d / RESULT).is_file():
+                    res = json.loads((d / RESULT).read_text())
+                    out(f"  done {name}: val loss {res['val_loss']:.4f} ({(time.time() - t0) / 60:.1f} min)")
+                else:
+                    failed += 1
+                    out(f"  FAILED {name} (exit {p.returncode}); see {d / 'worker.log'}")
+    except KeyboardInterrupt:
+        for _, _, p, _ in running:
+            p.send_signal(2)  # each worker checkpoints and stops (a second Ctrl-C stops at once)
+        for _, _, p, _ in running:
+            p.wait()
+        out("interrupted: run the same command again to continue")
+        raise
+    st = status(sweep_dir)
+    out(f"{sweep_dir.name}: {len(st['done'])} of {len(rec['runs'])} run entries done")
+    return failed + len(st["started"]) + len(st["pending"]) if max_runs is None else failed
+
+
+def _warm_data(rec: dict, out) -> None:
+    """Tokenise each corpus once here, so parallel workers find it cached instead of all building it."""
+    from engram.data import prepare_data
+
+    corpora = {None if rec.get("data") is None else tuple(rec["data"])}
+    if rec.get("prose"):
+        corpora.add(tuple(rec["prose"]))
+    for c in corpora:
+        prepare_data(list(c) if c else None, vocab_size=rec.get("vocab_size", 8192), progress=False)
+
+
+def sweep(experiment: str, preset: str, *, root="science", seeds=None, data=None, prose=None, jobs=None,
+          command=None, dry_run=False, out=print) -> int:
+    """Plan and run a sweep (see the module docstring); the number of runs left unfinished."""
+    try:
+        sweep_dir, specs = plan(root, experiment, preset, seeds=seeds, data=data, prose=prose, command=command,
+                                out=out)
+    except ConfigError:
+        raise
+    if dry_run:
+        for s in specs:
+            out(f"  {s.name}: {s.run_id} {json.dumps(s.point)}")
+        return 0
+    return execute(sweep_dir, jobs=jobs, out=out)

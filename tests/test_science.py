@@ -1,0 +1,230 @@
+"""The experiments' machinery: grids and their iso-parameter accounting, a resumable sweep, the report."""
+
+import gzip
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from engram.config import ConfigError
+from engram.model.params import count_params
+from engram.science import grids, report, verdicts
+from engram.science.sweep import execute, plan, status
+from engram.science.worker import RESULT
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_alloc_grid_is_iso_parameter(preset):
+    specs = grids.build_grid("alloc", preset)
+    sc = grids.scale(preset)
+    assert sorted({s.point["rho"] for s in specs}) == sorted(sc.rhos)
+    assert {s.seed for s in specs} == set(sc.seeds)
+    moe = count_params(grids.moe_model(sc.base))
+    for s in specs:
+        p = count_params(s.config.model)
+        assert abs(p["total"] - moe["total"]) / moe["total"] < 0.005, s.name
+        assert abs(p["activated_per_token"] - moe["activated_per_token"]) / moe["activated_per_token"] < 0.005, s.name
+        m = s.config.model
+        if s.point["rho"] < 1:  # rho is the share of the inactive expert budget kept in experts
+            E, k = sc.base.model.n_routed_experts, m.moe_top_k
+            assert (m.n_routed_experts - k) / (E - k) == pytest.approx(s.point["rho"])
+            assert p["memory"] > 0
+        assert s.config.train.threads == grids.SWEEP_THREADS
+    if preset == "full":
+        assert len(sc.rhos) >= 7 and len(sc.seeds) >= 3
+        assert count_params(specs[0].config.model)["backbone"] >= count_params(grids.moe_model(grids._full_base()))["backbone"] * 0.5
+
+
+def test_runs_are_named_by_config_and_shared_between_experiments():
+    ids = {e: {s.name: s.run_id for s in grids.build_grid(e, "full", prose=["p"])} for e in grids.EXPERIMENTS}
+    for e, named in ids.items():
+        assert len(set(named.values())) == len(named), e  # every point of a sweep is its own run
+    # rho = 0.8 at layer 1 is the ablations' reference, the layer sweep's layer 1, the tokens' 1x point
+    assert ids["alloc"]["rho0.80-seed1"] == ids["ablations"]["reference-seed1"] == ids["layers"]["layer1-seed1"]
+    assert ids["tokens"]["default-x1-engram-seed2"] == ids["alloc"]["rho0.80-seed2"]
+    assert ids["tokens"]["default-x1-moe-seed0"] == ids["alloc"]["rho1.00-seed0"]
+    assert ids["tokens"]["prose-x1-moe-seed0"] != ids["alloc"]["rho1.00-seed0"]  # another corpus
+
+
+def test_scaling_grid_spans_64x_on_a_fixed_backbone():
+    specs = grids.build_grid("scaling", "full")
+    slots = sorted({s.point["slots"] for s in specs if s.point["model"] == "engram"})
+    assert len(slots) >= 5 and slots[-1] / slots[0] >= 64
+    backbones = {json.dumps({**s.config.model.to_dict(), "engram": None}, sort_keys=True) for s in specs}
+    assert len(backbones) == 1  # only the memory changes
+
+
+def test_ablations_change_one_thing():
+    sc = grids.scale("full")
+    ref = grids.ablation_model(sc, "reference")
+    for name, (kind, changes) in grids.ABLATIONS.items():
+        m = grids.ablation_model(sc, name)
+        if kind == "switch":
+            assert {k: v for k, v in m.engram.to_dict().items() if ref.engram.to_dict()[k] != v} == changes, name
+            assert {**m.to_dict(), "engram": None} == {**ref.to_dict(), "engram": None}, name
+        elif kind == "layout":
+            for k, v in changes.items():
+                assert getattr(m.engram, k) == v
+            mem_ref, mem = count_params(ref)["memory"], count_params(m)["memory"]
+            assert abs(mem - mem_ref) / mem_ref < 0.01, name  # the same memory budget
+        else:
+            assert m.hc_mult == grids.HC_BRANCHES
+    assert grids.ablation_model(sc, "hc4-shared-gate").engram.branch_gates == "shared"
+
+
+def test_grid_errors():
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        grids.build_grid("nope", "quick")
+    with pytest.raises(ConfigError, match="unknown sweep preset"):
+        grids.build_grid("alloc", "huge")
+    with pytest.raises(ConfigError, match="prose corpus"):
+        grids.build_grid("tokens", "quick")
+    with pytest.raises(ConfigError, match="whole"):
+        grids.experts_left(grids.scale("full").base.model, 0.85)
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+
+@pytest.mark.slow
+def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, monkeypatch):
+    from engram.train.config import RunConfig
+    from engram.train.trainer import Trainer
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    corpus = make_corpus(tmp_path / "corpus", n_files=20)
+    sweep_dir, specs = plan(tmp_path / "sci", "alloc", "tiny", seeds=[0], data=[str(corpus)], out=lambda *_: None)
+    rec = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["name"] for r in rec["runs"]] == ["rho1.00-seed0", "rho0.50-seed0"] and rec["git_sha"] is not None
+    run_b = sweep_dir / rec["runs"][1]["run"]
+
+    # Interrupt run B after 3 of its 6 steps, as Ctrl-C would (it checkpoints and stops).
+    cfg = RunConfig.from_dict(json.loads((run_b / "spec.json").read_text())["config"])
+    tr = Trainer(cfg, run_b, progress=False)
+    nxt = tr.sampler.next
+
+    def stop_after_three():
+        if tr.sampler.step == 3:
+            tr._stop = True
+        return nxt()
+
+    tr.sampler.next = stop_after_three
+    assert tr.train().status == "interrupted"
+    assert status(sweep_dir) == {"done": [], "started": ["rho0.50-seed0"], "pending": ["rho1.00-seed0"]}
+
+    lines = []
+    assert execute(sweep_dir, jobs=2, out=lines.append) == 0
+    assert status(sweep_dir)["done"] == ["rho1.00-seed0", "rho0.50-seed0"]
+    res_b = json.loads((run_b / RESULT).read_text())
+    assert res_b["threads"] == grids.SWEEP_THREADS and not (run_b / "ckpt").exists()
+    assert res_b["table_usage"]["rows_touched_per_step"] > 0 and res_b["gates"]
+
+    # The resumed run ends where an uninterrupted one does.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(run_b / "spec.json", clean / "spec.json")
+    from engram.science.worker import run as run_one
+
+    assert run_one(clean)["val_loss"] == res_b["val_loss"]
+    # A second sweep command trains nothing.
+    lines.clear()
+    assert execute(sweep_dir, out=lines.append) == 0
+    assert "0 to train" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+def _fake_sweep(root, experiment, runs, seeds=(0, 1, 2)):
+    d = root / f"{experiment}-fake"
+    d.mkdir(parents=True)
+    entries = []
+    for i, (name, point, seed, loss, extra) in enumerate(runs):
+        rd = root / "runs" / f"r{experiment}{i}"
+        rd.mkdir(parents=True)
+        res = {"val_loss": loss, "tokens": point.get("tokens", 1000), "tokens_per_s": 1.0, "params": {
+            "total": 100, "activated_per_token": 10, "memory": 5}, **extra}
+        (rd / RESULT).write_text(json.dumps(res))
+        entries.append({"name": name, "point": point, "seed": seed, "corpus": point.get("corpus", "default"),
+                        "run": f"../runs/r{experiment}{i}"})
+    entries.append({"name": "unfinished", "point": dict(runs[0][1]), "seed": 9, "run": "../runs/none"})
+    (d / "sweep.json").write_text(json.dumps({"experiment": experiment, "preset": "fake", "command": f"engram sweep {experiment}",
+                                              "git_sha": "abc", "data": None, "seeds": list(seeds), "runs": entries}))
+    return d
+
+
+def test_report_from_a_fake_sweep(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = lambda: float(rng.normal(0, 0.002))  # noqa: E731
+    alloc = [(f"rho{r}-s{s}", {"rho": r, "model": "moe" if r == 1 else "engram"}, s, 3 + (r - 0.7) ** 2 + noise(), {})
+             for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2) for s in range(3)]
+    scaling = [(f"n{n}-s{s}", {"slots": n, "model": "engram"}, s, 5 - 0.05 * math.log(n) + noise(), {})
+               for n in (1000, 4000, 16000, 64000, 256000) for s in range(3)]
+    layers = [(f"l{k}-s{s}", {"layers": k, "n_modules": k.count("+") + 1}, s, 3 + 0.01 * len(k) + noise(), {})
+              for k in ("0", "1", "2", "1+3") for s in range(3)]
+    abl = [(f"{a}-s{s}", {"ablation": a}, s, 3 + d + noise(), {}) for a, d in
+           (("reference", 0), ("gate-fixed-1", 0.1), ("no-short-conv", 0.0005), ("hc4-per-branch", -0.01),
+            ("hc4-shared-gate", 0.05)) for s in range(3)]
+    usage = {"table_usage": {"rows_touched_per_step": 5000.0, "updates_per_touched_row_median": 2.0,
+                             "rows_ever_touched_frac": 0.3}, "gates": {"1": {"mean": 0.4, "frac_above_half": 0.2}}}
+    tok = [(f"{c}-{t}-{m}-s{s}", {"corpus": c, "tokens": t, "model": m}, s,
+            3 - (0.02 * math.log2(t / 1000) if m == "engram" else 0) + noise(), usage if m == "engram" else {})
+           for c in ("default", "prose") for t in (1000, 2000, 4000, 8000) for m in ("moe", "engram") for s in range(3)]
+    dirs = [_fake_sweep(tmp_path, e, r) for e, r in
+            (("alloc", alloc), ("scaling", scaling), ("layers", layers), ("ablations", abl), ("tokens", tok))]
+    out = tmp_path / "report"
+    md = report.build_report(dirs, out, out=lambda *_: None).read_text()
+    for title in report.TITLES.values():
+        assert title in md
+    for d in dirs:
+        name = d.name
+        assert (out / f"{name}.png").stat().st_size > 5000
+        assert len((out / f"{name}.csv").read_text().splitlines()) == 1 + len(json.loads((d / "sweep.json").read_text())["runs"]) - 1
+    assert "1 unfinished (left out): unfinished" in md and "`engram sweep alloc`" in md and "`abc`" in md
+    assert "Lowest mean loss at rho = 0.70" in md and "interior" in md
+    assert "reproduced (falling, R² >= 0.9)" in md and "-0.050" in md.split("ln(slots)")[0][-8:]
+    assert "| gate-fixed-1 | reference |" in md and "| hc4-shared-gate | hc4-per-branch |" in md
+    assert "Resolved as hurting: gate-fixed-1, hc4-shared-gate" in md and "no-short-conv" in md.split("Not resolved:")[1]
+    assert "the gain widens with tokens" in md
+
+
+def test_verdicts_need_two_standard_errors():
+    assert verdicts.judge(-0.01, 0.004) == "better"
+    assert verdicts.judge(-0.01, 0.006) == "not resolved at this scale"
+    assert "one seed" in verdicts.judge(0.3, math.nan)
+    fit = verdicts.log_fit([{"slots": n, "seed": 0, "val_loss": 2 - 0.1 * math.log(n)} for n in (10, 100, 1000)])
+    assert fit["slope"] == pytest.approx(-0.1) and fit["r2"] == pytest.approx(1.0)
+
+
+def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
+    from engram.config import UserError
+
+    with pytest.raises(UserError, match="not a sweep directory"):
+        report.build_report([tmp_path], tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ prose corpus
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+def test_man_corpus_renders_dedupes_and_caps_families(tmp_path):
+    from engram.data import load_corpus
+    from engram.data.manpages import MANIFEST, build_man_corpus
+
+    page = ".TH {n} 1\n.SH NAME\n{n} \\- does things\n.SH DESCRIPTION\n" + "This tool reads {w} and writes them. " * 12 + "\n"
+    man1 = tmp_path / "man" / "man1"
+    man1.mkdir(parents=True)
+    for n, w in (("alpha", "files"), ("beta", "lines"), ("gamma", "words")):
+        (man1 / f"{n}.1.gz").write_bytes(gzip.compress(page.format(n=n, w=w).encode()))
+    (man1 / "alias.1.gz").write_bytes(gzip.compress(b".so man1/alpha.1\n"))  # a redirect: skipped
+    for i in range(5):  # a generated family: capped
+        (man1 / f"sdk_cmd{i}.1").write_text(page.format(n=f"sdk_cmd{i}", w=f"tables{i}"))
+    m = build_man_corpus(tmp_path / "corpus", root=tmp_path / "man", sections=("1",), max_per_family=2)
+    assert m["pages_seen"] == 9 and m["pages"] == 3 + 2
+    text = (tmp_path / "corpus" / "man1" / "beta.1.txt").read_text()
+    assert "writes them" in text and "\\-" not in text and ".SH" not in text
+    corpus = load_corpus([str(tmp_path / "corpus")])
+    names = [d.name for d in corpus.documents]
+    assert len(names) == 5 and not any(MANIFEST in n for n in names)
+    assert build_man_corpus(tmp_path / "corpus", root=tmp_path / "none") == m  # a complete corpus is reused
