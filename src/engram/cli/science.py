@@ -15,7 +15,8 @@ def _sweep(args) -> int:
                             prose=args.prose, command=command)
         st = status(sweep_dir)
         for k, names in st.items():
-            print(f"{k}: {len(names)}" + (f"  ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''})" if names else ""))
+            more = " ..." if len(names) > 6 else ""
+            print(f"{k}: {len(names)}" + (f"  ({', '.join(names[:6])}{more})" if names else ""))
         return 0
     left = sweep(args.experiment, args.preset, root=args.out, seeds=args.seeds, data=args.data, prose=args.prose,
                  jobs=args.jobs, command=command, dry_run=args.dry_run)

@@ -2,8 +2,9 @@
 
 Results on the default corpus (Python source) must not be an artefact of code, so the experiments also
 train on prose. Manual pages are English prose present on any Debian-like machine with no download; the
-installed set differs between machines, so the corpus records what it holds (`.manifest.json`, hidden so the corpus loader skips it: pages,
-bytes, groff version) and the data pipeline fingerprints the text like any other ``--data`` folder.
+installed set differs between machines, so the corpus records what it holds (`.manifest.json`, hidden so
+the corpus loader skips it: pages, bytes, groff version) and the data pipeline fingerprints the text like
+any other ``--data`` folder.
 
 Pages are rendered without hyphenation or justification (``-rHY=0 -dAD=l``) so words are not split at
 line ends, and without overstrike or colour codes (``-P-cbou``); ``.so`` redirects and duplicate pages
@@ -119,7 +120,7 @@ def build_man_corpus(out_dir: str | os.PathLike, *, root: str | os.PathLike = DE
         for i in range(0, len(pages), batch):
             if total >= cap:
                 break
-            for p, text in zip(pages[i:i + batch], pool.map(render_page, pages[i:i + batch])):
+            for p, text in zip(pages[i:i + batch], pool.map(render_page, pages[i:i + batch]), strict=True):
                 if text is None or total >= cap:
                     continue
                 digest = hashlib.sha1(text.encode()).hexdigest()
@@ -134,7 +135,8 @@ def build_man_corpus(out_dir: str | os.PathLike, *, root: str | os.PathLike = DE
                 total += len(text.encode())
     groff = subprocess.run(["groff", "--version"], capture_output=True, text=True).stdout.splitlines()
     manifest = {"format": "engram-man-corpus-1", "root": str(root), "sections": list(sections),
-                "pages_seen": n_seen, "max_per_family": max_per_family, "pages": len(kept), "bytes": total, "max_mb": max_mb,
+                "pages_seen": n_seen, "max_per_family": max_per_family, "pages": len(kept), "bytes": total,
+                "max_mb": max_mb,
                 "groff": groff[0] if groff else None}
     write_json_atomic(tmp / MANIFEST, manifest)
     if out.exists():

@@ -179,7 +179,8 @@ def _scaling(sc: Scale, data: DataConfig) -> list[RunSpec]:
         out.append(RunSpec("scaling", f"slots0-seed{s}", {"slots": 0, "model": "moe"}, s,
                            _run(sc.base, backbone, s, data=data)))
     for size in sc.slot_sizes:
-        tmpl = dataclasses.replace(sc.base.model.engram, engram_vocab_size=[size] * (sc.base.model.engram.max_ngram_size - 1))
+        eng = sc.base.model.engram
+        tmpl = dataclasses.replace(eng, engram_vocab_size=[size] * (eng.max_ngram_size - 1))
         model = dataclasses.replace(backbone, engram=tmpl)
         slots = _slots(model)
         for s in sc.seeds:
@@ -248,7 +249,8 @@ def _ablations(sc: Scale, data: DataConfig) -> list[RunSpec]:
     for name in ABLATIONS:
         model = ablation_model(sc, name)
         for s in sc.seeds:
-            out.append(RunSpec("ablations", f"{name}-seed{s}", {"ablation": name}, s, _run(sc.base, model, s, data=data)))
+            out.append(RunSpec("ablations", f"{name}-seed{s}", {"ablation": name}, s,
+                               _run(sc.base, model, s, data=data)))
     return out
 
 
@@ -265,7 +267,8 @@ def _tokens(sc: Scale, data: DataConfig, prose: DataConfig | None) -> list[RunSp
                 for s in sc.seeds:
                     cfg = _run(sc.base, model, s, steps=None if mult == 1 else steps, data=dc)
                     out.append(RunSpec("tokens", f"{corpus}-x{mult:g}-{kind}-seed{s}",
-                                       {"corpus": corpus, "token_mult": mult, "tokens": steps * sc.base.train.tokens_per_step,
+                                       {"corpus": corpus, "token_mult": mult,
+                                        "tokens": steps * sc.base.train.tokens_per_step,
                                         "model": kind}, s, cfg, corpus=corpus))
     return out
 

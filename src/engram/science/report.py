@@ -146,7 +146,8 @@ def _alloc(rs, out_dir, name):
                            ax.set_xlabel("rho: share of the inactive sparse budget in routed experts (1 = pure MoE)"),
                            ax.set_ylabel("validation loss (nats/token)"), ax.invert_xaxis(), ax.legend()),
                out_dir / f"{name}.png")
-    table = ["| rho | model | val loss | total params | activated params | memory params |", "|---|---|---|---|---|---|"]
+    table = ["| rho | model | val loss | total params | activated params | memory params |",
+             "|---|---|---|---|---|---|"]
     for r in rhos:
         g = groups[r]
         table.append(f"| {r:.2f} | {g[0]['model']} | {fmt(*stats(x['val_loss'] for x in g))} | "
@@ -179,7 +180,8 @@ def _scaling(rs, out_dir, name):
     png = _fig(plot, out_dir / f"{name}.png")
     table = ["| slots | memory params | val loss |", "|---|---|---|"]
     for s in slots:
-        table.append(f"| {s:,} | {groups[s][0]['memory_params'] / 1e6:.2f}M | {fmt(*stats(x['val_loss'] for x in groups[s]))} |")
+        table.append(f"| {s:,} | {groups[s][0]['memory_params'] / 1e6:.2f}M | "
+                     f"{fmt(*stats(x['val_loss'] for x in groups[s]))} |")
     if moe:
         table.append(f"| 0 (MoE alone) | 0 | {fmt(*stats(x['val_loss'] for x in moe))} |")
     return [f"![{name}]({png.name})", "", *table, "", verdicts.scaling(fit, len(slots))]
@@ -240,7 +242,8 @@ def _tokens(rs, out_dir, name):
         ax.legend()
 
     png = _fig(plot, out_dir / f"{name}.png")
-    table = ["| corpus | tokens | MoE | Engram | Engram - MoE (per-seed pairs) | rows touched/step | updates per touched row (median) | rows ever touched | gate mean |",
+    table = ["| corpus | tokens | MoE | Engram | Engram - MoE (per-seed pairs) | rows touched/step | "
+             "updates per touched row (median) | rows ever touched | gate mean |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g in gains:
         table.append(f"| {g['corpus']} | {g['tokens'] / 1e6:.2f}M | {fmt(*g['moe'])} | {fmt(*g['engram'])} | "

@@ -79,7 +79,8 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
     record = {"format": "engram-sweep-1", "experiment": experiment, "preset": preset,
               "command": command or "engram sweep " + shlex.join([experiment, "--preset", preset]),
               "git_sha": git_sha(), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "data": data, "prose": prose, "vocab_size": specs[0].config.data.vocab_size, "seeds": sorted({s.seed for s in specs}), "threads": SWEEP_THREADS,
+              "data": data, "prose": prose, "vocab_size": specs[0].config.data.vocab_size,
+              "seeds": sorted({s.seed for s in specs}), "threads": SWEEP_THREADS,
               "runs": [{"name": s.name, "point": s.point, "seed": s.seed, "corpus": s.corpus,
                         "run": f"../{RUNS}/{s.run_id}"} for s in specs]}
     old = sweep_dir / SWEEP_FILE

@@ -168,12 +168,14 @@ def tokens(gains: list[dict]) -> str:
         parts = []
         for g in gs:
             se = g["sd"] / math.sqrt(g["n"]) if g["n"] > 1 else math.nan
-            parts.append(f"{tokens_str(g['tokens'])}: {g['gain']:+.4f} ({judge(g['gain'], se, 'MoE better', 'Engram better')})")
+            verdict = judge(g["gain"], se, "MoE better", "Engram better")
+            parts.append(f"{tokens_str(g['tokens'])}: {g['gain']:+.4f} ({verdict})")
         first = next((g for g in gs if g["n"] > 1 and g["gain"] < -Z * g["sd"] / math.sqrt(g["n"])), None)
         trend = ""
         if len(gs) >= 2:
             slope = np.polyfit([math.log(g["tokens"]) for g in gs], [g["gain"] for g in gs], 1)[0]
-            trend = f"; the gain {'widens' if slope < 0 else 'narrows'} with tokens ({slope * math.log(2):+.4f} nats per doubling)"
+            trend = (f"; the gain {'widens' if slope < 0 else 'narrows'} with tokens "
+                     f"({slope * math.log(2):+.4f} nats per doubling)")
         out.append(f"{corpus} corpus: " + "; ".join(parts) + trend + (
             f"; memory first pays (resolved) at {tokens_str(first['tokens'])} tokens." if first else
             "; never resolved in Engram's favour over these budgets."))

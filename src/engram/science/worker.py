@@ -41,7 +41,8 @@ def table_usage(model, sampler, steps: int, sample_steps: int = 64) -> dict:
     sampler, whose batch at step i depends only on (seed, i)."""
     if model.hasher is None:
         return {}
-    per_layer = {layer: np.zeros(model.blocks[layer].engram.num_rows, dtype=np.int32) for layer in _engram_layers(model)}
+    per_layer = {layer: np.zeros(model.blocks[layer].engram.num_rows, dtype=np.int32)
+                 for layer in _engram_layers(model)}
     touched = []
     probe = set(np.linspace(0, steps - 1, min(sample_steps, steps)).round().astype(int).tolist())
     for step in range(steps):
