@@ -112,10 +112,10 @@ class EngramConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.gate not in get_args(GateMode):
-            raise ConfigError(f"gate must be 'context' (the context-aware gate) or 'fixed' (every gate 1), "
+            raise ConfigError(f"gate must be one of 'context' (the context-aware gate) or 'fixed' (every gate 1), "
                               f"got {self.gate!r}")
         if self.branch_gates not in get_args(BranchGates):
-            raise ConfigError(f"branch_gates must be 'per_branch' (one key projection and gate per residual "
+            raise ConfigError(f"branch_gates must be one of 'per_branch' (one key projection and gate per residual "
                               f"branch) or 'shared' (one for all branches), got {self.branch_gates!r}")
 
     @property
