@@ -144,8 +144,9 @@ def test_every_choice_field_is_a_literal_that_validation_agrees_with():
                 d = base.to_dict()
                 (d["train"] if section == "train" else d["model"]["engram"])[name] = "nonsense"
                 RunConfig.from_dict(d).validate()
-    # train.engram_optimizer, train.dtype, train.backbone_parallel, model.engram.conv_init, model.engram.table_dtype
-    assert found == 5
+    # train.engram_optimizer, train.dtype, train.backbone_parallel, model.engram.conv_init, model.engram.table_dtype,
+    # model.engram.gate, model.engram.branch_gates
+    assert found == 7
 
 
 # ------------------------------------------------------------------------------ CLI errors

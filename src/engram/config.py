@@ -33,6 +33,8 @@ class ConfigError(UserError, ValueError):
 # Settings that take one of a few names: the annotation lists them, for validation and `--set`.
 TableDtype = Literal["float32", "bfloat16"]
 ConvInit = Literal["zero", "default"]
+GateMode = Literal["context", "fixed"]
+BranchGates = Literal["per_branch", "shared"]
 
 
 @dataclass
@@ -42,6 +44,18 @@ class EngramConfig:
     engram_vocab_size: target rows per head for each n-gram order 2..N (heads get the next
         distinct primes at or above it).
     pad_id: padding id in the *original* tokenizer's id space (compressed at build time).
+
+    Ablation switches (the defaults are the paper's Engram; each other value removes one component,
+    and the parameters it would use, so parameter counts stay honest):
+    compress: False hashes raw tokenizer ids (the vocabulary map is the identity) instead of
+        the compressed, canonicalised ones.
+    gate: ``"fixed"`` drops the context-aware gate: every gate is exactly 1 (``u = value``) and the
+        key projection and key/query norms are absent.
+    short_conv: False drops the causal short convolution (``out = u``) and its parameters.
+    branch_gates: with ``hc_mult > 1``, ``"per_branch"`` gives each residual branch its own key
+        projection and gate (the paper's multi-branch integration); ``"shared"`` computes one gate
+        from the branch-mean hidden state with one key projection and applies it to every branch.
+        It has no effect with ``gate="fixed"``.
     """
 
     engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
@@ -56,6 +70,10 @@ class EngramConfig:
     table_dtype: TableDtype = "float32"
     sparse: bool = True
     init_std: float = 1.0  # table rows start N(0, init_std^2); 1.0 is nn.Embedding's (the reference's)
+    compress: bool = True
+    gate: GateMode = "context"
+    short_conv: bool = True
+    branch_gates: BranchGates = "per_branch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +108,21 @@ class EngramConfig:
             raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
         if self.conv_init not in get_args(ConvInit):
             raise ConfigError(f"conv_init must be 'zero' or 'default', got {self.conv_init!r}")
+        for name in ("compress", "short_conv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.gate not in get_args(GateMode):
+            raise ConfigError(f"gate must be one of 'context' (the context-aware gate) or 'fixed' (every gate 1), "
+                              f"got {self.gate!r}")
+        if self.branch_gates not in get_args(BranchGates):
+            raise ConfigError(f"branch_gates must be one of 'per_branch' (one key projection and gate per residual "
+                              f"branch) or 'shared' (one for all branches), got {self.branch_gates!r}")
+
+    @property
+    def ablated(self) -> bool:
+        """Whether any Engram-layer switch (gate, short_conv, branch_gates) differs from the paper's
+        default; such layers compute their mixing with the eager torch path."""
+        return self.gate != "context" or not self.short_conv or self.branch_gates != "per_branch"
 
     @property
     def torch_table_dtype(self) -> torch.dtype:
@@ -192,8 +225,10 @@ class ModelConfig:
     (``hc_mult`` residual branches) and Engram memory at ``engram.layer_ids``.
 
     MoE: layers ``>= first_dense_layers`` use ``n_shared_experts`` always-on experts plus
-    ``moe_top_k`` of ``n_routed_experts`` routed ones (all of width ``expert_hidden``); with
-    ``n_routed_experts == 0`` every layer is a dense SwiGLU of width ``mlp_hidden``.
+    ``moe_top_k`` of ``n_routed_experts`` routed ones (of width ``expert_hidden``); the shared experts
+    are ``shared_expert_hidden`` wide each (None: ``expert_hidden``), which lets an iso-parameter
+    comparison trade always-on parameters against memory. With ``n_routed_experts == 0`` every layer
+    is a dense SwiGLU of width ``mlp_hidden``.
     ``router_aux_coef`` weights the load-balancing loss (mean over MoE layers) in the objective.
 
     Hyper-connections: ``hc_mult > 1`` keeps that many residual branches with learned static
@@ -213,6 +248,7 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_top_k: int = 2
     expert_hidden: int = 256
+    shared_expert_hidden: int | None = None
     first_dense_layers: int = 1
     router_aux_coef: float = 0.01
     hc_mult: int = 1
@@ -246,6 +282,11 @@ class ModelConfig:
                              f"got {self.moe_top_k}")
         if self.is_moe and self.expert_hidden < 1:
             raise ConfigError(f"expert_hidden must be >= 1, got {self.expert_hidden}")
+        if self.shared_expert_hidden is not None and (isinstance(self.shared_expert_hidden, bool)
+                                                      or not isinstance(self.shared_expert_hidden, int)
+                                                      or self.shared_expert_hidden < 1):
+            raise ConfigError(f"shared_expert_hidden must be an integer >= 1 or None (= expert_hidden), "
+                              f"got {self.shared_expert_hidden!r}")
         if self.first_dense_layers < 0:
             raise ConfigError(f"first_dense_layers must be >= 0, got {self.first_dense_layers}")
         if self.router_aux_coef < 0:
@@ -254,6 +295,11 @@ class ModelConfig:
             bad = [i for i in self.engram.layer_ids if not 0 <= i < self.n_layers]
             if bad:
                 raise ConfigError(f"engram.layer_ids {bad} are not layers of a {self.n_layers}-layer model")
+
+    @property
+    def shared_hidden(self) -> int:
+        """The width of one shared expert: ``shared_expert_hidden``, or ``expert_hidden`` when None."""
+        return self.expert_hidden if self.shared_expert_hidden is None else self.shared_expert_hidden
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

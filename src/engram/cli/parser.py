@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed")
     s.add_argument("--experts-moved", type=int, default=8,
                    help="routed experts per MoE layer moved into memory (8 of the demo's 32: 25%%)")
+    s.add_argument("--match-activated", action="store_true",
+                   help="also match activated parameters (within 0.5%%) by narrowing the Engram variant's shared "
+                        "experts; by default only the totals match and the variant activates a few %% more")
     s.add_argument("--out", help="output directory (default: runs/compare-PRESET-TIMESTAMP)")
     _budget_arg(s)
     s.set_defaults(func=commands._compare)

@@ -22,6 +22,8 @@ from engram.model.mix import (  # noqa: F401 - short_conv, engram_mix: public he
 )
 
 CONV_INITS = ("zero", "default")
+GATE_MODES = ("context", "fixed")
+BRANCH_GATES = ("per_branch", "shared")
 
 
 class BranchRMSNorm(nn.Module):
@@ -156,6 +158,14 @@ class Engram(nn.Module):
         init_std: std of the table's initial rows.
         with_table: False builds the module without its table (``self.table`` is None), for serving
             the rows from a store: ``forward`` then needs ``emb`` (see :meth:`flat_rows`).
+        gate: ``"context"`` (above) or ``"fixed"``: every gate is 1, ``u = W_V e + b_V``; ``key_proj``,
+            ``key_norm`` and ``query_norm`` are then None, so no unused parameter is counted or trained.
+        short_conv: False drops the ShortConv (``out = u``; ``self.short_conv`` is None).
+        branch_gates: ``"per_branch"`` (above) or ``"shared"``: one key projection ``E -> D`` and one
+            gate from the branch-mean ``q = RMSNorm(mean_m h_m)``, applied to every branch (the same
+            layer as ``"per_branch"`` when ``hc_mult == 1``).
+        A layer with any switch off its default computes its mixing with the eager torch path
+        (:func:`engram_mix`), never the fused or compiled one.
     """
 
     def __init__(
@@ -173,6 +183,9 @@ class Engram(nn.Module):
         sparse: bool = True,
         init_std: float = 1.0,
         with_table: bool = True,
+        gate: str = "context",
+        short_conv: bool = True,
+        branch_gates: str = "per_branch",
     ) -> None:
         super().__init__()
         head_sizes = [int(s) for s in head_sizes]
@@ -202,6 +215,10 @@ class Engram(nn.Module):
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if conv_init not in CONV_INITS:
             raise ValueError(f"unknown conv_init {conv_init!r}; expected one of {CONV_INITS}")
+        if gate not in GATE_MODES:
+            raise ValueError(f"unknown gate {gate!r}; expected one of {GATE_MODES}")
+        if branch_gates not in BRANCH_GATES:
+            raise ValueError(f"unknown branch_gates {branch_gates!r}; expected one of {BRANCH_GATES}")
 
         self.hidden_size = int(hidden_size)
         self.max_ngram_size = int(max_ngram_size)
@@ -224,14 +241,23 @@ class Engram(nn.Module):
             self.table = MultiHeadTable(
                 head_sizes, self.head_dim, dtype=table_dtype, sparse=sparse, init_std=init_std
             )
+        self.gate, self.branch_gates = gate, branch_gates
+        self.ablated = gate != "context" or not short_conv or branch_gates != "per_branch"
         self.value_proj = nn.Linear(E, D, bias=True)
-        # All M key projections in one matmul; the output is viewed as [B, T, M, D].
-        self.key_proj = nn.Linear(E, M * D, bias=True)
-        self.key_norm = BranchRMSNorm(M, D, eps=None)
-        self.query_norm = BranchRMSNorm(M, D, eps=None)
-        self.short_conv = ShortConv(
-            D, M, kernel_size, dilation=self.max_ngram_size, conv_init=conv_init, norm_eps=1e-5
-        )
+        self.key_proj: nn.Linear | None = None
+        self.key_norm: BranchRMSNorm | None = None
+        self.query_norm: BranchRMSNorm | None = None
+        if gate == "context":
+            G = 1 if branch_gates == "shared" else M  # gates computed: one per branch, or one for all
+            # All G key projections in one matmul; the output is viewed as [B, T, G, D].
+            self.key_proj = nn.Linear(E, G * D, bias=True)
+            self.key_norm = BranchRMSNorm(G, D, eps=None)
+            self.query_norm = BranchRMSNorm(G, D, eps=None)
+        self.short_conv: ShortConv | None = None
+        if short_conv:
+            self.short_conv = ShortConv(
+                D, M, kernel_size, dilation=self.max_ngram_size, conv_init=conv_init, norm_eps=1e-5
+            )
         # Run the post-lookup math through torch.compile when gradients are on (training); off
         # by default because compiling costs seconds and numerics differ from eager in the last ulp.
         self.compiled_mix = False
@@ -298,7 +324,16 @@ class Engram(nn.Module):
         # rows gathered from a host-side store may also still need to move to h's device.
         e_BTE = emb.reshape(B, T, self.embed_dim).to(h.device, h.dtype)
 
-        _check_conv_state(conv_state, h_BTMD.shape, self.short_conv.state_len)
+        _check_conv_state(conv_state, h_BTMD.shape, self.state_len)
+        if self.ablated:
+            key, kn, qn, conv = self.key_proj, self.key_norm, self.query_norm, self.short_conv
+            args = (e_BTE, h_BTMD, None if key is None else key.weight, None if key is None else key.bias,
+                    self.value_proj.weight, self.value_proj.bias, None if kn is None else kn.weight,
+                    None if qn is None else qn.weight, None if conv is None else conv.norm.weight,
+                    None if conv is None else conv.weight, self.max_ngram_size,
+                    None if conv is None else conv.norm.eps, conv_state)
+            out, gate_BTM, new_state = engram_mix(*args, gate=self.gate, branch_gates=self.branch_gates)
+            return self._returns(out, gate_BTM, new_state, squeeze, return_state, return_gates)
         args = (e_BTE, h_BTMD, self.key_proj.weight, self.key_proj.bias, self.value_proj.weight,
                 self.value_proj.bias, self.key_norm.weight, self.query_norm.weight, self.short_conv.norm.weight,
                 self.short_conv.weight, self.short_conv.dilation, self.short_conv.norm.eps, conv_state)
@@ -309,6 +344,16 @@ class Engram(nn.Module):
         else:
             mix = engram_mix
         out, gate_BTM, new_state = mix(*args)
+        return self._returns(out, gate_BTM, new_state, squeeze, return_state, return_gates)
+
+    @property
+    def state_len(self) -> int:
+        """``P``: how many past steps the decode state carries (0 without the ShortConv)."""
+        return 0 if self.short_conv is None else self.short_conv.state_len
+
+    @staticmethod
+    def _returns(out: torch.Tensor, gate_BTM: torch.Tensor, new_state: torch.Tensor, squeeze: bool,
+                 return_state: bool, return_gates: bool):
         if squeeze:
             out = out.squeeze(2)
         if not (return_state or return_gates):
@@ -334,4 +379,6 @@ class Engram(nn.Module):
         return (
             f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, max_ngram_size={self.max_ngram_size}, "
             f"heads={self.num_heads}, head_dim={self.head_dim}"
+            + (f", gate={self.gate!r}, short_conv={self.short_conv is not None}, branch_gates={self.branch_gates!r}"
+               if self.ablated else "")
         )

@@ -115,21 +115,40 @@ def short_conv(x_BTMD: torch.Tensor, norm_w_MD: torch.Tensor, w_C1k: torch.Tenso
     return F.silu(y_BTC).view(B, T, M, D), _next_state(xn_BTC, state_BPC, P)
 
 
-def engram_mix(e_BTE: torch.Tensor, h_BTMD: torch.Tensor, key_w: torch.Tensor, key_b: torch.Tensor,
-               value_w: torch.Tensor, value_b: torch.Tensor, key_norm_w_MD: torch.Tensor,
-               query_norm_w_MD: torch.Tensor, conv_norm_w_MD: torch.Tensor, conv_w_C1k: torch.Tensor,
-               dilation: int, conv_eps: float | None, conv_state_BPC: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The post-lookup math composed of torch ops: ``(increment_BTMD, gate_BTM, new_conv_state_BPC)``."""
+def engram_mix(e_BTE: torch.Tensor, h_BTMD: torch.Tensor, key_w: torch.Tensor | None, key_b: torch.Tensor | None,
+               value_w: torch.Tensor, value_b: torch.Tensor, key_norm_w_MD: torch.Tensor | None,
+               query_norm_w_MD: torch.Tensor | None, conv_norm_w_MD: torch.Tensor | None,
+               conv_w_C1k: torch.Tensor | None, dilation: int, conv_eps: float | None,
+               conv_state_BPC: torch.Tensor | None = None, *, gate: str = "context",
+               branch_gates: str = "per_branch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The post-lookup math composed of torch ops: ``(increment_BTMD, gate_BTM, new_conv_state_BPC)``.
+
+    The ablations of :class:`~engram.config.EngramConfig` are computed here (only here: the fused and
+    compiled paths implement the default layer alone):
+
+    * ``gate="fixed"``: every gate is 1, so ``u = value``; the key and query weights are unused (None).
+    * ``branch_gates="shared"``: ``key_w`` is ``[D, E]`` and the key/query norm weights ``[1, D]``; one gate
+      from the branch-mean hidden state scales every branch.
+    * ``conv_w_C1k=None``: no short convolution, the increment is ``u``; the state is ``[B, 0, M*D]``.
+    """
     B, T, M, D = h_BTMD.shape
-    k_BTMD = F.rms_norm(F.linear(e_BTE, key_w, key_b).view(B, T, M, D), (D,)) * key_norm_w_MD
-    q_BTMD = F.rms_norm(h_BTMD, (D,)) * query_norm_w_MD
-    s_BTM = (k_BTMD * q_BTMD).sum(-1) / math.sqrt(D)
-    # Signed square root tames the dot product's scale before the sigmoid.
-    s_BTM = torch.sign(s_BTM) * torch.sqrt(s_BTM.abs().clamp_min(_GATE_FLOOR))
-    gate_BTM = torch.sigmoid(s_BTM)
-    v_BTD = F.linear(e_BTE, value_w, value_b)
-    u_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
+    if gate == "fixed":
+        gate_BTM = h_BTMD.new_ones(B, T, M)
+        v_BTD = F.linear(e_BTE, value_w, value_b)
+        u_BTMD = v_BTD.unsqueeze(2).expand(B, T, M, D)
+    else:
+        q_src_BTGD = h_BTMD.mean(2, keepdim=True) if branch_gates == "shared" else h_BTMD
+        G = q_src_BTGD.shape[2]
+        k_BTGD = F.rms_norm(F.linear(e_BTE, key_w, key_b).view(B, T, G, D), (D,)) * key_norm_w_MD
+        q_BTGD = F.rms_norm(q_src_BTGD, (D,)) * query_norm_w_MD
+        s_BTG = (k_BTGD * q_BTGD).sum(-1) / math.sqrt(D)
+        # Signed square root tames the dot product's scale before the sigmoid.
+        s_BTG = torch.sign(s_BTG) * torch.sqrt(s_BTG.abs().clamp_min(_GATE_FLOOR))
+        gate_BTM = torch.sigmoid(s_BTG).expand(B, T, M)
+        v_BTD = F.linear(e_BTE, value_w, value_b)
+        u_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
+    if conv_w_C1k is None:
+        return u_BTMD.contiguous(), gate_BTM.contiguous(), u_BTMD.new_zeros(B, 0, M * D)
     conv_BTMD, new_state = short_conv(u_BTMD, conv_norm_w_MD, conv_w_C1k, dilation, conv_eps, conv_state_BPC)
     return u_BTMD + conv_BTMD, gate_BTM, new_state
 

@@ -38,22 +38,26 @@ class MoE(nn.Module):
     Args:
         d_model: ``D``.
         n_routed_experts: ``E`` (>= 1).
-        n_shared_experts: always-on experts, fused into one SwiGLU of width ``n_shared*Hid``.
+        n_shared_experts: always-on experts, fused into one SwiGLU of width ``n_shared * shared_hidden``.
         top_k: ``K`` experts per token.
         expert_hidden: ``Hid``.
+        shared_hidden: width of one shared expert (None: ``Hid``); a different width lets a comparison
+            move always-on parameters without touching the routed experts.
     """
 
     def __init__(self, d_model: int, n_routed_experts: int, n_shared_experts: int, top_k: int,
-                 expert_hidden: int) -> None:
+                 expert_hidden: int, shared_hidden: int | None = None) -> None:
         super().__init__()
         if n_routed_experts < 1 or not 1 <= top_k <= n_routed_experts:
             raise ValueError(f"need 1 <= top_k ({top_k}) <= n_routed_experts ({n_routed_experts})")
-        if n_shared_experts < 0 or expert_hidden < 1:
-            raise ValueError(f"bad expert sizes: n_shared={n_shared_experts}, expert_hidden={expert_hidden}")
+        shared_hidden = expert_hidden if shared_hidden is None else shared_hidden
+        if n_shared_experts < 0 or expert_hidden < 1 or shared_hidden < 1:
+            raise ValueError(f"bad expert sizes: n_shared={n_shared_experts}, expert_hidden={expert_hidden}, "
+                             f"shared_hidden={shared_hidden}")
         self.d_model, self.n_experts, self.top_k = d_model, n_routed_experts, top_k
-        self.n_shared, self.expert_hidden = n_shared_experts, expert_hidden
+        self.n_shared, self.expert_hidden, self.shared_hidden = n_shared_experts, expert_hidden, shared_hidden
         self.router = nn.Linear(d_model, n_routed_experts, bias=False)
-        self.shared = SwiGLU(d_model, n_shared_experts * expert_hidden) if n_shared_experts else None
+        self.shared = SwiGLU(d_model, n_shared_experts * shared_hidden) if n_shared_experts else None
         self.w_gate_up = nn.Parameter(torch.empty(n_routed_experts, d_model, 2 * expert_hidden))
         self.w_down = nn.Parameter(torch.empty(n_routed_experts, expert_hidden, d_model))
         # Token-slots per expert in the last forward pass (for monitoring load balance).
@@ -122,4 +126,5 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, routed={self.n_experts}, shared={self.n_shared}, "
-                f"top_k={self.top_k}, expert_hidden={self.expert_hidden}")
+                f"top_k={self.top_k}, expert_hidden={self.expert_hidden}"
+                + (f", shared_hidden={self.shared_hidden}" if self.shared_hidden != self.expert_hidden else ""))

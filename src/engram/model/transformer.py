@@ -61,7 +61,7 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe and layer >= cfg.first_dense_layers
         if self.is_moe:
             self.mlp: nn.Module = MoE(D, cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_top_k,
-                                      cfg.expert_hidden)
+                                      cfg.expert_hidden, cfg.shared_hidden)
         else:
             self.mlp = SwiGLU(D, cfg.mlp_hidden)
         use_hc = cfg.hc_mult > 1
@@ -151,7 +151,8 @@ class EngramLM(nn.Module):
                              n_head_per_ngram=e.n_head_per_ngram, n_embed_per_ngram=e.n_embed_per_ngram,
                              hc_mult=cfg.hc_mult, kernel_size=e.kernel_size, conv_init=e.conv_init,
                              table_dtype=e.torch_table_dtype, sparse=e.sparse, init_std=e.init_std,
-                             with_table=tables)
+                             with_table=tables, gate=e.gate, short_conv=e.short_conv,
+                             branch_gates=e.branch_gates)
             blocks.append(Block(cfg, i, self.rotary, eng))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(D, cfg.norm_eps)

@@ -18,8 +18,10 @@ from engram.train.config import RunConfig
 from engram.train.run import plot_losses, read_metrics
 
 
-def variants(base: RunConfig, n_experts_moved: int) -> dict[str, RunConfig]:
-    """The MoE baseline (no memory) and the iso-parameter Engram variant of it.
+def variants(base: RunConfig, n_experts_moved: int, *, match_activated: bool = False) -> dict[str, RunConfig]:
+    """The MoE baseline (no memory) and the iso-parameter Engram variant of it; ``match_activated``
+    also matches activated parameters by narrowing the variant's shared experts (see
+    `engram.model.params.iso_engram_config`).
 
     ConfigError (a ValueError) where ``base`` and ``n_experts_moved`` admit no such pair.
     """
@@ -32,15 +34,18 @@ def variants(base: RunConfig, n_experts_moved: int) -> dict[str, RunConfig]:
     moe.model.engram = None
     eng = copy.deepcopy(base)
     try:
-        eng.model = iso_engram_config(moe.model, n_experts_moved, template, match_total=True)
+        eng.model = iso_engram_config(moe.model, n_experts_moved, template, match_total=True,
+                                      match_activated=match_activated)
     except ValueError as e:  # its checks are all about the requested split
         raise ConfigError(f"cannot build the iso-parameter Engram variant: {e}") from e
     return {"moe": moe, "engram": eng}
 
 
 def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, seeds=(0,), progress=True,
-                cache_dir=None, data=None, out=print, trainer=None, main: bool = True) -> dict:
-    """Train both variants for every seed into ``out_dir`` and write the table, plot and summary.
+                cache_dir=None, data=None, out=print, trainer=None, main: bool = True,
+                match_activated: bool = False) -> dict:
+    """Train both variants for every seed into ``out_dir`` and write the table, plot and summary
+    (``compare.json`` records ``match_activated``, see :func:`variants`).
 
     ``data``: the prepared `engram.data.DataBundle` of ``base.data`` (prepared here when None).
     ``trainer``: ``trainer(cfg, run_dir, data=, progress=)`` builds each run's trainer (default `Trainer`; the
@@ -50,7 +55,8 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
 
     trainer = trainer or Trainer
 
-    variants(base, n_experts_moved)  # an impossible split fails before anything is written
+    # An impossible split fails before anything is written.
+    variants(base, n_experts_moved, match_activated=match_activated)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -58,7 +64,7 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
     rows, curves = [], {}
     t_start = time.time()
     for seed in seeds:
-        for name, cfg in variants(base, n_experts_moved).items():
+        for name, cfg in variants(base, n_experts_moved, match_activated=match_activated).items():
             cfg = copy.deepcopy(cfg)
             cfg.train.seed = seed
             tag = f"{name}-seed{seed}"
@@ -70,7 +76,7 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
                          "tokens": res.tokens, "val_loss": res.val_loss, "tokens_per_s": res.tokens_per_s})
             curves[tag] = read_metrics(out_dir / tag / "metrics.jsonl") if main else []
     plot = out_dir / "compare.png"
-    summary = {"rows": rows, "plot": str(plot), "wall_s": time.time() - t_start,
+    summary = {"rows": rows, "plot": str(plot), "wall_s": time.time() - t_start, "match_activated": match_activated,
                "gain_by_seed": {s: _gain(rows, s) for s in seeds}}
     table = format_table(rows)
     if main:

@@ -93,7 +93,7 @@ class Trainer(DeferredReads):
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False, data=None,
                  progress: bool = True, device: str | torch.device = "cpu", cache_dir: str | None = None):
         from engram.model import EngramLM
-        from engram.tokenizer import CompressedVocab
+        from engram.model.vocab import model_vocab
 
         self.run_dir, self.progress, self.notices = Path(run_dir), progress, []
         self.device = torch.device(device)
@@ -139,7 +139,7 @@ class Trainer(DeferredReads):
                                   f"train.seq_len + 1 = {tc.seq_len + 1}: use a shorter train.seq_len or a larger "
                                   f"corpus")
         self.cfg_dict = cfg.to_dict()
-        vocab = CompressedVocab.from_pretrained(self.data.tokenizer_spec) if cfg.model.engram else None
+        vocab = model_vocab(cfg.model, self.data.tokenizer_spec)
         self._check_setup(vocab)
         state = manifest = None
         if resume:
