@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean science-quick science-full
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,18 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hashing.py
 	$(BIN)/python benchmarks/bench_lookup.py
+
+# The paper's five experiments (engram sweep; resumable: run again to continue), then the report.
+SCIENCE := benchmarks/science
+EXPERIMENTS := alloc scaling layers ablations tokens
+
+science-quick: $(STAMP)
+	for e in $(EXPERIMENTS); do $(BIN)/engram sweep $$e --preset quick --out $(SCIENCE) || exit 1; done
+	$(BIN)/engram report $(foreach e,$(EXPERIMENTS),$(SCIENCE)/$(e)-quick) --out $(SCIENCE)/quick
+
+science-full: $(STAMP)
+	for e in $(EXPERIMENTS); do $(BIN)/engram sweep $$e --preset full --out $(SCIENCE) || exit 1; done
+	$(BIN)/engram report $(foreach e,$(EXPERIMENTS),$(SCIENCE)/$(e)-full) --out $(SCIENCE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

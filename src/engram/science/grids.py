@@ -89,7 +89,7 @@ def _tiny_base() -> RunConfig:
     eng = EngramConfig(engram_vocab_size=[503, 503], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1],
                        conv_init="zero", init_std=0.1)
     model = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=32,
-                        n_routed_experts=6, n_shared_experts=1, moe_top_k=2, expert_hidden=32, first_dense_layers=1,
+                        n_routed_experts=6, n_shared_experts=1, moe_top_k=2, expert_hidden=96, first_dense_layers=1,
                         engram=eng)
     train = TrainConfig(steps=6, batch_size=2, seq_len=32, warmup_steps=2, eval_every=3, eval_tokens=256,
                         ckpt_every=3, log_every=3, dtype="float32", compile_engram=False, threads=SWEEP_THREADS)
@@ -103,7 +103,7 @@ def scale(preset: str) -> Scale:
                      token_mults=[0.5, 1.0], seeds=[0, 1], ablation_rho=0.5)
     if preset == "quick":
         return Scale(base=_quick_base(), rhos=[1.0, 0.8, 0.6, 0.4, 0.2], slot_sizes=[1009, 4001, 16001, 64007],
-                     layers=[[0], [1], [2], [3], [1, 3]], token_mults=[0.5, 1.0, 2.0, 4.0], seeds=[0])
+                     layers=[[0], [1], [2], [3], [1, 3]], token_mults=[0.25, 0.5, 1.0, 2.0], seeds=[0, 1])
     if preset == "full":
         return Scale(base=_full_base(), rhos=[1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2],
                      slot_sizes=[1567, 6257, 25013, 100003, 400009], layers=[[0], [1], [2], [3], [1, 3]],
