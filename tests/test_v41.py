@@ -109,6 +109,10 @@ def test_fp8_scales_are_the_smallest_sufficient_power_of_two():
     q, s = quantize_fp8_rows(x)
     assert s.float().tolist() == [[1.0, 2.0]]
     assert dequantize_fp8_rows(q, s)[0, 0] == 448.0
+    # scales given as raw E8M0 bytes or as floats (a table loaded with widened scales) read the same
+    y = dequantize_fp8_rows(q, s)
+    assert torch.equal(dequantize_fp8_rows(q, s.view(torch.uint8)), y)
+    assert torch.equal(dequantize_fp8_rows(q, s.float()), y)
     with pytest.raises(ValueError, match="multiple of the fp8 block"):
         quantize_fp8_rows(torch.zeros(2, 40))
 
@@ -196,13 +200,20 @@ def test_fp8_state_dict_loads_as_fp8_and_matches_its_float_twin(cfg):
     assert fp8.embed.weight.dtype == E4M3 and fp8.embed.scale.dtype == E8M0
     assert not fp8.embed.weight.requires_grad
     assert set(fp8.state_dict()) == {"embed.weight", "embed.scale", "wkv.weight", "q_weight", "k_weight"}
+    # casting the module leaves an fp8 table as it is (its scales would mean nothing otherwise)
+    h, ids, live = _inputs(cfg, src)
+    half = V41Engram(cfg, 4)
+    half.load_state_dict(fp8_sd)
+    half.to(torch.bfloat16)
+    assert half.embed.weight.dtype == E4M3 and half.embed.scale.dtype == E8M0
+    assert half.wkv.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(half(h, ids, live), fp8(h, ids, live), rtol=0.05, atol=0.05)
     # the same rows as a float table: no scale needed (strict load still passes)
     float_sd = {k: v for k, v in fp8_sd.items() if k != "embed.scale"}
     float_sd["embed.weight"] = dequantize_fp8_rows(q, s)
     twin = V41Engram(cfg, 4)
     twin.load_state_dict(float_sd)
     assert twin.embed.weight.dtype == torch.float32
-    h, ids, live = _inputs(cfg, src)
     torch.testing.assert_close(fp8(h, ids, live), twin(h, ids, live), rtol=0, atol=0)
     # a bf16 table keeps bf16 too (every e4m3 value is exact in bf16)
     bf16_sd = dict(float_sd, **{"embed.weight": float_sd["embed.weight"].bfloat16()})

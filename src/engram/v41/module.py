@@ -62,6 +62,19 @@ class V41EngramTable(nn.Module):
         if w is not None and not is_fp8(w) and prefix + "scale" in missing_keys:
             missing_keys.remove(prefix + "scale")  # a float table needs no scales
 
+    def _apply(self, fn, recurse=True):
+        # `module.to(torch.bfloat16)` casts every floating tensor, fp8 included: the rows would
+        # become bare e4m3 values with their scales forgotten. Give fn byte views instead, so
+        # device moves happen and dtype casts pass an fp8 table by.
+        if not is_fp8(self.weight):
+            return super()._apply(fn, recurse)
+        w_dtype, s_dtype = self.weight.dtype, self.scale.dtype
+        w = fn(self.weight.detach().view(torch.uint8))
+        s = fn(self.scale.view(torch.uint8)) if self.scale.element_size() == 1 else fn(self.scale)
+        self.weight = nn.Parameter(w.view(w_dtype), requires_grad=False)
+        self.scale = s.view(s_dtype) if s.dtype == torch.uint8 else s
+        return self
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows [..., E] of `ids`, in float32 for an fp8 table, else in the table's dtype."""
         if is_fp8(self.weight):
