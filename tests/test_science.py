@@ -199,6 +199,13 @@ def test_verdicts_need_two_standard_errors():
     assert verdicts.judge(-0.01, 0.004) == "better"
     assert verdicts.judge(-0.01, 0.006) == "not resolved at this scale"
     assert "one seed" in verdicts.judge(0.3, math.nan)
+    # Seeds share their batches: a constant per-seed gap is resolved though the seeds spread widely.
+    a = [{"seed": s, "val_loss": 3 + 0.3 * s} for s in range(3)]
+    b = [{"seed": s, "val_loss": 3 + 0.3 * s + 0.01 + 0.001 * s} for s in range(3)]
+    d, se = verdicts.diff(b, a)
+    assert d == pytest.approx(0.011) and verdicts.judge(d, se) == "worse"
+    d, se = verdicts.diff(b[:2], a)  # other seeds: a difference of means, not resolved
+    assert verdicts.judge(d, se) == "not resolved at this scale"
     fit = verdicts.log_fit([{"slots": n, "seed": 0, "val_loss": 2 - 0.1 * math.log(n)} for n in (10, 100, 1000)])
     assert fit["slope"] == pytest.approx(-0.1) and fit["r2"] == pytest.approx(1.0)
 

@@ -18,6 +18,19 @@ def _stats(values):
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
 
 
+def diff(rows_a: list[dict], rows_b: list[dict]) -> tuple[float, float]:
+    """Mean validation-loss difference a - b and its standard error. Runs with the same seed see the same
+    batches in the same order, so where both sides have the same two or more seeds the difference is taken
+    per seed (paired: the data-order noise they share cancels); otherwise it is a difference of means."""
+    la = {r["seed"]: r["val_loss"] for r in rows_a}
+    lb = {r["seed"]: r["val_loss"] for r in rows_b}
+    if set(la) == set(lb) and len(la) >= 2:
+        d = _stats(la[s] - lb[s] for s in sorted(la))
+        return d[0], d[1] / math.sqrt(d[2])
+    a, b = _stats(la.values()), _stats(lb.values())
+    return a[0] - b[0], _se_diff(a, b)
+
+
 def _se_diff(a, b) -> float:
     (_, sa, na), (_, sb, nb) = a, b
     if math.isnan(sa) or math.isnan(sb):
@@ -42,7 +55,7 @@ def alloc(groups: dict) -> str:
     best = min(m, key=lambda r: m[r][0])
     lines = [f"Lowest mean loss at rho = {best:.2f} ({m[best][0]:.4f})."]
     if 1.0 in m and best != 1.0:
-        d, se = m[best][0] - m[1.0][0], _se_diff(m[best], m[1.0])
+        d, se = diff(groups[best], groups[1.0])
         lines.append(f"Against pure MoE (rho = 1): {d:+.4f} nats" + ("" if math.isnan(se) else f" ± {se:.4f} (s.e.)")
                      + f": {judge(d, se)}.")
     interior = best not in (max(m), min(m))
@@ -98,12 +111,11 @@ def layers(groups: dict) -> str:
     out = [f"Best single layer: {best} ({singles[best][0]:.4f})."]
     for k in sorted(singles):
         if k != best:
-            d = singles[k][0] - singles[best][0]
-            out.append(f"layer {k} vs layer {best}: {d:+.4f} ({judge(d, _se_diff(singles[k], singles[best]))}).")
+            d, se = diff(groups[k], groups[best])
+            out.append(f"layer {k} vs layer {best}: {d:+.4f} ({judge(d, se)}).")
     for k in (k for k in m if "+" in k):
-        d = m[k][0] - singles[best][0]
-        out.append(f"Split over layers {k} (same memory) vs layer {best}: {d:+.4f} "
-                   f"({judge(d, _se_diff(m[k], singles[best]))}).")
+        d, se = diff(groups[k], groups[best])
+        out.append(f"Split over layers {k} (same memory) vs layer {best}: {d:+.4f} ({judge(d, se)}).")
     out.append("Paper (deeper model): layer 2 best of the single placements, deeper worse, layer 1 worse than 2; "
                "a split over two layers slightly better.")
     return " ".join(out)
@@ -121,8 +133,8 @@ def ablation_deltas(groups: dict) -> list[dict]:
         ref = REFERENCES.get(name, ref_name)
         if ref not in groups:
             continue
-        a, b = _stats(r["val_loss"] for r in g), _stats(r["val_loss"] for r in groups[ref])
-        d, se = a[0] - b[0], _se_diff(a, b)
+        a = _stats(r["val_loss"] for r in g)
+        d, se = diff(g, groups[ref])
         out.append({"ablation": name, "reference": ref, "stats": a, "delta": d, "se": se,
                     "verdict": judge(d, se, "hurts", "helps")})
     return out
