@@ -171,7 +171,8 @@ def _logit_lens(args) -> int:
                                        "models": {n: dict(zip(*c, strict=True)) for n, c in curves.items()}})
     P.lens_plot(out / "logit_lens.png", curves)
     depth = max(len(c[0]) for c in curves.values())
-    rows = [[s] + [c[1][s] if s < len(c[1]) else None for c in curves.values()] for s in range(depth)]
+    longest = max(curves.values(), key=lambda c: len(c[0]))[0]
+    rows = [[longest[s]] + [c[1][s] if s < len(c[1]) else None for c in curves.values()] for s in range(depth)]
     half = {n: next(i for i, v in enumerate(kl) if v <= kl[0] / 2) for n, (_, kl) in curves.items()}
     verdict = "; ".join(f"{n}: KL halves by stream point {half[n]} ({curves[n][0][half[n]]})" for n in names) + "."
     write_section(out, "Logit lens", command=_command(args, ["probe", "logit-lens"]),
@@ -234,7 +235,8 @@ def _collisions(args) -> int:
     write_section(out, "Hash collisions", command=_command(args, ["probe", "collisions"]),
                   models=[model_label(args.model)], data=label + f" (train split, first {len(comp):,} tokens)",
                   figure_file="collisions.png", header=[k.replace("_", " ") for k in keys],
-                  rows=[[r[k] for k in keys] for r in full], verdict=verdict)
+                  rows=[[round(r[k], 1) if k == "expected_rows_used" else r[k] for k in keys] for r in full],
+                  verdict=verdict, notes=["growth with corpus size (1/8, 1/4, 1/2, all of it): collisions.json"])
     print(out / "REPORT.md")
     return 0
 
