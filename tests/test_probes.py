@@ -252,3 +252,23 @@ def test_command_errors_are_one_line(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["probe", "cka", "--model", model, "--out", str(tmp_path)])  # --model2 is required
     assert Path(tmp_path).is_dir()
+
+
+def test_every_probe_option_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    from engram.cli import build_parser
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    probe = next(a for a in top.choices["probe"]._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(probe.choices) == {"memory-off", "logit-lens", "cka", "collisions", "ruler"}
+    for words, sub in [(["gates"], top.choices["gates"])] + [(["probe", n], p) for n, p in probe.choices.items()]:
+        with pytest.raises(SystemExit) as exc:
+            main([*words, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for action in sub._actions:
+            assert action.help, (words, action.dest)
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, (words, action.dest)
+        assert "(default: None)" not in text and "(default: False)" not in text
