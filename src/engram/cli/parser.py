@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engram.cli import commands, science, serving
+from engram.cli import commands, probes, science, serving
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -228,4 +228,5 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands._demo)
 
     science.add_parsers(sub, _HelpFormatter, _at_least)
+    probes.add_parsers(sub, _HelpFormatter, _at_least)
     return p
