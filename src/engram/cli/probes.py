@@ -264,7 +264,7 @@ def add_parsers(sub, formatter, at_least) -> None:
 
     p = sub.add_parser("probe", help="probe a trained model (memory-off, logit-lens, "
                                                                 "cka, collisions, ruler)")
-    ps = p.add_subparsers(dest="probe", required=True, metavar="PROBE",
+    ps = p.add_subparsers(dest="probe", required=True, metavar="PROBE", help="the probe to run",
                           parser_class=lambda **kw: type(p)(formatter_class=formatter, **kw))
 
     s = ps.add_parser("memory-off",
