@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engram.atomic import write_json_atomic
-from engram.train.probe import peak_flops
+from engram.train.mfu import device_peak, mfu
 from engram.train.run import plot_losses, read_metrics
 
 
@@ -37,7 +37,8 @@ class TrainResult:
     tokens_per_s: float
     run_dir: Path
     params: dict
-    mfu: float | None
+    mfu: float | None  # model FLOPs utilisation over the training steps (None: no known peak)
+    mfu_basis: str = ""  # the peak rate MFU is measured against, or why there is no MFU
 
 
 class TrainLoop:
@@ -119,6 +120,9 @@ class TrainLoop:
         # PaLM-style estimate: 6 FLOPs per activated parameter + attention over the context.
         mc = self.cfg.model
         flops_per_token = 6 * params["activated_per_token"] + 12 * mc.n_layers * mc.d_model * tc.seq_len
+        peak = device_peak(self.device, tc.dtype)
+        if peak.flops is None:
+            self.notice(f"MFU not reported: {peak.basis}")
         prev = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main), unit="step",
                    dynamic_ncols=True, mininterval=1.0)
@@ -153,7 +157,8 @@ class TrainLoop:
                     val_loss = self.evaluate()
                     if not math.isfinite(val_loss):
                         raise self._diverged("validation loss", val_loss, step=self.step)
-                    self.metrics.log(kind="eval", step=self.step, tokens=self.tokens, val_loss=val_loss)
+                    self.metrics.log(kind="eval", step=self.step, tokens=self.tokens, val_loss=val_loss,
+                                     tokens_per_s=tok_s, mfu=mfu(flops_per_token, tok_s, peak))
                     if self.is_main:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
                 stop = self._should_stop()
@@ -171,11 +176,10 @@ class TrainLoop:
             signal.signal(signal.SIGINT, prev)
             self.metrics.close()
         tok_s = self.tokens / max(self.elapsed, 1e-9)
-        peak = peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32)
-        mfu = flops_per_token * tok_s / peak if self.device.type == "cpu" else None
         if status == "finished":
             self.save_model(self.run_dir / "model")
-        res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params, mfu)
+        res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params,
+                          mfu(flops_per_token, tok_s, peak), peak.basis)
         if self.is_main:
             recs = read_metrics(self.run_dir / "metrics.jsonl")
             plot_losses({self.cfg.preset or "run": recs}, self.run_dir / "loss.png")
