@@ -19,7 +19,12 @@ Checks (``--only NAME ...`` picks some):
   offload: prefill and greedy decode with the tables in (pinned) host memory and on disk behind a
       10% cache vs all tables on the device: equal outputs, throughput ratios (target >= 0.97) for a
       table of `--table-gb` (`gpu_check_offload`);
-  generate: greedy `generate` on the device equals `generate` on the CPU (small model, fp32).
+  generate: greedy `generate` on the device equals `generate` on the CPU (small model, fp32);
+  syncs: the host syncs left in a training step with deferred reads, by site and count per step, and a
+      step's time with vs without deferred reads (`gpu_check_syncs`; skipped on a CPU after running
+      the step path);
+  nccl_smoke: a one-process NCCL group (gloo on a CPU) running the row-sharded exchange of a small
+      table, equal to the unsharded lookup (`gpu_check_nccl`).
 
 Performance targets are recorded (``meets_target``), not enforced: a check fails when something is
 wrong (outputs differ, an exception), not when it is slow. ``--tiny`` shrinks every check to seconds
@@ -255,11 +260,14 @@ def check_generate(ctx: Context, rec: dict) -> None:
 # ------------------------------------------------------------------------------------------- main
 
 def checks() -> dict:
+    from gpu_check_nccl import check_nccl_smoke
     from gpu_check_offload import check_offload
+    from gpu_check_syncs import check_syncs
     from gpu_check_train import check_train_d768, check_train_demo
 
     return {"train_demo": check_train_demo, "train_d768": check_train_d768, "hashing": check_hashing,
-            "offload": check_offload, "generate": check_generate}
+            "offload": check_offload, "generate": check_generate, "syncs": check_syncs,
+            "nccl_smoke": check_nccl_smoke}
 
 
 def main(argv=None) -> int:
@@ -295,4 +303,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # The check modules import `gpu_check` (Skip, synchronize): let that be this very module, or a
+    # Skip they raise would be another class than the one `Report.run` catches.
+    sys.modules.setdefault("gpu_check", sys.modules[__name__])
     sys.exit(main())

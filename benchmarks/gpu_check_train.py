@@ -83,6 +83,17 @@ def run_pair(base, name: str, ctx, rec: dict, *, experts_moved: int) -> None:
     rec["meets_target"] = rec["engram_over_moe"] is not None and rec["engram_over_moe"] >= rec["target"]
 
 
+def shrink_demo(base) -> int:
+    """The demo preset ``base`` shrunk in place to seconds on a CPU (d=64, 4 steps of 4 x 32 tokens);
+    returns the experts its Engram variant moves into memory."""
+    m = base.model
+    m.d_model, m.n_layers, m.n_heads, m.mlp_hidden, m.max_seq_len = 64, 2, 2, 128, 64
+    m.n_routed_experts, m.expert_hidden = 8, 64
+    m.engram.engram_vocab_size, m.engram.n_embed_per_ngram, m.engram.n_head_per_ngram = [2003, 2003], 32, 4
+    base.train.steps, base.train.batch_size, base.train.seq_len = 4, 4, 32
+    return 2
+
+
 def check_train_demo(ctx, rec: dict) -> None:
     """The demo preset's pair, 60 steps (``--tiny``: the demo shrunk to d=64, 4 steps)."""
     from engram.train.config import run_preset
@@ -90,12 +101,7 @@ def check_train_demo(ctx, rec: dict) -> None:
     base = run_preset("demo")
     experts_moved = EXPERTS_MOVED
     if ctx.tiny:
-        m = base.model
-        m.d_model, m.n_layers, m.n_heads, m.mlp_hidden, m.max_seq_len = 64, 2, 2, 128, 64
-        m.n_routed_experts, m.expert_hidden = 8, 64
-        m.engram.engram_vocab_size, m.engram.n_embed_per_ngram, m.engram.n_head_per_ngram = [2003, 2003], 32, 4
-        base.train.steps, base.train.batch_size, base.train.seq_len = 4, 4, 32
-        experts_moved = 2
+        experts_moved = shrink_demo(base)
     else:
         base.train.steps = 60
     run_pair(base, "train_demo", ctx, rec, experts_moved=experts_moved)

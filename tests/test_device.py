@@ -231,3 +231,39 @@ def test_a_cuda_step_does_not_synchronise(env, tmp_path):
     tr._pending = [{"loss": loss, "grad_norm": g, "step": s + 2} for s, (loss, g) in enumerate(vals)]
     tr._read_pending()
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in tr._pending)
+
+
+# -- syncs removed from a CUDA step (checked on the CPU and the meta device) ---------------------------
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_moe_expert_counts_are_bincounts(E, K, N, seed):
+    """The scatter-add that keeps the expert counts on the device counts what bincount counts."""
+    from engram.model.moe import MoE
+
+    K = min(K, E)
+    torch.manual_seed(seed)
+    moe = MoE(d_model=8, n_routed_experts=E, n_shared_experts=0, top_k=K, expert_hidden=4)
+    x_BTD = torch.randn(1, N, 8)
+    y_BTD, _ = moe(x_BTD)
+    _, experts_NK, _ = moe.route(x_BTD.reshape(N, 8))
+    want = torch.bincount(experts_NK.reshape(-1), minlength=E)
+    assert moe.last_expert_counts.dtype == want.dtype and torch.equal(moe.last_expert_counts, want)
+    assert int(want.sum()) == N * K and y_BTD.shape == x_BTD.shape
+
+
+def test_sparse_row_adam_keeps_its_step_counter_on_the_cpu_after_a_load():
+    """The counter is read every step: loaded next to a table on another device, it stays a host value
+    (the moments follow the table)."""
+    from engram.optim import SparseRowAdam
+
+    p = torch.nn.Parameter(torch.randn(10, 4))
+    opt = SparseRowAdam([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2, 4), (10, 4), check_invariants=True)
+        opt.step()
+    q = torch.nn.Parameter(torch.empty(10, 4, device="meta"))
+    other = SparseRowAdam([q], lr=0.1)
+    other.load_state_dict(opt.state_dict())
+    state = other.state[q]
+    assert state["step"].device.type == "cpu" and int(state["step"]) == 2
+    assert state["exp_avg"].device.type == "meta" and state["last_step"].device.type == "meta"

@@ -90,7 +90,10 @@ class MoE(nn.Module):
         # Sort token-slots by expert so each expert's inputs are one contiguous slice.
         experts_S = experts_NK.reshape(-1)
         order_S = torch.argsort(experts_S, stable=True)
-        counts_E = torch.bincount(experts_S, minlength=E)
+        # A scatter-add rather than bincount: on CUDA bincount reads the largest id back to size its
+        # output (a host sync); the counts are exact integers either way.
+        counts_E = torch.zeros(E, dtype=torch.int64, device=experts_S.device).scatter_add_(
+            0, experts_S, torch.ones_like(experts_S))
         self.last_expert_counts = counts_E.detach()
         f_E = counts_E.float() / (N * K)
         aux = E * torch.sum(f_E * probs_NE.mean(dim=0))
@@ -110,7 +113,8 @@ class MoE(nn.Module):
         dtype = _compute_dtype(x_ND)
         # Cast once per forward (autocast would re-cast the stacked weights per expert matmul).
         x_SD = x_ND.index_select(0, tokens_S).to(dtype)
-        counts = counts_E.tolist()  # one host sync per layer, then no syncs
+        # The one host sync of a layer (data-dependent: the split sizes), see docs/GUIDE.md.
+        counts = counts_E.tolist()
         # split/unbind rather than slicing/indexing per expert: their backward is one cat/stack,
         # whereas each slice's backward would zero-fill and accumulate a full-size gradient
         # (measured: ~25% of an MoE training step at 16 experts).

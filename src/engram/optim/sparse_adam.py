@@ -187,8 +187,10 @@ class SparseRowAdam(torch.optim.Optimizer):
             saved = state_dict["state"].get(pid)
             if saved is None:
                 continue
-            self.state[p] = {k: v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) else v
-                             for k, v in saved.items()}
+            # The step counter stays on the CPU, where `_init_state` puts it: `_update` reads it every
+            # step, and on an accelerator that read would be a host sync.
+            self.state[p] = {k: v.detach().clone().to("cpu" if k == "step" else p.device)
+                             if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
 
     def _tail(self, b1: float, b2: float, mode: str, device) -> torch.Tensor:
         """``Sinf[n] = sum_{j>=1} r**j * f(n+j)``, ``f(i) = sqrt(1-b2**i) / (1-b1**i)`` (1 if mode "none").
@@ -305,9 +307,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         sqrt_v = v_U_.sqrt()
         n_same = t if bc == "global" else None
         if n_U is not None:
-            lo, hi = torch.aminmax(n_U)
-            if int(lo) == int(hi):  # e.g. every row touched every step: scalars, as in torch.optim.Adam
-                n_same = int(lo)
+            # One read of both ends (a host sync on an accelerator, see docs/GUIDE.md).
+            lo, hi = torch.stack(torch.aminmax(n_U)).tolist()
+            if lo == hi:  # e.g. every row touched every step: scalars, as in torch.optim.Adam
+                n_same = lo
         if bc == "none":
             w_UD.addcdiv_(m_UD, sqrt_v + eps, value=-lr)
         elif n_same is not None:

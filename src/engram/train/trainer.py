@@ -1,20 +1,18 @@
-"""The training loop: AdamW for the backbone, a sparse-row optimizer for the memory tables.
+"""The trainer: AdamW for the backbone, a sparse-row optimizer for the memory tables.
 
 Resumable to the bit: batches are a pure function of (seed, step), and a checkpoint carries
 model, both optimizers, the sampler position and the RNG state, so a run killed at any step
 and resumed from its last checkpoint logs exactly the losses of an uninterrupted run.
 
-Legend: B batch, T time (sequence length).
+This module sets a run up (config, run directory, model, optimizers, resume) and keeps its state
+(checkpoints, the error for a diverged run); the step loop is `engram.train.loop`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import signal
 import sys
-import time
-from dataclasses import dataclass
+import time  # noqa: F401  (kept as engram.train.trainer.time: callers patch the clock the dtype probe reads)
 from pathlib import Path
 
 import torch
@@ -24,40 +22,22 @@ from engram.config import ConfigError
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from engram.train.config import RunConfig
 from engram.train.deferred import DeferredReads
-from engram.train.probe import peak_flops, resolve_dtype
+from engram.train.loop import TrainLoop, TrainResult, lr_at
+from engram.train.probe import resolve_dtype
 from engram.train.resume import check_same_data, data_facts, load_newest_good, load_run, resume_config
-from engram.train.run import MetricsLog, init_run_dir, plot_losses, read_metrics, record_start
+from engram.train.run import MetricsLog, init_run_dir, record_start
+
+__all__ = ["Trainer", "TrainingDiverged", "TrainResult", "lr_at", "prepare_run_data", "resolve_dtype"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def _all_finite(p: torch.Tensor, chunk: int = 1 << 24) -> bool:
     """``isfinite(p).all()`` in pieces: a memory table's mask would be a quarter of its size at once."""
     flat = p.detach().reshape(-1)
     return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
-
-
-@dataclass
-class TrainResult:
-    status: str  # "finished" | "interrupted"
-    step: int
-    tokens: int
-    val_loss: float | None
-    tokens_per_s: float
-    run_dir: Path
-    params: dict
-    mfu: float | None
 
 
 def prepare_run_data(cfg: RunConfig, cache_dir: str | None = None):
@@ -68,7 +48,7 @@ def prepare_run_data(cfg: RunConfig, cache_dir: str | None = None):
                         val_permille=cfg.data.val_permille)
 
 
-class Trainer(DeferredReads):
+class Trainer(TrainLoop, DeferredReads):
     """Train one model described by a `RunConfig` into `run_dir`.
 
     `data` is a prepared `engram.data.DataBundle` (built from `cfg.data` when None). What the
@@ -328,136 +308,3 @@ class Trainer(DeferredReads):
                                              f"a finite model)")
         return TrainingDiverged(f"{what} became {value} at step {step}{found} (dtype {tc.dtype}); likely cause: "
                                 f"{cause}. Stopped without saving; last good checkpoint: {good}")
-
-    # -- loop ------------------------------------------------------------------------------------
-    def _autocast(self):
-        enabled = self.cfg.train.dtype == "bfloat16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.model.eval()
-        total, n = 0.0, 0
-        with self._autocast():
-            for x, y in self.val:
-                out = self.model(x, y)
-                total += float(out.loss) * y.numel()
-                n += y.numel()
-        self.model.train()
-        return total / max(1, n)
-
-    def _train_step(self, x_BT, y_BT) -> tuple:
-        """One optimizer step: ``(loss, grad_norm)``, floats, or with `defer_reads` 0-d device tensors that
-        are not read here (their finiteness AND-ed into ``self._finite``, read on logging steps)."""
-        from engram.optim.sparse_adam import clip_grad_norm_
-
-        tc = self.cfg.train
-        lr = lr_at(self.step, tc)
-        for opt in (self.opt, self.table_opt):
-            if opt is not None:
-                for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_mult", 1.0)
-        # Row ids depend only on token ids: computed before the forward (a prefetcher's hook).
-        rows = self.model.engram_rows(x_BT) if self.model.hasher is not None else None
-        with self._autocast():
-            out = self.model(x_BT, y_BT, engram_rows=rows)
-            loss = out.loss + self.cfg.model.router_aux_coef * out.aux_loss
-        if self.defer_reads:
-            return self._deferred_step(loss, out.loss)
-        # Checked before any update, so the model (and every checkpoint) stays as it was.
-        total = float(loss.detach())
-        if not math.isfinite(total):
-            raise self._diverged("training loss", total)
-        loss.backward()
-        gnorm = float(clip_grad_norm_(list(self.model.parameters()), tc.grad_clip)) if tc.grad_clip > 0 else 0.0
-        if not math.isfinite(gnorm):
-            self.model.zero_grad(set_to_none=True)
-            raise self._diverged("gradient norm", gnorm)
-        self.opt.step()
-        if self.table_opt is not None:
-            self.table_opt.step()
-        self.model.zero_grad(set_to_none=True)
-        return out.loss.item(), gnorm
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` on the training device; to CUDA through pinned memory, as a blocking copy from pageable
-        memory would wait for the device (a host sync every step)."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
-
-    def _on_sigint(self, signum, frame):
-        if self._stop:  # second Ctrl-C: stop right now
-            raise KeyboardInterrupt
-        self._stop = True
-
-    def train(self) -> TrainResult:
-        tc = self.cfg.train
-        from tqdm import tqdm
-
-        params = self._count_params()
-        # PaLM-style estimate: 6 FLOPs per activated parameter + attention over the context.
-        mc = self.cfg.model
-        flops_per_token = 6 * params["activated_per_token"] + 12 * mc.n_layers * mc.d_model * tc.seq_len
-        prev = signal.signal(signal.SIGINT, self._on_sigint)
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main), unit="step",
-                   dynamic_ncols=True, mininterval=1.0)
-        status, val_loss, last_good = "finished", None, None
-        try:
-            while self.step < tc.steps:
-                x, y = self.sampler.next()
-                x, y = self._to_device(x), self._to_device(y)
-                t0 = time.perf_counter()
-                loss, gnorm = self._train_step(x, y)
-                self.step += 1
-                self.tokens += x.numel()
-                rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
-                       "lr": lr_at(self.step - 1, tc), "grad_norm": gnorm}
-                self._pending.append(rec)
-                log_now = self.step % tc.log_every == 0 or self.step == tc.steps
-                at_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
-                at_ckpt = self.step % tc.ckpt_every == 0 or self.step == tc.steps
-                read = not isinstance(loss, torch.Tensor) or log_now or at_eval or at_ckpt
-                if read:
-                    self._read_pending()  # deferred steps: the wait for the device is timed into this one
-                dt = time.perf_counter() - t0
-                rec["step_s"] = dt
-                if read:
-                    self._write_pending()
-                self.elapsed += dt
-                tok_s = self.tokens / max(self.elapsed, 1e-9)
-                bar.update(1)
-                if log_now:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-                if at_eval:
-                    val_loss = self.evaluate()
-                    if not math.isfinite(val_loss):
-                        raise self._diverged("validation loss", val_loss, step=self.step)
-                    self.metrics.log(kind="eval", step=self.step, tokens=self.tokens, val_loss=val_loss)
-                    if self.is_main:
-                        bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
-                stop = self._should_stop()
-                if at_ckpt or stop:
-                    self._read_pending()
-                    self._write_pending()
-                    last_good = self.save()
-                if stop:
-                    status = "interrupted"
-                    if self.is_main:
-                        bar.write(f"interrupted: saved {last_good}; resume with --resume")
-                    break
-        finally:
-            bar.close()
-            signal.signal(signal.SIGINT, prev)
-            self.metrics.close()
-        tok_s = self.tokens / max(self.elapsed, 1e-9)
-        peak = peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32)
-        mfu = flops_per_token * tok_s / peak if self.device.type == "cpu" else None
-        if status == "finished":
-            self.save_model(self.run_dir / "model")
-        res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params, mfu)
-        if self.is_main:
-            recs = read_metrics(self.run_dir / "metrics.jsonl")
-            plot_losses({self.cfg.preset or "run": recs}, self.run_dir / "loss.png")
-            write_json_atomic(self.run_dir / "summary.json", {**res.__dict__, "run_dir": str(self.run_dir)})
-        return res
