@@ -51,7 +51,6 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _tied_weights_keys = None  # EngramLM ties its own embeddings
-    _supports_cache_class = True
 
     def __init__(self, config: EngramHFConfig, lm: EngramLM | None = None, *,
                  vocab: CompressedVocab | None = None) -> None:
