@@ -23,7 +23,7 @@ LAYER = {
     "tokenizer": 1, "hashing": 1,
     "data": 2, "memory": 2,
     "model": 3, "v41": 3, "optim": 3, "store": 3,
-    "serve": 4, "train": 4,
+    "serve": 4, "train": 4, "hf": 4,
     "distributed": 5, "demo": 5, "science": 5, "probes": 5,
     "cli": 6, "__main__": 7,
 }

@@ -47,8 +47,8 @@ def _tensor_range(path, key):
 def test_manifest_covers_every_file_and_every_byte_of_the_weights(saved):
     d, model = saved
     m = read_manifest(d)
-    assert sorted(m["files"]) == ["config.json", "model.safetensors", "tokenizer.txt", "tokenizer/tokenizer.json",
-                                  "vocab.safetensors"]
+    assert sorted(m["files"]) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.txt",
+                                  "tokenizer/tokenizer.json", "vocab.safetensors"]  # tokenizer.json: for AutoTokenizer
     w = m["files"]["model.safetensors"]
     pieces = w["pieces"]
     assert pieces[0]["start"] == 0 and pieces[-1]["end"] == w["size"] == (d / "model.safetensors").stat().st_size

@@ -23,6 +23,12 @@ WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "voc
 SHARD_DIR = "tables"  # the Engram table shards of a sharded-tables directory (engram.model.sharded_tables)
 _FORMAT = "engram-lm"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# config.json also names the model for Hugging Face's AutoConfig / AutoModelForCausalLM (see engram.hf); a
+# directory written before these keys existed has none and still loads here.
+MODEL_TYPE = "engram"
+_HF_CONFIG = {"model_type": MODEL_TYPE, "architectures": ["EngramForCausalLM"]}
+# The tokenizer files saved under tokenizer/ are also written at the top level, where AutoTokenizer looks.
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def engram_table_key(layer: int) -> str:
@@ -49,8 +55,12 @@ def _write_model_files(model, d: Path, extra_files: Mapping[str, bytes | str | o
         model.vocab.save(d / VOCAB_FILE)  # atomic on its own
     with atomic_path(d / WEIGHTS_FILE) as tmp:
         save_file(_weights_to_save(model, skip), str(tmp), metadata=metadata or {"format": _FORMAT})
-    write_json_atomic(d / CONFIG_FILE, model.cfg.to_dict())
-    for rel, content in (extra_files or {}).items():
+    write_json_atomic(d / CONFIG_FILE, {**_HF_CONFIG, **model.cfg.to_dict()})
+    extra_files = dict(extra_files or {})
+    for name in _HF_TOKENIZER_FILES:
+        if f"tokenizer/{name}" in extra_files:
+            extra_files.setdefault(name, extra_files[f"tokenizer/{name}"])
+    for rel, content in extra_files.items():
         dst = d / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dst, content if isinstance(content, bytes) else Path(content).read_bytes())
@@ -62,7 +72,9 @@ def save_pretrained(model, directory: str | os.PathLike,
     ``checksums.json`` over every file of the directory.
 
     ``extra_files``: ``{relative name: bytes, or a path to copy}`` written with the model (its
-    tokenizer, say) before the checksums, so they are verified on load like the weights.
+    tokenizer, say) before the checksums, so they are verified on load like the weights. The tokenizer
+    files under ``tokenizer/`` are also written at the top level, so ``AutoTokenizer`` and
+    ``pipeline("text-generation")`` find them there (see :mod:`engram.hf`).
     Every file goes to a temporary name first and is then renamed over the target, and the old
     checksum manifest is removed before anything is written: an interrupted save leaves a directory
     that refuses to load rather than a mix of two saves.
@@ -89,8 +101,13 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {d} (expected a directory written by save_pretrained)")
     try:
-        return ModelConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raw = json.loads(cfg_path.read_text())
+        model_type = raw.pop("model_type", MODEL_TYPE)
+        raw.pop("architectures", None)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"{cfg_path} is the config of a {model_type!r} model, not of an engram model")
+        return ModelConfig.from_dict(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"{cfg_path} is not a valid model config ({e})") from None
 
 
