@@ -187,7 +187,7 @@ def test_report_from_a_fake_sweep(tmp_path):
         finished = len(json.loads((d / "sweep.json").read_text())["runs"]) - 1
         assert len((out / f"{name}.csv").read_text().splitlines()) == 1 + finished
     assert "1 unfinished (left out): unfinished" in md and "`engram sweep alloc`" in md and "`abc`" in md
-    assert "Lowest mean loss at rho = 0.70" in md and "interior" in md
+    assert "Lowest mean loss at rho = 0.70" in md and "a U-shape, resolved" in md
     assert "reproduced (falling, R² >= 0.9)" in md and "-0.050" in md.split("ln(slots)")[0][-8:]
     assert "| gate-fixed-1 | reference |" in md and "| hc4-shared-gate | hc4-per-branch |" in md
     assert "Resolved as hurting: gate-fixed-1, hc4-shared-gate" in md
@@ -196,16 +196,18 @@ def test_report_from_a_fake_sweep(tmp_path):
 
 
 def test_verdicts_need_two_standard_errors():
-    assert verdicts.judge(-0.01, 0.004) == "better"
+    assert verdicts.judge(-0.01, 0.004) == "better"  # large samples: 2 standard errors
     assert verdicts.judge(-0.01, 0.006) == "not resolved at this scale"
+    assert verdicts.judge(-0.01, 0.004, df=2) == "not resolved at this scale"  # 3 seeds: t = 4.30
+    assert verdicts.judge(-0.01, 0.002, df=2) == "better"
     assert "one seed" in verdicts.judge(0.3, math.nan)
     # Seeds share their batches: a constant per-seed gap is resolved though the seeds spread widely.
     a = [{"seed": s, "val_loss": 3 + 0.3 * s} for s in range(3)]
     b = [{"seed": s, "val_loss": 3 + 0.3 * s + 0.01 + 0.001 * s} for s in range(3)]
-    d, se = verdicts.diff(b, a)
-    assert d == pytest.approx(0.011) and verdicts.judge(d, se) == "worse"
-    d, se = verdicts.diff(b[:2], a)  # other seeds: a difference of means, not resolved
-    assert verdicts.judge(d, se) == "not resolved at this scale"
+    d, se, df = verdicts.diff(b, a)
+    assert d == pytest.approx(0.011) and df == 2 and verdicts.judge(d, se, df) == "worse"
+    d, se, df = verdicts.diff(b[:2], a)  # other seeds: a difference of means, not resolved
+    assert df == 1 and verdicts.judge(d, se, df) == "not resolved at this scale"
     fit = verdicts.log_fit([{"slots": n, "seed": 0, "val_loss": 2 - 0.1 * math.log(n)} for n in (10, 100, 1000)])
     assert fit["slope"] == pytest.approx(-0.1) and fit["r2"] == pytest.approx(1.0)
 

@@ -1,7 +1,9 @@
 """What each experiment's numbers say, computed, not written by hand.
 
-An effect counts as resolved when it exceeds twice its standard error (over seeds); otherwise the verdict
-is "not resolved at this scale". With one seed there is no spread, and the verdict says so.
+An effect counts as resolved when it lies outside its two-sided 95% confidence interval over seeds
+(Student's t with the seeds' degrees of freedom: with 3 seeds that is 4.3 standard errors, not 2, since a
+spread estimated from three numbers is itself uncertain); otherwise the verdict is "not resolved at this
+scale". With one seed there is no spread, and the verdict says so.
 """
 
 from __future__ import annotations
@@ -10,7 +12,16 @@ import math
 
 import numpy as np
 
-Z = 2.0  # standard errors an effect must exceed to count as resolved
+Z = 2.0  # standard errors an effect must exceed when the degrees of freedom are unknown (large samples)
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t95(df: int | None) -> float:
+    """Standard errors an effect with ``df`` degrees of freedom must exceed (95%, two-sided)."""
+    if df is None or df > len(_T95):
+        return Z if df is None else 2.0 + 2.4 / df  # within 1% of t for df > 10
+    return _T95[df - 1]
 
 
 def _stats(values):
@@ -18,17 +29,19 @@ def _stats(values):
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
 
 
-def diff(rows_a: list[dict], rows_b: list[dict]) -> tuple[float, float]:
-    """Mean validation-loss difference a - b and its standard error. Runs with the same seed see the same
-    batches in the same order, so where both sides have the same two or more seeds the difference is taken
-    per seed (paired: the data-order noise they share cancels); otherwise it is a difference of means."""
+def diff(rows_a: list[dict], rows_b: list[dict]) -> tuple[float, float, int | None]:
+    """Mean validation-loss difference a - b, its standard error and degrees of freedom. Runs with the same
+    seed see the same batches in the same order, so where both sides have the same two or more seeds the
+    difference is taken per seed (paired: the data-order noise they share cancels; n - 1 degrees of freedom);
+    otherwise it is a difference of means (Welch's standard error, conservatively min(n_a, n_b) - 1)."""
     la = {r["seed"]: r["val_loss"] for r in rows_a}
     lb = {r["seed"]: r["val_loss"] for r in rows_b}
     if set(la) == set(lb) and len(la) >= 2:
         d = _stats(la[s] - lb[s] for s in sorted(la))
-        return d[0], d[1] / math.sqrt(d[2])
+        return d[0], d[1] / math.sqrt(d[2]), d[2] - 1
     a, b = _stats(la.values()), _stats(lb.values())
-    return a[0] - b[0], _se_diff(a, b)
+    df = min(a[2], b[2]) - 1
+    return a[0] - b[0], _se_diff(a, b), df if df >= 1 else None
 
 
 def _se_diff(a, b) -> float:
@@ -42,10 +55,11 @@ def tokens_str(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-def judge(delta: float, se: float, worse: str = "worse", better: str = "better") -> str:
+def judge(delta: float, se: float, df: int | None = None, worse: str = "worse", better: str = "better") -> str:
+    """``better``/``worse`` for a negative/positive ``delta`` outside its 95% interval, else not resolved."""
     if math.isnan(se):
         return f"{better if delta < 0 else worse} (one seed: spread unknown)"
-    if abs(delta) <= Z * se:
+    if abs(delta) <= t95(df) * se:
         return "not resolved at this scale"
     return better if delta < 0 else worse
 
@@ -55,13 +69,22 @@ def alloc(groups: dict) -> str:
     best = min(m, key=lambda r: m[r][0])
     lines = [f"Lowest mean loss at rho = {best:.2f} ({m[best][0]:.4f})."]
     if 1.0 in m and best != 1.0:
-        d, se = diff(groups[best], groups[1.0])
+        d, se, df = diff(groups[best], groups[1.0])
         lines.append(f"Against pure MoE (rho = 1): {d:+.4f} nats" + ("" if math.isnan(se) else f" ± {se:.4f} (s.e.)")
-                     + f": {judge(d, se)}.")
-    interior = best not in (max(m), min(m))
-    lines.append("Paper: a U-curve with its minimum near rho = 0.75-0.8. Here: "
-                 + ("the minimum is interior (a U-shape)" if interior else "the minimum is at an end of the range "
-                    "(no U-shape over these points)") + ".")
+                     + f": {judge(d, se, df)}.")
+    lo, hi = min(m), max(m)
+    interior = best not in (lo, hi)
+    if interior:
+        d_lo, se_lo, df_lo = diff(groups[best], groups[lo])
+        d_hi, se_hi, df_hi = diff(groups[best], groups[hi])
+        v_lo, v_hi = judge(d_lo, se_lo, df_lo), judge(d_hi, se_hi, df_hi)
+        u = v_lo == "better" and v_hi == "better"
+        shape = (f"the minimum is interior, {d_hi:+.4f} vs rho = {hi:.2f} ({v_hi}) and {d_lo:+.4f} vs "
+                 f"rho = {lo:.2f} ({v_lo}): " + ("a U-shape, resolved" if u else
+                                                              "a U-shape not resolved at this scale"))
+    else:
+        shape = "the minimum is at an end of the range (no U-shape over these points)"
+    lines.append(f"Paper: a U-curve with its minimum near rho = 0.75-0.8. Here: {shape}.")
     return " ".join(lines)
 
 
@@ -96,7 +119,7 @@ def scaling(fit: dict | None, n_sizes: int) -> str:
          f"{fit['slope'] * math.log(10):+.4f} nats per 10x slots")
     s += "" if math.isnan(se) else f" (per-seed slopes: sd {fit['slope_sd']:.4f})"
     s += f"; R² of the size means = {fit['r2']:.3f}. "
-    slope_ok = fit["slope"] < 0 and (math.isnan(se) or abs(fit["slope"]) > Z * se)
+    slope_ok = fit["slope"] < 0 and (math.isnan(se) or abs(fit["slope"]) > t95(fit["n_seeds"] - 1) * se)
     linear = fit["r2"] >= 0.9
     s += "Paper: loss linear in log(slots), falling. Here: " + (
         "reproduced (falling, R² >= 0.9)." if slope_ok and linear else
@@ -111,11 +134,11 @@ def layers(groups: dict) -> str:
     out = [f"Best single layer: {best} ({singles[best][0]:.4f})."]
     for k in sorted(singles):
         if k != best:
-            d, se = diff(groups[k], groups[best])
-            out.append(f"layer {k} vs layer {best}: {d:+.4f} ({judge(d, se)}).")
+            d, se, df = diff(groups[k], groups[best])
+            out.append(f"layer {k} vs layer {best}: {d:+.4f} ({judge(d, se, df)}).")
     for k in (k for k in m if "+" in k):
-        d, se = diff(groups[k], groups[best])
-        out.append(f"Split over layers {k} (same memory) vs layer {best}: {d:+.4f} ({judge(d, se)}).")
+        d, se, df = diff(groups[k], groups[best])
+        out.append(f"Split over layers {k} (same memory) vs layer {best}: {d:+.4f} ({judge(d, se, df)}).")
     out.append("Paper (deeper model): layer 2 best of the single placements, deeper worse, layer 1 worse than 2; "
                "a split over two layers slightly better.")
     return " ".join(out)
@@ -134,9 +157,9 @@ def ablation_deltas(groups: dict) -> list[dict]:
         if ref not in groups:
             continue
         a = _stats(r["val_loss"] for r in g)
-        d, se = diff(g, groups[ref])
+        d, se, df = diff(g, groups[ref])
         out.append({"ablation": name, "reference": ref, "stats": a, "delta": d, "se": se,
-                    "verdict": judge(d, se, "hurts", "helps")})
+                    "df": df, "verdict": judge(d, se, df, "hurts", "helps")})
     return out
 
 
@@ -180,9 +203,10 @@ def tokens(gains: list[dict]) -> str:
         parts = []
         for g in gs:
             se = g["sd"] / math.sqrt(g["n"]) if g["n"] > 1 else math.nan
-            verdict = judge(g["gain"], se, "MoE better", "Engram better")
+            verdict = judge(g["gain"], se, g["n"] - 1 if g["n"] > 1 else None, "MoE better", "Engram better")
             parts.append(f"{tokens_str(g['tokens'])}: {g['gain']:+.4f} ({verdict})")
-        first = next((g for g in gs if g["n"] > 1 and g["gain"] < -Z * g["sd"] / math.sqrt(g["n"])), None)
+        first = next((g for g in gs if g["n"] > 1 and g["gain"] < -t95(g["n"] - 1) * g["sd"] / math.sqrt(g["n"])),
+                     None)
         trend = ""
         if len(gs) >= 2:
             slope = np.polyfit([math.log(g["tokens"]) for g in gs], [g["gain"] for g in gs], 1)[0]
