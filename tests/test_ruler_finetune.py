@@ -148,3 +148,34 @@ def test_finetune_errors_are_one_line(models, tmp_path, capsys):
     assert main(["probe", "ruler-finetune", "--models", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert main([*base, "--set", "train.nope=1", "--steps", "1"]) == 2
     assert "train.nope" in capsys.readouterr().err
+
+
+def test_an_interrupted_finetune_is_resumed_and_a_finished_one_reused(models, tmp_path):
+    d = models["data"]
+    mix = tmp_path / "mix"
+    M.write_mix(mix, d.tokenizer, d.train, length=128, count=64, seed=5, drop_ids=(d.eos_id, d.pad_id))
+    cfg = F.finetune_config(models["dirs"][1], mix, seed=0, steps=4, overrides=["train.ckpt_every=2"])
+    assert cfg.train.lr == pytest.approx(F.base_config(models["dirs"][1]).train.lr * F.LR_FRACTION)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE", str(models["base"] / "cache"))
+        whole = F.finetune(cfg, tmp_path / "whole", progress=False)
+        from engram.train.trainer import Trainer
+
+        cut = Trainer(cfg, tmp_path / "cut", progress=False)
+        cut._should_stop = lambda: cut.step >= 2  # as Ctrl-C does: save a checkpoint and stop
+        assert cut.train().status == "interrupted"
+        resumed = F.finetune(cfg, tmp_path / "cut", progress=False)
+        again = F.finetune(cfg, tmp_path / "cut", progress=False)
+    assert not whole["reused"] and not resumed["reused"] and again["reused"]
+    assert resumed["val_loss"] == again["val_loss"] == whole["val_loss"]  # resumed to the bit
+
+
+def test_general_sample_stops_near_its_share():
+    from engram.data import Document
+
+    docs = [Document(f"d{i}", "".join(f"line {i}.{j}\n" for j in range(50 * (i + 1)))) for i in range(10)]
+    got = M.general_sample(docs, 1000, seed=0)
+    assert 1000 - 20 <= sum(map(len, got)) <= 1000 and all(t.endswith("\n") for t in got)
+    assert all(any(d.text.startswith(t) for d in docs) for t in got)  # whole documents or their heads
+    assert sum(map(len, M.general_sample(docs, 10**9, seed=0))) == sum(len(d.text) for d in docs)
+    assert M.general_sample(docs, 1000, seed=0) == got != M.general_sample(docs, 1000, seed=1)

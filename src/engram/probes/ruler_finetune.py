@@ -10,8 +10,8 @@ resumed, so a rerun only does what is missing.
 
 The recipe (:func:`finetune_config`): the model's own training config with ``train.init_from`` the
 model, ``train.lr`` a third of the pretraining rate (the loaded weights are already near a minimum; the
-full rate would first undo part of them), a warmup of 5% of the steps, cosine to 10%, and one evaluation
-at the end. ``overrides`` (``section.field=value``) change any of it.
+full rate would first undo part of them), a warmup of 5% of the steps, cosine to 10%, one evaluation at
+the end and a checkpoint every third of the steps. ``overrides`` (``section.field=value``) change any of it.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def finetune_config(model_dir: str | Path, mix_dir: str | Path, *, seed: int, st
     tc.init_from, tc.seed, tc.steps = str(Path(model_dir).resolve()), seed, steps
     tc.lr *= LR_FRACTION
     tc.warmup_steps, tc.min_lr_ratio = max(1, steps // 20), 0.1
-    tc.eval_every = tc.ckpt_every = steps
+    tc.eval_every, tc.ckpt_every = steps, max(1, steps // 3)  # one evaluation; an interruption loses <1/3
     tc.eval_tokens = min(tc.eval_tokens, EVAL_TOKENS)
     tc.log_every = max(1, min(tc.log_every, steps // 10))
     cfg.data = DataConfig(data=[str(Path(mix_dir).resolve())], tokenizer=None, vocab_size=cfg.data.vocab_size,

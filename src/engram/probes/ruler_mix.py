@@ -93,12 +93,19 @@ def read_mix(out_dir: str | Path) -> dict | None:
 
 def general_sample(documents, chars: int, seed: int) -> list[str]:
     """Texts of ``documents`` drawn at random without replacement until they hold ``chars`` characters (all
-    of them if they hold fewer): the general text a fine-tune keeps seeing beside the tasks."""
+    of them if they hold fewer; the last one cut at a line end so one long file does not swamp the tasks):
+    the general text a fine-tune keeps seeing beside the tasks."""
     order = np.random.default_rng([MIX_STREAM, seed, 1]).permutation(len(documents))
     out, total = [], 0
     for i in order:
         if total >= chars:
             break
-        out.append(documents[i].text)
-        total += len(documents[i].text)
+        text = documents[i].text
+        if total + len(text) > chars:
+            cut = text.rfind("\n", 0, chars - total) + 1
+            if cut == 0 and out:  # not a whole line left to fill
+                break
+            text = text[:cut] if cut > 0 else text[:chars - total]
+        out.append(text)
+        total += len(text)
     return out
