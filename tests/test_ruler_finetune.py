@@ -87,9 +87,10 @@ def test_no_evaluation_prompt_is_trained_on(models, seed):
 
 
 def test_spread_and_verdict():
-    assert F.spread([0.5, 0.7], 50) == pytest.approx((0.6, 0.1))
-    mean, se = F.spread([0.2], 100)
-    assert mean == 0.2 and se == pytest.approx(0.04)
+    assert F.spread([0.5, 0.7], 50) == pytest.approx((0.6, 0.1))  # seeds disagree more than prompts vary
+    assert F.spread([0.2], 100) == pytest.approx((0.2, 0.04))  # one seed: the binomial error
+    assert F.spread([0.2, 0.2, 0.2], 100) == pytest.approx((0.2, 0.04))  # agreeing seeds are no certainty
+    assert F.spread([0.0, 0.0], 25) == pytest.approx((0.0, 0.04))  # p(1-p) floored at 1/n
     rec = {"length": 64, "steps": 4, "seeds": [0, 1], "tasks": ["vt"], "models": {
         "a": {"summary": {"vt": {"mean": 0.9, "se": 0.01, "above_chance": True}}},
         "b": {"summary": {"vt": {"mean": 0.1, "se": 0.05, "above_chance": False}}}}}

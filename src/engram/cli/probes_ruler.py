@@ -169,8 +169,9 @@ def _ruler_finetune(args) -> int:
                          f"mix per fine-tune: task documents of {length // 2}-{length} tokens plus general text of "
                          f"the model's corpus ({args.general_ratio:g} x the task characters); runs and mixes under "
                          f"runs/ and mix/",
-                         f"evaluation: {args.examples} prompts per task, seed {args.eval_seed}; se: over seeds "
-                         f"(one seed: binomial); above chance: mean - 2 se > chance",
+                         f"evaluation: {args.examples} prompts per task, seed {args.eval_seed}, drawn alike for every "
+                         f"model and seed; se: the larger of the error over seeds and the binomial error over the "
+                         f"prompts; above chance: mean - 2 se > chance",
                          "training time per fine-tune (steps only): " + ", ".join(f"{s:.0f} s" for s in spent)])
     print(out / "REPORT.md")
     return 0

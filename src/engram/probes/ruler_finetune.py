@@ -28,6 +28,8 @@ from engram.probes import ruler as R
 from engram.probes import ruler_mix as M
 
 LR_FRACTION = 1 / 3
+# A fine-tune of seed s trains on the mix of seed MIX_SEED_OFFSET + s (its own stream besides: see ruler_mix).
+MIX_SEED_OFFSET = 1000
 EVAL_TOKENS = 16384
 
 
@@ -152,13 +154,14 @@ def accuracy(model, examples: dict[str, list], tok) -> dict[str, float]:
 
 
 def spread(values: Sequence[float], n_examples: int) -> tuple[float, float]:
-    """``(mean, standard error)`` over seeds; with one seed, the binomial error of its accuracy over the
-    ``n_examples`` prompts (the only spread there is to go on)."""
+    """``(mean, standard error)`` of per-seed accuracies: the larger of the error over seeds and the binomial
+    error of the mean over the ``n_examples`` prompts, which every seed shares (so seeds that happen to
+    agree, or a single seed, do not read as certainty; ``p(1-p)`` is floored at ``1/n``)."""
     v = np.asarray(values, dtype=float)
-    if len(v) > 1:
-        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
-    p = float(v[0])
-    return p, math.sqrt(max(p * (1 - p), 1 / n_examples) / n_examples)
+    p = float(v.mean())
+    binomial = math.sqrt(max(p * (1 - p), 1 / n_examples) / n_examples)
+    over_seeds = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return p, max(over_seeds, binomial)
 
 
 def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = True,
@@ -167,6 +170,7 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
     from engram.data import load_corpus
     from engram.model import EngramLM
     from engram.probes.common import data_label, probe_data
+    from engram.train.config import saved_tokenizer
 
     for d in model_dirs:  # every fine-tune's config is valid before any work
         finetune_config(d, out / "mix", seed=0, steps=plan.steps, overrides=plan.overrides)
@@ -176,21 +180,20 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
         name = model_name(d, names)
         names.append(name)
         original = EngramLM.from_pretrained(d).eval()
-        from engram.train.config import saved_tokenizer
-
         bundle = probe_data(d, None, saved_tokenizer(str(d)), original.cfg.vocab_size)
         examples = {t: R.make_examples(t, bundle.tokenizer, bundle.val, plan.length, plan.examples, plan.eval_seed,
                                        **plan.sizes) for t in plan.tasks}
         say(f"== {name}: the original model at {plan.length} tokens ==")
         rec = {"dir": str(d), "data": data_label(d, None), "original": accuracy(original, examples, bundle.tokenizer),
                "runs": {}}
+        del original  # the fine-tunes load their own copy
         base = base_config(d)
         corpus_docs = load_corpus(base.data.data, base.data.val_permille).train
         for seed in plan.seeds:
             tag = f"{name}-seed{seed}"
             cfg = finetune_config(d, out / "mix" / tag, seed=seed, steps=plan.steps, overrides=plan.overrides)
             count = plan.mix_count or mix_count(cfg, plan.length, plan.general_ratio)
-            mix = prepare_mix(out / "mix" / tag, d, bundle, corpus_docs, plan, 1000 + seed, count)
+            mix = prepare_mix(out / "mix" / tag, d, bundle, corpus_docs, plan, MIX_SEED_OFFSET + seed, count)
             say(f"== {tag}: fine-tuning {plan.steps} steps on {count} task + {mix['general_documents']} general "
                 f"documents ==")
             ft = finetune(cfg, out / "runs" / tag, progress)
