@@ -110,7 +110,7 @@ def test_ruler_mix_command(models, tmp_path, capsys):
 def test_finetune_command_runs_end_to_end(models, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["probe", "ruler-finetune", "--models", *map(str, models["dirs"]), "--seeds", "0", "1", "--steps", "4",
-            "--examples", "4", "--out", str(out), "--quiet", "--mix-count", "64"]
+            "--examples", "4", "--out", str(out), "--no-progress", "--mix-count", "64"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGRAM_CACHE", str(models["base"] / "cache"))
         assert main(argv) == 0

@@ -123,7 +123,7 @@ def _ruler_finetune(args) -> int:
     plan = F.Plan(tuple(tasks), length, args.steps, tuple(dict.fromkeys(args.seeds)), args.examples, args.eval_seed,
                   sizes, args.general_ratio, args.mix_count, tuple(args.set or ()))
     with _reading_user_input():
-        record = F.run(args.models, out, plan, progress=not args.quiet)
+        record = F.run(args.models, out, plan, progress=not args.no_progress)
     record["trained_seq_len"] = trained
     save_json(out, "ruler_finetune.json", record)
     models = record["models"]
@@ -225,5 +225,5 @@ def add_parsers(ps, model_args, at_least) -> None:
                    help="task documents per mix (default: enough for the fine-tune to see each about once)")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_ruler_finetune)
