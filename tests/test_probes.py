@@ -261,7 +261,8 @@ def test_every_probe_option_has_help_and_shows_its_default(capsys):
 
     top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     probe = next(a for a in top.choices["probe"]._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(probe.choices) == {"memory-off", "logit-lens", "cka", "collisions", "ruler"}
+    assert set(probe.choices) == {"memory-off", "logit-lens", "cka", "collisions", "ruler", "ruler-mix",
+                                 "ruler-finetune"}
     for words, sub in [(["gates"], top.choices["gates"])] + [(["probe", n], p) for n, p in probe.choices.items()]:
         with pytest.raises(SystemExit) as exc:
             main([*words, "--help"])

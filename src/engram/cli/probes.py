@@ -244,7 +244,7 @@ def _collisions(args) -> int:
 # -------------------------------------------------------------------------------------------- parsers
 
 def add_parsers(sub, formatter, at_least) -> None:
-    from engram.cli.probes_ruler import _ruler
+    from engram.cli.probes_ruler import add_parsers as add_ruler_parsers
 
     def model_args(s, data=True):
         s.add_argument("--model", required=True, help="a model directory written by training (run_dir/model)")
@@ -262,8 +262,8 @@ def add_parsers(sub, formatter, at_least) -> None:
     src.add_argument("--file", help="a file holding the text")
     s.set_defaults(func=_gates)
 
-    p = sub.add_parser("probe", help="probe a trained model (memory-off, logit-lens, "
-                                                                "cka, collisions, ruler)")
+    p = sub.add_parser("probe", help="probe a trained model (memory-off, logit-lens, cka, "
+                                       "collisions, ruler, ruler-mix, ruler-finetune)")
     ps = p.add_subparsers(dest="probe", required=True, metavar="PROBE", help="the probe to run",
                           parser_class=lambda **kw: type(p)(formatter_class=formatter, **kw))
 
@@ -293,14 +293,4 @@ def add_parsers(sub, formatter, at_least) -> None:
     s.add_argument("--tokens", type=at_least(1), default=1 << 20, help="train tokens hashed")
     s.set_defaults(func=_collisions)
 
-    s = ps.add_parser("ruler",
-                      help="RULER-style multi-query needle and variable tracking, greedy exact match")
-    model_args(s)
-    s.add_argument("--tasks", default="mq-niah,vt", help="comma-separated: mq-niah, vt")
-    s.add_argument("--length", type=at_least(8), help="tokens per example, answer included (default: max_seq_len)")
-    s.add_argument("--examples", type=at_least(1), default=50, help="examples per task")
-    s.add_argument("--pairs", type=at_least(1), default=4, help="mq-niah: key/value pairs in the haystack")
-    s.add_argument("--queries", type=at_least(1), default=2, help="mq-niah: keys asked for")
-    s.add_argument("--hops", type=at_least(1), default=1, help="vt: copies in the chain")
-    s.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
-    s.set_defaults(func=_ruler)
+    add_ruler_parsers(ps, model_args, at_least)

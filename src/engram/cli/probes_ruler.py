@@ -1,8 +1,15 @@
-"""`engram probe ruler`: RULER-style retrieval tasks at the model's context length (engram.probes.ruler)."""
+"""`engram probe ruler`, `ruler-mix` and `ruler-finetune`: RULER-style retrieval tasks at the model's context
+length (engram.probes.ruler), the documents to fine-tune on (engram.probes.ruler_mix) and the fine-tuning
+comparison (engram.probes.ruler_finetune)."""
 
 from __future__ import annotations
 
 from engram.cli.commands import _reading_user_input
+
+# Fine-tuning steps per model and seed. The demo models (batch 32 x 128 tokens) take 1.6-2.5 s a step on
+# 2 CPU cores, one or two threads, so 300 steps for each of the two default seeds, set-up and evaluations
+# included, stay under 30 minutes per model.
+DEFAULT_STEPS = 300
 
 
 def _ruler(args) -> int:
@@ -11,13 +18,7 @@ def _ruler(args) -> int:
     from engram.probes import ruler as R
     from engram.probes.common import figure, model_label, save_json, write_section
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in R.TASKS]
-    if bad or not tasks:
-        raise UserError(f"--tasks {args.tasks}: unknown task {bad[0] if bad else '(none)'}; "
-                        f"expected a comma-separated list of {', '.join(R.TASKS)}")
-    if args.queries > args.pairs:
-        raise UserError(f"--queries {args.queries} is more than --pairs {args.pairs}")
+    tasks = _tasks(args)
     model = _load(args.model)
     context = model.cfg.max_seq_len
     length = args.length or context
@@ -61,3 +62,168 @@ def _ruler(args) -> int:
                          f"mq-niah: {args.pairs} pairs, {args.queries} queried; vt: chains of {args.hops} copies"])
     print(out / "REPORT.md")
     return 0
+
+
+def _tasks(args) -> list[str]:
+    from engram.config import UserError
+    from engram.probes import ruler as R
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in R.TASKS]
+    if bad or not tasks:
+        raise UserError(f"--tasks {args.tasks}: unknown task {bad[0] if bad else '(none)'}; "
+                        f"expected a comma-separated list of {', '.join(R.TASKS)}")
+    if args.queries > args.pairs:
+        raise UserError(f"--queries {args.queries} is more than --pairs {args.pairs}")
+    return tasks
+
+
+def _ruler_mix(args) -> int:
+    """Write a JSONL corpus of task documents over the train split of the model's corpus."""
+    from engram.cli.probes import _data, _load, _out
+    from engram.config import UserError
+    from engram.probes import ruler_mix as M
+
+    tasks = _tasks(args)
+    model = _load(args.model)
+    length = args.length or model.cfg.max_seq_len
+    if length > model.cfg.max_seq_len:
+        raise UserError(f"--length {length} is longer than the model's context ({model.cfg.max_seq_len} tokens)")
+    bundle, label = _data(args, model)
+    out = _out(args)
+    with _reading_user_input():
+        rec = M.write_mix(out, bundle.tokenizer, bundle.train, length=length, count=args.count, seed=args.seed,
+                          tasks=tasks, drop_ids=(bundle.eos_id, bundle.pad_id), pairs=args.pairs,
+                          queries=args.queries, hops=args.hops,
+                          meta={"model": str(args.model), "data": label + " (train split as filler)"})
+    print(f"{out / M.TASKS_FILE}: {rec['count']} documents of {rec['tokens_min']}-{rec['tokens_max']} tokens "
+          f"({rec['tokens_total']:,} in all)")
+    return 0
+
+
+def _ruler_finetune(args) -> int:
+    from engram.cli.probes import _command, _out
+    from engram.cli.serving import _model_config
+    from engram.config import UserError
+    from engram.probes import ruler as R
+    from engram.probes import ruler_finetune as F
+    from engram.probes.common import figure, fmt, model_label, save_json, write_section
+
+    tasks = _tasks(args)
+    for d in args.models:
+        _model_config(d)
+    with _reading_user_input():
+        context = min(F.base_config(d).model.max_seq_len for d in args.models)
+        trained = min(F.train_length(d) for d in args.models)
+    length = args.length or trained
+    if length > context:
+        raise UserError(f"--length {length} is longer than a model's context ({context} tokens)")
+    out = _out(args)
+    sizes = dict(pairs=args.pairs, queries=args.queries, hops=args.hops)
+    plan = F.Plan(tuple(tasks), length, args.steps, tuple(dict.fromkeys(args.seeds)), args.examples, args.eval_seed,
+                  sizes, args.general_ratio, args.mix_count, tuple(args.set or ()))
+    with _reading_user_input():
+        record = F.run(args.models, out, plan, progress=not args.no_progress)
+    record["trained_seq_len"] = trained
+    save_json(out, "ruler_finetune.json", record)
+    models = record["models"]
+
+    def plot(fig, ax):
+        width = 0.8 / len(models)
+        for i, (name, m) in enumerate(models.items()):
+            xs = [k + (i - (len(models) - 1) / 2) * width for k in range(len(tasks))]
+            color = f"C{i}"
+            for r in m["runs"].values():
+                ax.scatter(xs, [r["accuracy"][t] for t in tasks], color=color, alpha=0.6, s=22)
+            ax.errorbar(xs, [m["summary"][t]["mean"] for t in tasks], yerr=[2 * m["summary"][t]["se"] for t in tasks],
+                        color=color, fmt="_", markersize=24, capsize=4,
+                        label=f"{name}: fine-tuned (dots: seeds; bar: mean +- 2 se)")
+            ax.scatter(xs, [m["original"][t] for t in tasks], facecolors="none", edgecolors=color, marker="o", s=60,
+                       label=f"{name}: original")
+        for k, t in enumerate(tasks):
+            ax.hlines(R.chance(t, **sizes), k - 0.45, k + 0.45, colors="k", linestyles="--",
+                      label="chance" if k == 0 else None)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("exact match (greedy)")
+        ax.set_title(f"RULER-style tasks at {length} tokens after {args.steps} fine-tuning steps")
+        ax.legend(fontsize=7)
+
+    figure(out / "ruler_finetune.png", plot)
+    rows = [[name, t, m["original"][t], m["summary"][t]["mean"], m["summary"][t]["se"],
+             " ".join(fmt(r["accuracy"][t], 3) for r in m["runs"].values()), m["summary"][t]["chance"],
+             "yes" if m["summary"][t]["above_chance"] else "no"] for name, m in models.items() for t in tasks]
+    spent = [r["train_seconds"] for m in models.values() for r in m["runs"].values()]
+    write_section(out, "RULER-style retrieval after fine-tuning", command=_command(args, ["probe", "ruler-finetune"]),
+                  models=[model_label(d) for d in args.models],
+                  data="; ".join(f"{n}: {m['data']}" for n, m in models.items())
+                  + " (evaluation: validation split as filler; mixes: train split)",
+                  figure_file="ruler_finetune.png",
+                  header=["model", "task", "original", "fine-tuned mean", "se", "per seed", "chance", "above chance"],
+                  rows=rows, verdict=F.verdict(record),
+                  notes=[f"length: {length} tokens per example, answer included (the models were trained at "
+                         f"{trained}; the smallest context is {context})",
+                         f"fine-tune: {args.steps} steps per model and seed, lr {F.LR_FRACTION:.3g} x the model's, "
+                         f"warmup {max(1, args.steps // 20)} steps, init_from the model"
+                         + (f", overrides {' '.join(args.set)}" if args.set else ""),
+                         f"mix per fine-tune: task documents of {length // 2}-{length} tokens plus general text of "
+                         f"the model's corpus ({args.general_ratio:g} x the task characters); runs and mixes under "
+                         f"runs/ and mix/",
+                         f"evaluation: {args.examples} prompts per task, seed {args.eval_seed}, drawn alike for every "
+                         f"model and seed; se: the larger of the error over seeds and the binomial error over the "
+                         f"prompts; above chance: mean - 2 se > chance",
+                         "training time per fine-tune (steps only): " + ", ".join(f"{s:.0f} s" for s in spent)])
+    print(out / "REPORT.md")
+    return 0
+
+
+def add_parsers(ps, model_args, at_least) -> None:
+    """`probe ruler`, `probe ruler-mix` and `probe ruler-finetune`."""
+
+    def task_args(s):
+        s.add_argument("--tasks", default="mq-niah,vt", help="comma-separated: mq-niah, vt")
+        s.add_argument("--pairs", type=at_least(1), default=4, help="mq-niah: key/value pairs in the haystack")
+        s.add_argument("--queries", type=at_least(1), default=2, help="mq-niah: keys asked for")
+        s.add_argument("--hops", type=at_least(1), default=1, help="vt: copies in the chain")
+
+    s = ps.add_parser("ruler",
+                      help="RULER-style multi-query needle and variable tracking, greedy exact match")
+    model_args(s)
+    task_args(s)
+    s.add_argument("--length", type=at_least(8), help="tokens per example, answer included (default: max_seq_len)")
+    s.add_argument("--examples", type=at_least(1), default=50, help="examples per task")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
+    s.set_defaults(func=_ruler)
+
+    s = ps.add_parser("ruler-mix", help="write a JSONL corpus of RULER-style task documents (prompt, answer, "
+                                        "newline) to fine-tune on")
+    model_args(s)
+    task_args(s)
+    s.add_argument("--count", type=at_least(1), default=1000, help="documents, the tasks in turn")
+    s.add_argument("--length", type=at_least(8), help="longest document in tokens; each is drawn in "
+                                                      "[length/2, length] (default: max_seq_len)")
+    s.add_argument("--seed", type=int, default=1, help="seed of the mix (drawn apart from any evaluation seed)")
+    s.set_defaults(func=_ruler_mix)
+
+    s = ps.add_parser("ruler-finetune", help="fine-tune models on a mix of RULER-style tasks and their corpus, "
+                                             "then compare them on `probe ruler`, seeds as repeats")
+    s.add_argument("--models", nargs="+", required=True, help="model directories written by training")
+    s.add_argument("--out", required=True, help="folder for the runs, mixes, JSON, PNG and REPORT.md")
+    task_args(s)
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="fine-tune seeds per model")
+    s.add_argument("--length", type=at_least(8),
+                   help="evaluation tokens per example and longest mix document (default: the models' training "
+                        "seq_len)")
+    s.add_argument("--steps", type=at_least(1), default=DEFAULT_STEPS,
+                   help="fine-tuning steps per model and seed (the default fits both seeds of a demo model in "
+                        "under 30 minutes on 2 CPU cores)")
+    s.add_argument("--examples", type=at_least(1), default=50, help="evaluation prompts per task")
+    s.add_argument("--eval-seed", type=int, default=0, help="seed of the evaluation prompts (probe ruler's default)")
+    s.add_argument("--general-ratio", type=at_least(0, float), default=1.0,
+                   help="characters of general corpus text per character of task documents in a mix")
+    s.add_argument("--mix-count", type=at_least(1),
+                   help="task documents per mix (default: enough for the fine-tune to see each about once)")
+    s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=_ruler_finetune)

@@ -55,6 +55,11 @@ class TrainConfig:
     # either way): "ddp" replicates it and its AdamW state on every rank; "fsdp" (FSDP2) shards both, so
     # a rank holds 1/W of them. No effect in one process; a resume may switch it (checkpoints reshard).
     backbone_parallel: BackboneParallel = "ddp"
+    # A model directory (``save_pretrained``) whose weights a new run starts from instead of a fresh
+    # initialisation: fine-tuning. Its config must match ``model`` and the data must use its tokenizer
+    # (``data.tokenizer`` None adopts the saved one); the optimizer state starts fresh. Only step 0
+    # reads it: a resumed run continues from its checkpoint.
+    init_from: str | None = None
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first invalid setting."""
@@ -68,6 +73,8 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"train.{name} must be one of {', '.join(map(repr, choices))}, "
                                   f"got {getattr(self, name)!r}")
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError("train.init_from must be a model directory or None, got an empty string")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
 
@@ -168,6 +175,53 @@ def _section_type(tp):
 
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is not None else [tp]
     return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+# ------------------------------------------------------------------------------- init_from
+
+# Model-config fields a fine-tune may change: they shape only the initialisation (overwritten by the
+# loaded weights), the gradients' form, the loss weighting or the RoPE cache, not a weight.
+INIT_FROM_FREE = ("max_seq_len", "router_aux_coef", "engram.sparse", "engram.init_std", "engram.conv_init")
+
+
+def saved_tokenizer(model_dir: str) -> str:
+    """The tokenizer spec saved with a model (its ``tokenizer/`` folder, or the name in ``tokenizer.txt``)."""
+    from pathlib import Path
+
+    d = Path(model_dir)
+    if (d / "tokenizer").is_dir():
+        return str(d / "tokenizer")
+    if (d / "tokenizer.txt").is_file():
+        return (d / "tokenizer.txt").read_text().strip()
+    raise ConfigError(f"train.init_from: {model_dir} has no saved tokenizer (neither tokenizer/ nor tokenizer.txt): "
+                      f"set data.tokenizer")
+
+
+def check_init_from(model_dir: str, model: ModelConfig, tokenizer_spec: str) -> None:
+    """Refuse (ConfigError naming every differing field) a run whose resolved ``model`` config cannot take
+    the weights saved in ``model_dir`` (another architecture, vocabulary size or Engram layout) or whose
+    data uses another tokenizer than the model's (its ids would mean other tokens)."""
+    from engram.data import tokenizer_fingerprint
+    from engram.model.persistence import load_config
+
+    try:
+        saved = load_config(model_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+
+    def diff(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        name = prefix.rstrip(".")
+        return [] if a == b or name in INIT_FROM_FREE else [f"model.{name}: {a!r} there vs {b!r} in this run"]
+
+    diffs = diff(saved.to_dict(), model.to_dict(), "")
+    own = saved_tokenizer(model_dir)
+    if tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer_spec):
+        diffs.insert(0, f"data.tokenizer: {own!r} there vs {tokenizer_spec!r} in this run")
+    if diffs:
+        raise ConfigError(f"train.init_from: the model in {model_dir} has another config than this run's model; "
+                          f"differing fields: " + "; ".join(diffs[:8]))
 
 
 # ---------------------------------------------------------------------------------- presets

@@ -20,7 +20,7 @@ import torch
 from engram.atomic import write_json_atomic
 from engram.config import ConfigError
 from engram.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
-from engram.train.config import RunConfig
+from engram.train.config import RunConfig, check_init_from, saved_tokenizer
 from engram.train.deferred import DeferredReads
 from engram.train.loop import TrainLoop, TrainResult, lr_at
 from engram.train.probe import resolve_dtype
@@ -103,6 +103,9 @@ class Trainer(TrainLoop, DeferredReads):
             torch.set_num_threads(tc.threads)
         tc.threads = torch.get_num_threads()  # the run dir records the concrete choices
         tc.dtype = resolve_dtype(tc.dtype, self.device)  # a resumed run's is concrete already: no probe
+        if tc.init_from is not None and cfg.data.tokenizer is None:
+            cfg.data.tokenizer = saved_tokenizer(tc.init_from)
+            self.notice(f"train.init_from: data.tokenizer is the model's own, {cfg.data.tokenizer}")
         self.data = data or self._prepare_data(cfg, cache_dir)
         if resume:
             check_same_data(record, self.data)
@@ -118,6 +121,8 @@ class Trainer(TrainLoop, DeferredReads):
                 raise ConfigError(f"the corpus's {split} split has {len(tokens)} tokens, fewer than one window of "
                                   f"train.seq_len + 1 = {tc.seq_len + 1}: use a shorter train.seq_len or a larger "
                                   f"corpus")
+        if tc.init_from is not None:
+            check_init_from(tc.init_from, cfg.model, self.data.tokenizer_spec)
         self.cfg_dict = cfg.to_dict()
         vocab = model_vocab(cfg.model, self.data.tokenizer_spec)
         self._check_setup(vocab)
@@ -139,7 +144,10 @@ class Trainer(TrainLoop, DeferredReads):
         self._write_record(write_record)
 
         torch.manual_seed(tc.seed)
-        self.model = self._build_model(EngramLM(cfg.model, vocab).to(self.device).compile_engram(tc.compile_engram))
+        model = EngramLM(cfg.model, vocab)
+        if tc.init_from is not None and state is None:  # step 0 of a fine-tune; a checkpoint supersedes it
+            model.load_state_dict(EngramLM.from_pretrained(tc.init_from).state_dict())
+        self.model = self._build_model(model.to(self.device).compile_engram(tc.compile_engram))
         self.opt, self.table_opt = self._build_optimizers()
         from engram.data import BatchSampler, val_batches
 

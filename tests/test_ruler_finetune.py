@@ -1,0 +1,182 @@
+"""`probe ruler-mix` and `probe ruler-finetune` on two debug models (with and without memory), seconds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engram.cli import main
+from engram.probes import ruler as R
+from engram.probes import ruler_finetune as F
+from engram.probes import ruler_mix as M
+from engram.probes.common import probe_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, make_corpus):
+    """Two debug-preset models trained briefly on the synthetic corpus at 128 tokens: ``engram`` and ``plain``."""
+    from engram.train.config import apply_overrides, run_preset
+    from engram.train.trainer import Trainer
+
+    base = tmp_path_factory.mktemp("rft")
+    corpus = make_corpus(base / "corpus")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE", str(base / "cache"))
+        for name, extra in (("engram", []), ("plain", ["model.engram=None"])):
+            cfg = apply_overrides(run_preset("debug"), [
+                "train.steps=6", "train.dtype='float32'", "train.threads=1", "data.vocab_size=512",
+                "model.max_seq_len=128", "train.seq_len=128", "data.val_permille=200",
+                f"data.data={[str(corpus)]!r}", *extra])
+            Trainer(cfg, base / name, progress=False).train()
+        model_dir = base / "engram" / "model"
+        data = probe_data(model_dir, None, str(model_dir / "tokenizer"), 512)
+        yield {"base": base, "dirs": [base / "engram" / "model", base / "plain" / "model"], "data": data}
+
+
+def _texts(path):
+    lines = path.read_text().splitlines()
+    return [json.loads(line)["text"] for line in lines]
+
+
+def test_mix_documents_each_hold_one_verifiable_task(models, tmp_path):
+    d = models["data"]
+    tok = d.tokenizer
+    drop = (d.eos_id, d.pad_id)
+    rec = M.write_mix(tmp_path, tok, d.train, length=128, count=24, seed=3, drop_ids=drop, pairs=4, queries=2, hops=1)
+    texts = _texts(tmp_path / M.TASKS_FILE)
+    assert len(texts) == rec["count"] == 24 and M.read_mix(tmp_path) == rec
+    assert 64 <= rec["tokens_min"] <= rec["tokens_max"] <= 128
+    seen = {t: 0 for t in R.TASKS}
+    for text in texts:
+        assert text.endswith("\n") and text.count("\n") >= 6  # the lines, the query, the answer's newline
+        prompt, answer = text.rstrip("\n").rsplit(":", 1)
+        # re-verify from tokens: the prompt, tokenised afresh, has exactly one right answer, the one written
+        task = "mq-niah" if "# values of" in prompt else "vt"
+        ex = R.Example(task, tok.encode(prompt + ":"), answer.strip(), [])
+        assert R.verify(ex, tok) == answer.strip()
+        seen[task] += 1
+        assert len(tok.encode(text)) <= 128 + 8  # a window of --length tokens (about) holds it
+        assert tok.decode([d.eos_id]) not in text
+    assert seen == {"mq-niah": 12, "vt": 12}  # the tasks in turn
+    again = M.task_documents(tok, d.train, 128, 24, 3, R.TASKS, drop_ids=drop, pairs=4, queries=2, hops=1)
+    assert [M.document_text(e, tok) for e in again] == texts  # seeded
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_evaluation_prompt_is_trained_on(models, seed):
+    """The mix of a seed and the evaluation of the same seed share no prompt, nor even a task (the same
+    assignments and query): their random streams differ, and so do their filler splits."""
+    import re
+
+    d = models["data"]
+    tok = d.tokenizer
+    evals = [e for t in R.TASKS for e in R.make_examples(t, tok, d.val, 128, 20, seed)]
+    mix = M.task_documents(tok, d.train, 128, 40, seed, R.TASKS)
+    train_text = "".join(M.document_text(e, tok) for e in mix)
+    for e in evals:
+        assert tok.decode(e.ids) not in train_text
+
+    def task(ids):
+        text = tok.decode(ids)
+        return tuple(re.findall(r"(?m)^(?:key_|var_)\w+ = \w+$|^# .*:$", text))
+
+    assert not {task(e.ids) for e in evals} & {task(e.ids) for e in mix}
+    assert len({task(e.ids) for e in evals}) == len(evals)  # the signature tells prompts apart
+
+
+def test_spread_and_verdict():
+    assert F.spread([0.5, 0.7], 50) == pytest.approx((0.6, 0.1))  # seeds disagree more than prompts vary
+    assert F.spread([0.2], 100) == pytest.approx((0.2, 0.04))  # one seed: the binomial error
+    assert F.spread([0.2, 0.2, 0.2], 100) == pytest.approx((0.2, 0.04))  # agreeing seeds are no certainty
+    assert F.spread([0.0, 0.0], 25) == pytest.approx((0.0, 0.04))  # p(1-p) floored at 1/n
+    rec = {"length": 64, "steps": 4, "seeds": [0, 1], "tasks": ["vt"], "models": {
+        "a": {"summary": {"vt": {"mean": 0.9, "se": 0.01, "above_chance": True}}},
+        "b": {"summary": {"vt": {"mean": 0.1, "se": 0.05, "above_chance": False}}}}}
+    v = F.verdict(rec)
+    assert "vt: above chance after fine-tuning: a;" in v and "a leads b by 0.800, clearly" in v
+
+
+def test_ruler_mix_command(models, tmp_path, capsys):
+    out = tmp_path / "mix"
+    assert main(["probe", "ruler-mix", "--model", str(models["dirs"][0]), "--out", str(out), "--count", "6",
+                 "--length", "120", "--tasks", "vt"]) == 0
+    texts = _texts(out / M.TASKS_FILE)
+    assert len(texts) == 6 and all("# variables equal to" in t for t in texts)
+    assert json.loads((out / M.MIX_META).read_text())["length"] == 120
+
+
+def test_finetune_command_runs_end_to_end(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["probe", "ruler-finetune", "--models", *map(str, models["dirs"]), "--seeds", "0", "1", "--steps", "4",
+            "--examples", "4", "--out", str(out), "--no-progress", "--mix-count", "64"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE", str(models["base"] / "cache"))
+        assert main(argv) == 0
+        rec = json.loads((out / "ruler_finetune.json").read_text())
+        assert rec["length"] == rec["trained_seq_len"] == 128 and set(rec["models"]) == {"engram", "plain"}
+        for name, m in rec["models"].items():
+            assert set(m["runs"]) == {"0", "1"}
+            for seed, r in m["runs"].items():
+                cfg = json.loads((out / "runs" / f"{name}-seed{seed}" / "config.json").read_text())
+                assert cfg["train"]["init_from"] == str(models["dirs"][0 if name == "engram" else 1].resolve())
+                assert cfg["train"]["steps"] == 4 and cfg["train"]["seed"] == int(seed)
+                assert not r["reused"] and set(r["accuracy"]) == set(R.TASKS)
+            for t in R.TASKS:
+                s = m["summary"][t]
+                accs = [r["accuracy"][t] for r in m["runs"].values()]
+                assert s["mean"] == pytest.approx(np.mean(accs))
+                assert s["above_chance"] == (s["mean"] - 2 * s["se"] > s["chance"])
+        assert (out / "ruler_finetune.png").read_bytes()[:4] == b"\x89PNG"
+        report = (out / "REPORT.md").read_text()
+        assert "## RULER-style retrieval after fine-tuning" in report and "](ruler_finetune.png)" in report
+        assert "- command: `engram probe ruler-finetune" in report and "length: 128 tokens" in report
+        # a rerun reuses every finished fine-tune and the mixes, and gives the same numbers
+        assert main(argv) == 0
+        again = json.loads((out / "ruler_finetune.json").read_text())
+        assert all(r["reused"] for m in again["models"].values() for r in m["runs"].values())
+        assert [m["runs"]["1"]["accuracy"] for m in again["models"].values()] == \
+            [m["runs"]["1"]["accuracy"] for m in rec["models"].values()]
+        assert report.count("## RULER") == (out / "REPORT.md").read_text().count("## RULER") == 1
+
+
+def test_finetune_errors_are_one_line(models, tmp_path, capsys):
+    base = ["probe", "ruler-finetune", "--models", str(models["dirs"][0]), "--out", str(tmp_path)]
+    assert main([*base, "--length", "4096"]) == 2
+    assert "longer than a model's context" in capsys.readouterr().err
+    assert main([*base, "--tasks", "nope"]) == 2
+    assert main(["probe", "ruler-finetune", "--models", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert main([*base, "--set", "train.nope=1", "--steps", "1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+
+
+def test_an_interrupted_finetune_is_resumed_and_a_finished_one_reused(models, tmp_path):
+    d = models["data"]
+    mix = tmp_path / "mix"
+    M.write_mix(mix, d.tokenizer, d.train, length=128, count=64, seed=5, drop_ids=(d.eos_id, d.pad_id))
+    cfg = F.finetune_config(models["dirs"][1], mix, seed=0, steps=4, overrides=["train.ckpt_every=2"])
+    assert cfg.train.lr == pytest.approx(F.base_config(models["dirs"][1]).train.lr * F.LR_FRACTION)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE", str(models["base"] / "cache"))
+        whole = F.finetune(cfg, tmp_path / "whole", progress=False)
+        from engram.train.trainer import Trainer
+
+        cut = Trainer(cfg, tmp_path / "cut", progress=False)
+        cut._should_stop = lambda: cut.step >= 2  # as Ctrl-C does: save a checkpoint and stop
+        assert cut.train().status == "interrupted"
+        resumed = F.finetune(cfg, tmp_path / "cut", progress=False)
+        again = F.finetune(cfg, tmp_path / "cut", progress=False)
+    assert not whole["reused"] and not resumed["reused"] and again["reused"]
+    assert resumed["val_loss"] == again["val_loss"] == whole["val_loss"]  # resumed to the bit
+
+
+def test_general_sample_stops_near_its_share():
+    from engram.data import Document
+
+    docs = [Document(f"d{i}", "".join(f"line {i}.{j}\n" for j in range(50 * (i + 1)))) for i in range(10)]
+    got = M.general_sample(docs, 1000, seed=0)
+    assert 1000 - 20 <= sum(map(len, got)) <= 1000 and all(t.endswith("\n") for t in got)
+    assert all(any(d.text.startswith(t) for d in docs) for t in got)  # whole documents or their heads
+    assert sum(map(len, M.general_sample(docs, 10**9, seed=0))) == sum(len(d.text) for d in docs)
+    assert M.general_sample(docs, 1000, seed=0) == got != M.general_sample(docs, 1000, seed=1)
