@@ -243,3 +243,12 @@ def test_man_corpus_renders_dedupes_and_caps_families(tmp_path):
     names = [d.name for d in corpus.documents]
     assert len(names) == 5 and not any(MANIFEST in n for n in names)
     assert build_man_corpus(tmp_path / "corpus", root=tmp_path / "none") == m  # a complete corpus is reused
+
+
+def test_run_ids_survive_config_fields_added_later():
+    spec = grids.build_grid("alloc", "quick")[1]
+    before = spec.run_id
+    spec.config.train.init_from = "somewhere/model"  # a later field set: another run
+    assert spec.run_id != before
+    spec.config.train.init_from = None  # at its default: left out of the id
+    assert spec.run_id == before

@@ -9,7 +9,8 @@ import sys
 def _sweep(args) -> int:
     from engram.science.sweep import plan, status, sweep
 
-    command = "engram " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["sweep"] else None
+    args_given = [a for a in sys.argv[1:] if a not in ("--status", "--dry-run")]
+    command = "engram " + shlex.join(args_given) if sys.argv[1:2] == ["sweep"] else None
     if args.status:
         sweep_dir, _ = plan(args.out, args.experiment, args.preset, seeds=args.seeds, data=args.data,
                             prose=args.prose, command=command)

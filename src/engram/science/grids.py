@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from engram.config import ConfigError, EngramConfig
 from engram.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
+# Config fields added after sweep results were first recorded: left out of a run's id while they hold their
+# default, so adding a field to the config never renames (and so retrains) a finished run.
+LATER_FIELDS: dict[tuple[str, ...], object] = {("train", "init_from"): None, ("model", "engram", "flavour"): "demo"}
+
 EXPERIMENTS = ("alloc", "scaling", "layers", "ablations", "tokens")
 PRESETS = ("quick", "full")
 # Thread count of every sweep run: fixed, so a figure never depends on how many runs shared the machine
@@ -44,7 +48,14 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """Name of the run's directory: a readable tag + a hash of everything that decides its result."""
-        blob = json.dumps(self.config.to_dict(), sort_keys=True)
+        d = self.config.to_dict()
+        for path, default in LATER_FIELDS.items():
+            node = d
+            for key in path[:-1]:
+                node = node.get(key) or {}
+            if path[-1] in node and node[path[-1]] == default:
+                del node[path[-1]]
+        blob = json.dumps(d, sort_keys=True)
         return f"{self.config.preset or 'run'}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 

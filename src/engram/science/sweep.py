@@ -87,6 +87,7 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
     if old.is_file():
         prev = json.loads(old.read_text())
         record["created"] = prev.get("created", record["created"])
+        record["command"] = prev.get("command", record["command"])  # the command that planned the sweep
         record["git_sha_first"] = prev.get("git_sha_first", prev.get("git_sha"))
     write_json_atomic(old, record)
     return sweep_dir, specs
