@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engram.cli import commands, science, serving
+from engram.cli import commands, science, serving, v41
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -231,4 +231,5 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands._demo)
 
     science.add_parsers(sub, _HelpFormatter, _at_least)
+    v41.add_parsers(sub, _HelpFormatter, _at_least)
     return p

@@ -304,6 +304,9 @@ def _config_diffs(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def check_manifest(manifest: dict, model: EngramLM, where: str = "store") -> None:
     """Raise ValueError listing every way ``manifest`` does not fit ``model``."""
+    if manifest.get("flavour") is not None:
+        raise ValueError(f"{where} holds the Engram tables of a {manifest['flavour']!r} checkpoint (engram "
+                         "import-v41), not of an EngramLM: serve it with engram.serve.v41.open_v41_store")
     want = _layout(model)
     problems = []
     if manifest["config_hash"] != want["config_hash"]:
