@@ -93,7 +93,7 @@ def test_every_option_of_every_command_has_help_and_shows_its_default(capsys):
 
     parser, commands = _subcommands()
     assert set(commands) == {"vocab-stats", "hash", "train", "compare", "generate", "export-memory", "verify", "eval",
-                             "demo", "sweep", "report", "prose-corpus", "gates", "probe"}
+                             "demo", "sweep", "report", "prose-corpus", "gates", "probe", "import-v41"}
     for name, sub in commands.items():
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engram.cli import commands, probes, science, serving
+from engram.cli import commands, probes, science, serving, v41
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cold n-gram; 0: rows in id order)")
     s.add_argument("--data", nargs="+", help="corpus files/folders for the layout profile (default: the Python stdlib)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")
+    s.add_argument("--dtype", choices=["fp8"], default=None,
+                   help="quantise the tables: fp8 = float8_e4m3fn rows with a power-of-two scale per 32 channels, "
+                        "dequantised on lookup (default: the model's own table dtype)")
     s.set_defaults(func=serving._export_memory)
 
     s = sub.add_parser("verify", help="check a store directory: every row's checksum, headers, layouts, manifest")
@@ -229,4 +232,5 @@ def build_parser() -> argparse.ArgumentParser:
 
     science.add_parsers(sub, _HelpFormatter, _at_least)
     probes.add_parsers(sub, _HelpFormatter, _at_least)
+    v41.add_parsers(sub, _HelpFormatter, _at_least)
     return p

@@ -204,7 +204,7 @@ def _export_memory(args) -> int:
         seq_len = min(model.cfg.max_seq_len, 256)
         layouts = co_access_layouts(model, _train_windows(args, seq_len, args.layout_tokens))
     with _reading_user_input():
-        out = export_tables(args.model, args.out, layouts=layouts)
+        out = export_tables(args.model, args.out, layouts=layouts, dtype=args.dtype)
     m = read_manifest(out)
     for lay, spec in sorted(m["layers"].items(), key=lambda kv: int(kv[0])):
         size = (out / spec["file"]).stat().st_size

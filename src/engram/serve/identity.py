@@ -8,6 +8,8 @@ holds, and a digest of the backbone (every other tensor) of the model it was exp
   read from the store's own files, costs no pass over the rows at export, and ties what is served to
   what was exported: a row that differs changes its CRC (but for a 2**-32 chance) and so the digest.
 * backbone digest: sha256 over every non-table tensor's name, dtype, shape and CRC32C of its bytes.
+* source table digest (fp8 stores only, ``weights.source_tables``): the table digest of the float
+  table the stored rows were quantised from; it is what a model's tables are compared against then.
 
 Opening a store for a model compares the tables when the model has them (in RAM, or in its model
 directory, either layout, which is then streamed: bounded memory, roughly the time to read the file) and the backbone
@@ -32,7 +34,8 @@ from engram.model.transformer import EngramLM, engram_table_key
 from engram.store.checksum import crc32c, row_crcs
 from engram.store.format import RAW_TORCH
 
-__all__ = ["backbone_digest", "check_identity", "digest_of_sums", "model_table_digests", "weights_table_digests"]
+__all__ = ["backbone_digest", "check_identity", "digest_of_sums", "model_table_digests", "raw_row_crcs",
+           "weights_table_digests"]
 
 _PIECE_BYTES = 64 << 20  # table bytes hashed per piece when streaming from a weights file
 
@@ -48,8 +51,13 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     return t.view(RAW_TORCH[t.dtype]).numpy() if t.dtype in RAW_TORCH else t.view(torch.uint8).numpy()
 
 
+def raw_row_crcs(rows: torch.Tensor) -> np.ndarray:
+    """CRC32C of each row's bytes (uint32 ``[n]``): the per-row sums a table digest is made of."""
+    return row_crcs(_raw(rows))
+
+
 def _table_digest(pieces) -> str:
-    return digest_of_sums(np.concatenate([row_crcs(_raw(p)) for p in pieces]))
+    return digest_of_sums(np.concatenate([raw_row_crcs(p) for p in pieces]))
 
 
 def model_table_digests(model: EngramLM) -> dict[int, str]:
@@ -108,7 +116,8 @@ def check_identity(manifest: dict, model: EngramLM, where: str, weights_path: st
     the backbone. ``where`` and ``model_name`` name the two sides in the message.
     """
     rec = manifest.get("weights") or {}
-    tables = {int(k): v for k, v in (rec.get("tables") or {}).items()}
+    # a quantised (fp8) store stores other bytes than the model's tables: compare the tables it was made from
+    tables = {int(k): v for k, v in (rec.get("source_tables") or rec.get("tables") or {}).items()}
     layers = sorted(tables)
     if model.has_tables:
         got, source = model_table_digests(model), f"{model_name} (its tables in memory)"

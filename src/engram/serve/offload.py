@@ -28,7 +28,7 @@ from engram.model.generation import DecodeState
 from engram.model.generation import generate as _generate
 from engram.model.sharded_tables import holds_table, load_table_rows
 from engram.model.transformer import WEIGHTS_FILE, EngramLM, ModelOutput
-from engram.serve.export import open_store_dir
+from engram.serve.export import dequantized, open_store_dir
 from engram.serve.memory import StoreMemory
 from engram.store.base import RamStore
 
@@ -247,7 +247,9 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
         when the weights hold none: every row checked against its checksum once, as it is loaded);
         ``"disk"``: read from the store directory ``store_dir``, every row checked as it is read. A store
         is refused unless it was exported from this model's exact weights (its tables when the model or
-        its weights file holds them, else its backbone; see :func:`open_store_dir`).
+        its weights file holds them, else its backbone; see :func:`open_store_dir`). An fp8 store
+        (``engram export-memory --dtype fp8``) keeps its rows packed in RAM, caches and on disk and
+        serves them dequantised to the model's table dtype.
     cache_bytes: > 0 puts a hot-row cache of that many bytes in total in front of the stores, split
         across layers in proportion to their table sizes; ``policy`` "lru", "lfu" or "static" (the
         latter needs ``profile={layer: per-row counts}``, see :func:`access_profiles`).
@@ -279,7 +281,7 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
                 if store_dir is None:
                     raise ValueError(f"{model_dir} holds no Engram tables; pass store_dir to "
                                      f"load them into RAM from a store")
-                disk = open_store_dir(store_dir, model, verify=verify, weights=model_dir / WEIGHTS_FILE)
+                disk = open_store_dir(store_dir, model, verify=verify, weights=model_dir / WEIGHTS_FILE, packed=True)
                 try:
                     tables = {lay: s.gather(torch.arange(s.num_rows)) for lay, s in disk.items()}
                 finally:
@@ -287,9 +289,12 @@ def open_memory(model_dir: str | os.PathLike, memory: str = "ram", store_dir: st
                         s.close()
             stores = {lay: RamStore(t) for lay, t in tables.items()}
         else:
-            stores = open_store_dir(store_dir, model, verify=verify, io=io, weights=model_dir / WEIGHTS_FILE)
+            stores = open_store_dir(store_dir, model, verify=verify, io=io, weights=model_dir / WEIGHTS_FILE,
+                                    packed=True)
         if cache_bytes > 0:
             backing, stores = stores, _with_cache(stores, cache_bytes, policy, profile)
+        # fp8 stores: RAM tables and caches hold packed rows (a quarter of float32), dequantised on lookup
+        stores = dequantized(stores, model)
         for s in [*stores.values(), *backing.values()]:
             s.reset_stats()  # a static cache's preload is not serving
         lm = OffloadedLM(model, stores, prefetch=prefetch, workers=workers, max_pending=max_pending,

@@ -178,9 +178,9 @@ class DiskStore(RowStore):
                 self._mmap.madvise(mmap.MADV_RANDOM)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-            raw = RAW_NUMPY[h.dtype]
-            self._rows_Rd = np.frombuffer(self._mmap, dtype=raw, count=h.num_rows * h.dim,
-                                          offset=h.data_offset).reshape(h.num_rows, h.dim)
+            raw = RAW_NUMPY[h.raw_dtype]
+            self._rows_Rd = np.frombuffer(self._mmap, dtype=raw, count=h.num_rows * h.raw_width,
+                                          offset=h.data_offset).reshape(h.num_rows, h.raw_width)
             self._seen = SeenPages(h.file_bytes)
             if verify == "full":
                 self.verify_rows()
@@ -204,8 +204,10 @@ class DiskStore(RowStore):
         return cls(path, verify=verify, expect=expect, readahead=readahead, io=io, verify_reads=verify_reads)
 
     num_rows = property(lambda self: self.header.num_rows)
-    dim = property(lambda self: self.header.dim)
-    dtype = property(lambda self: self.header.dtype)
+    # What a gather serves: the stored rows, or for an fp8 store its packed uint8 rows (values and
+    # scales, ``header.dim + header.dim / 32`` bytes); engram.store.fp8rows.Fp8Rows dequantises them.
+    dim = property(lambda self: self.header.raw_width)
+    dtype = property(lambda self: self.header.raw_dtype)
     meta = property(lambda self: dict(self.header.meta))
 
     def _table(self) -> np.ndarray:

@@ -3,7 +3,7 @@
 File layout (all integers little-endian)::
 
     offset  0   magic        8 bytes   b"ENGRMROW"
-    offset  8   version      u32       FORMAT_VERSION (2)
+    offset  8   version      u32       2, or 3 for an fp8 store (FORMAT_VERSION); both are read
     offset 12   json_len     u32       length of the JSON header
     offset 16   sums_crc     u32       crc32c of the row checksum array (its bytes as stored)
     offset 20   header_crc   u32       crc32c of bytes [8, 20) + JSON header
@@ -24,7 +24,14 @@ Version-1 files (one crc32 per multi-megabyte chunk, checked only by an explicit
 refused with a message asking to export again: their checksums cannot verify a single-row read.
 
 Dtypes are float32, bfloat16 and float16; the bytes are the tensor's raw bits (bfloat16 is read back
-through a 16-bit integer view, since numpy has no bfloat16). Aligning the data region to 4096 bytes
+through a 16-bit integer view, since numpy has no bfloat16). A ``float8_e4m3fn`` store (version 3)
+packs each row as its ``dim`` e4m3 bytes followed by its ``dim / 32`` E8M0 scale bytes (one
+power-of-two scale per 32 channels, :mod:`engram.store.fp8rows`): one read fetches a row and its
+scales, and the row's CRC32C covers both (a 256-wide row is 264 bytes instead of 1 KiB in float32).
+Such a store serves packed ``uint8`` rows (``DiskStore.dtype`` is ``torch.uint8``, ``dim`` the packed
+width); :class:`engram.store.fp8rows.Fp8Rows` in front of it (or of a cache of them) dequantises on
+lookup. Float stores are still written as version 2, byte for byte as before, so older readers keep
+reading them and refuse an fp8 store by its version instead of misreading it. Aligning the data region to 4096 bytes
 keeps every row inside as few pages as possible and lets the region be memory-mapped on its own; a
 row is one contiguous read.
 
@@ -58,7 +65,10 @@ from engram.atomic import atomic_path
 from engram.store.checksum import crc32c, row_crcs
 
 MAGIC = b"ENGRMROW"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest version written (fp8 stores); float stores keep version 2
+FLOAT_VERSION = 2
+READ_VERSIONS = (2, 3)
+FP8_BLOCK = 32  # channels per E8M0 scale byte in an fp8 store
 ALIGN = 4096
 _PREAMBLE = struct.Struct("<8sIIII")  # magic, version, json_len, sums_crc, header_crc
 # Bound on the JSON length, so a corrupted length field is reported instead of read.
@@ -68,11 +78,29 @@ _PIECE_BYTES = 4 << 20  # rows per piece when the writer is handed a whole tenso
 # otherwise fill the page cache with dirty pages and evict everything else on the machine.
 _WRITEBACK_BYTES = 256 << 20
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8 = torch.float8_e4m3fn
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": FP8}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Raw integer views of each dtype: copies through them move bits, never float values.
-RAW_TORCH = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-RAW_NUMPY = {torch.float32: np.dtype("<i4"), torch.bfloat16: np.dtype("<i2"), torch.float16: np.dtype("<i2")}
+# Raw integer views of each dtype: copies through them move bits, never float values. uint8 is the
+# packed-row view of an fp8 store (values and scales together).
+RAW_TORCH = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+             torch.uint8: torch.uint8}
+RAW_NUMPY = {torch.float32: np.dtype("<i4"), torch.bfloat16: np.dtype("<i2"), torch.float16: np.dtype("<i2"),
+             torch.uint8: np.dtype(np.uint8)}
+
+
+def packed_width(dim: int, dtype: torch.dtype) -> int:
+    """Raw elements per stored row: ``dim``, or for fp8 the ``dim`` value bytes plus ``dim / 32`` scale bytes."""
+    return dim + dim // FP8_BLOCK if dtype == FP8 else dim
+
+
+def raw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a store of ``dtype`` serves its rows in: itself, or ``uint8`` packed rows for fp8."""
+    return torch.uint8 if dtype == FP8 else dtype
+
+
+def stored_row_bytes(dim: int, dtype: torch.dtype) -> int:
+    return packed_width(dim, dtype) * RAW_NUMPY[raw_dtype(dtype)].itemsize
 _NUMPY_FLOAT = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}
 
 
@@ -108,6 +136,10 @@ def dtype_of(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
+def _version_of(dtype: torch.dtype) -> int:
+    return FORMAT_VERSION if dtype == FP8 else FLOAT_VERSION
+
+
 @dataclass(frozen=True)
 class StoreHeader:
     """Everything the header of a store file says, plus the file it came from."""
@@ -120,11 +152,21 @@ class StoreHeader:
     data_offset: int
     sums_crc: int
     meta: dict = field(default_factory=dict)
-    version: int = FORMAT_VERSION
+    version: int = FLOAT_VERSION
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * RAW_NUMPY[self.dtype].itemsize
+        return stored_row_bytes(self.dim, self.dtype)
+
+    @property
+    def raw_dtype(self) -> torch.dtype:
+        """What a read serves: the dtype itself, or ``uint8`` packed rows of an fp8 store."""
+        return raw_dtype(self.dtype)
+
+    @property
+    def raw_width(self) -> int:
+        """Raw elements per served row: ``dim``, or the packed width of an fp8 store."""
+        return packed_width(self.dim, self.dtype)
 
     @property
     def file_bytes(self) -> int:
@@ -142,16 +184,20 @@ def _align(n: int) -> int:
 
 
 def _header_fields(num_rows: int, dim: int, dtype: torch.dtype, sums_offset: int, meta: dict) -> dict:
-    return {"num_rows": num_rows, "dim": dim, "dtype": DTYPE_NAMES[dtype], "row_bytes": dim * RAW_NUMPY[dtype].itemsize,
-            "sums_offset": sums_offset, "data_offset": _align(sums_offset + 4 * num_rows), "byteorder": "little",
-            "checksum": "crc32c", "meta": meta}
+    fields = {"num_rows": num_rows, "dim": dim, "dtype": DTYPE_NAMES[dtype], "row_bytes": stored_row_bytes(dim, dtype),
+              "sums_offset": sums_offset, "data_offset": _align(sums_offset + 4 * num_rows), "byteorder": "little",
+              "checksum": "crc32c", "meta": meta}
+    if dtype == FP8:
+        fields["scale"] = {"dtype": "float8_e8m0fnu", "block": FP8_BLOCK, "placement": "after the row's values"}
+    return fields
 
 
 def _encode_header(fields: dict, sums_crc: int) -> bytes:
     body = json.dumps(fields, sort_keys=True).encode()
-    lengths = struct.pack("<III", FORMAT_VERSION, len(body), sums_crc)
+    version = _version_of(DTYPES[fields["dtype"]])
+    lengths = struct.pack("<III", version, len(body), sums_crc)
     crc = crc32c(body, crc32c(lengths))
-    return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body), sums_crc, crc) + body
+    return _PREAMBLE.pack(MAGIC, version, len(body), sums_crc, crc) + body
 
 
 def _layout(num_rows: int, dim: int, dtype: torch.dtype, meta: dict) -> dict:
@@ -201,8 +247,9 @@ def read_header(path: str | os.PathLike, fd: int | None = None) -> StoreHeader:
         if version == 1:
             raise _fail(path, "store format version 1 has no per-row checksums, so its reads cannot be verified; "
                               "export the store again with this version of engram (engram export-memory)")
-        if version != FORMAT_VERSION:
-            raise _fail(path, f"unsupported format version {version} (this code reads version {FORMAT_VERSION})")
+        if version not in READ_VERSIONS:
+            raise _fail(path, f"unsupported format version {version} (this code reads versions "
+                              f"{', '.join(map(str, READ_VERSIONS))})")
         if json_len > _MAX_JSON:
             raise _fail(path, f"header is corrupted (implausible JSON length {json_len})")
         if _PREAMBLE.size + json_len > size:
@@ -223,6 +270,12 @@ def read_header(path: str | os.PathLike, fd: int | None = None) -> StoreHeader:
             raise _fail(path, f"header is corrupted or incomplete ({type(e).__name__}: {e})") from None
         if h.get("byteorder") != "little" or h.get("checksum") != "crc32c":
             raise _fail(path, f"unsupported byteorder/checksum {h.get('byteorder')!r}/{h.get('checksum')!r}")
+        if version != _version_of(dtype):
+            raise _fail(path, f"header is inconsistent: a {h['dtype']} store must be format version "
+                              f"{_version_of(dtype)}, the file says {version}")
+        if dtype == FP8 and (dim % FP8_BLOCK or (h.get("scale") or {}).get("block") != FP8_BLOCK):
+            raise _fail(path, f"header is inconsistent: an fp8 store needs dim a multiple of {FP8_BLOCK} and "
+                              f"scale blocks of {FP8_BLOCK} (dim={dim}, scale={h.get('scale')!r})")
         hdr = StoreHeader(path, num_rows, dim, dtype, sums_offset, data_offset, sums_crc, meta, version)
         if (min(num_rows, dim) < 1 or sums_offset % ALIGN or sums_offset < _PREAMBLE.size + json_len
                 or data_offset != _align(sums_offset + 4 * num_rows) or h.get("row_bytes") != hdr.row_bytes):
@@ -281,8 +334,14 @@ def check_expected(hdr: StoreHeader, expect: dict | None) -> None:
 
 
 def _raw_piece(piece, dim: int, dtype: torch.dtype, index: int) -> np.ndarray:
-    """One input piece -> C-contiguous [n, d] raw-integer numpy array (a view where possible)."""
-    if isinstance(piece, np.ndarray):
+    """One input piece -> C-contiguous [n, w] raw-integer numpy array (a view where possible).
+
+    w is ``dim``, or the packed width for fp8, whose pieces are packed ``uint8`` rows or a
+    ``(values float8_e4m3fn [n, d], scales float8_e8m0fnu or uint8 [n, d/32])`` pair.
+    """
+    if dtype == FP8:
+        arr = _packed_piece(piece, dim, index)
+    elif isinstance(piece, np.ndarray):
         if piece.dtype != _NUMPY_FLOAT.get(dtype):
             raise ValueError(f"piece {index}: numpy dtype {piece.dtype} does not match store dtype "
                              f"{DTYPE_NAMES[dtype]} (pass a torch tensor for bfloat16)")
@@ -294,9 +353,40 @@ def _raw_piece(piece, dim: int, dtype: torch.dtype, index: int) -> np.ndarray:
         arr = piece.detach().cpu().contiguous().view(RAW_TORCH[dtype]).numpy()
     else:
         raise ValueError(f"piece {index}: expected a torch.Tensor or numpy array, got {type(piece).__name__}")
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        raise ValueError(f"piece {index}: expected shape [n, {dim}], got {list(arr.shape)}")
+    width = packed_width(dim, dtype)
+    if arr.ndim != 2 or arr.shape[1] != width:
+        raise ValueError(f"piece {index}: expected shape [n, {width}], got {list(arr.shape)}")
     return arr
+
+
+def _bytes_of(t, index: int, what: str) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        if t.element_size() != 1:
+            raise ValueError(f"piece {index}: fp8 {what} must be 1-byte elements, got {t.dtype}")
+        return t.detach().cpu().contiguous().view(torch.uint8).numpy()
+    if isinstance(t, np.ndarray) and t.dtype == np.uint8:
+        return np.ascontiguousarray(t)
+    raise ValueError(f"piece {index}: fp8 {what} must be a 1-byte torch tensor or a uint8 array, got "
+                     f"{getattr(t, 'dtype', type(t).__name__)}")
+
+
+def _packed_piece(piece, dim: int, index: int) -> np.ndarray:
+    if isinstance(piece, tuple):
+        if len(piece) != 2:
+            raise ValueError(f"piece {index}: an fp8 piece is a (values, scales) pair, got {len(piece)} items")
+        q, s = piece
+        if isinstance(q, torch.Tensor) and q.dtype != FP8:
+            raise ValueError(f"piece {index}: fp8 values must be float8_e4m3fn, got {q.dtype} (quantise first: "
+                             "the writer never casts)")
+        q, s = _bytes_of(q, index, "values"), _bytes_of(s, index, "scales")
+        if q.ndim != 2 or s.ndim != 2 or q.shape != (s.shape[0], dim) or s.shape[1] != dim // FP8_BLOCK:
+            raise ValueError(f"piece {index}: expected values [n, {dim}] and scales [n, {dim // FP8_BLOCK}], got "
+                             f"{list(q.shape)} and {list(s.shape)}")
+        return np.concatenate([q, s], axis=1)
+    if isinstance(piece, torch.Tensor) and piece.dtype != torch.uint8:
+        raise ValueError(f"piece {index}: an fp8 store takes packed uint8 rows or (values, scales) pairs, got "
+                         f"{piece.dtype} (quantise first: the writer never casts)")
+    return _bytes_of(piece, index, "packed rows")
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -344,9 +434,11 @@ def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Ten
 
     Args:
         rows: the whole ``[R, d]`` table, or an iterable of ``[n, d]`` pieces in row order (any n), consumed
-            once and never held all at once; pieces must have exactly the store dtype (no casting).
+            once and never held all at once; pieces must have exactly the store dtype (no casting). For
+            ``float8_e4m3fn`` a piece is a ``(values [n, d] e4m3, scales [n, d/32] E8M0 or uint8)`` pair or
+            packed ``uint8`` rows ``[n, d + d/32]``; the whole table may be given as one such pair.
         num_rows, dim, dtype: the table's shape and dtype; inferred from a tensor ``rows``, required for an
-            iterable. dtype: float32, bfloat16 or float16 (torch dtype or name).
+            iterable. dtype: float32, bfloat16, float16 or float8_e4m3fn (torch dtype or name).
         meta: JSON-serialisable user data stored in the header (e.g. layer id, head sizes).
 
     Every row's CRC32C is computed as it streams past and stored with the file (see the module docstring).
@@ -357,6 +449,13 @@ def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Ten
     if sys.byteorder != "little":
         raise NotImplementedError("row stores are little-endian; big-endian hosts are not supported")
     path = Path(path)
+    if isinstance(rows, tuple) and len(rows) == 2 and isinstance(rows[0], torch.Tensor):
+        q, sc = rows  # a whole fp8 table: stream it in pieces like a tensor
+        num_rows, dim, dtype = q.shape[0], q.shape[1], FP8
+        step = max(1, _PIECE_BYTES // max(1, dim))
+        rows = ((q[i:i + step], sc[i:i + step]) for i in range(0, num_rows, step))
+    elif isinstance(rows, torch.Tensor) and rows.dtype == torch.uint8 and dim is None:
+        raise ValueError("packed fp8 rows need dim= (the row width in channels) and dtype='float8_e4m3fn'")
     if isinstance(rows, torch.Tensor):
         if rows.dim() != 2:
             raise ValueError(f"rows must be a [num_rows, dim] tensor, got shape {list(rows.shape)}")
@@ -368,7 +467,9 @@ def write_store(path: str | os.PathLike, rows: torch.Tensor | Iterable[torch.Ten
     num_rows, dim, dtype = int(num_rows), int(dim), dtype_of(dtype)
     if num_rows < 1 or dim < 1:
         raise ValueError(f"num_rows and dim must be >= 1, got num_rows={num_rows}, dim={dim}")
-    row_bytes = dim * RAW_NUMPY[dtype].itemsize
+    if dtype == FP8 and dim % FP8_BLOCK:
+        raise ValueError(f"an fp8 store needs dim a multiple of {FP8_BLOCK}, got {dim}")
+    row_bytes = stored_row_bytes(dim, dtype)
     meta = dict(meta or {})
     try:
         json.dumps(meta)

@@ -93,16 +93,22 @@ class V41Engram(nn.Module):
     `forward(hidden_streams [B, T, H, D], hash_ids [B, T, C], token_mask [B, T] or None)`
     returns the updated streams [B, T, H, D] in the input's dtype; `hash_ids` is this layer's
     slice of `V41Hasher` output. The arithmetic runs in float32.
+
+    `table=False` builds the layer without its table (`embed` is None, nothing allocated: the
+    released tables are ~100 GB), for serving its rows from elsewhere: `forward(..., emb=rows)`
+    then takes the rows [B, T, C, E] of `hash_ids` already looked up (e.g. from a row store).
     """
 
-    def __init__(self, config: V41Config, layer_id: int):
+    def __init__(self, config: V41Config, layer_id: int, *, table: bool = True):
         super().__init__()
         self.layer_id = layer_id
         self.layer_index = config.layer_index(layer_id)
         self.hc, self.D = config.hc_mult, config.hidden_size
         self.n_cols = config.n_hash_cols
         self.eps = config.rms_norm_eps
-        self.embed = V41EngramTable(config.engram_num_embeddings[self.layer_index], config.engram_head_dim)
+        self.head_dim = config.engram_head_dim
+        self.embed = V41EngramTable(config.engram_num_embeddings[self.layer_index], config.engram_head_dim) \
+            if table else None
         self.wkv = nn.Linear(self.n_cols * config.engram_head_dim, self.D * (self.hc + 1), bias=False)
         # the gate only ever sees their product; two factors because the checkpoint has two
         self.q_weight = nn.Parameter(torch.ones(self.hc, self.D))
@@ -116,13 +122,20 @@ class V41Engram(nn.Module):
         return torch.sigmoid(torch.copysign(dot.abs().clamp_min(GATE_CLAMP).sqrt(), dot))
 
     def forward(self, hidden_streams: torch.Tensor, hash_ids: torch.Tensor,
-                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                token_mask: torch.Tensor | None = None, *, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, T, H, D = hidden_streams.shape
         if (H, D) != (self.hc, self.D):
             raise ValueError(f"hidden_streams must be [B, T, {self.hc}, {self.D}], got {tuple(hidden_streams.shape)}")
         if hash_ids.shape != (B, T, self.n_cols):
             raise ValueError(f"hash_ids must be [{B}, {T}, {self.n_cols}], got {tuple(hash_ids.shape)}")
-        rows_BTX = self.embed(hash_ids).flatten(-2)
+        if emb is None:
+            if self.embed is None:
+                raise ValueError("this layer was built without its table (table=False): pass emb=, the rows of "
+                                 "hash_ids looked up elsewhere")
+            emb = self.embed(hash_ids)
+        elif emb.shape != (B, T, self.n_cols, self.head_dim):
+            raise ValueError(f"emb must be [{B}, {T}, {self.n_cols}, {self.head_dim}], got {tuple(emb.shape)}")
+        rows_BTX = emb.flatten(-2)
         kv = self.wkv(rows_BTX.to(self.wkv.weight.dtype)).float()
         key_BTHD = kv[..., : H * D].unflatten(-1, (H, D))
         value_BTD = kv[..., H * D:]
