@@ -102,14 +102,38 @@ class V41Hasher:
                     f"layer {lid}: engram_num_embeddings says {rows} rows but its {len(primes)} buckets from "
                     f"engram_vocab_size={config.engram_vocab_size} add up to {sum(primes)}"
                 )
-        self.N = config.engram_max_ngram_size
-        self.heads = config.engram_n_heads
+        self._set_layout(map_V, int(map_V[config.engram_pad_id]), self.primes, hash_multipliers(config),
+                         config.engram_n_heads, offsets=True)
+
+    def _set_layout(self, map_V: torch.Tensor, pad: int, primes: list[list[int]], mult_LN: np.ndarray,
+                    heads: int, *, offsets: bool) -> None:
+        self.N = int(mult_LN.shape[1])
+        self.heads = int(heads)
         self.map_V = map_V
-        self.pad = int(map_V[config.engram_pad_id])
-        self.primes_LC = torch.tensor(self.primes, dtype=torch.int64)
-        offsets = [np.concatenate([[0], np.cumsum(p[:-1])]) for p in self.primes]
-        self.offsets_LC = torch.tensor(np.stack(offsets), dtype=torch.int64)
-        self.mult_LN = torch.from_numpy(hash_multipliers(config))
+        self.pad = int(pad)
+        self.primes = [list(p) for p in primes]
+        self.primes_LC = torch.tensor(self.primes, dtype=torch.int64, device="cpu")
+        offs = [np.concatenate([[0], np.cumsum(p[:-1])]) if offsets else np.zeros(len(p), dtype=np.int64)
+                for p in self.primes]
+        self.offsets_LC = torch.tensor(np.stack(offs), dtype=torch.int64, device="cpu")
+        self.mult_LN = torch.from_numpy(np.ascontiguousarray(mult_LN, dtype=np.int64))
+
+    @classmethod
+    def with_layout(cls, token_map, pad_token: int, primes: list[list[int]], multipliers_LN: np.ndarray,
+                    heads: int, *, offsets: bool = True) -> V41Hasher:
+        """The V4.1 hashing over another model's table layout: ``primes`` per layer (C sizes each, in
+        (order, head) order), ``multipliers_LN`` [L, N], ``pad_token`` a tokenizer id.
+
+        With ``offsets=False`` the ids are per head (each in [0, its prime)), for a table that adds
+        the head offsets itself; the look-back (position-indexed history, dead tokens blocking it,
+        pad where blocked) is the released checkpoint's either way. No config checks: the caller's
+        layout is taken as given.
+        """
+        self = cls.__new__(cls)
+        self.config = None
+        map_V = torch.as_tensor(np.asarray(token_map), dtype=torch.int64, device="cpu")  # even under a meta device
+        self._set_layout(map_V, int(map_V[pad_token]), primes, multipliers_LN, heads, offsets=offsets)
+        return self
 
     # ------------------------------------------------------------------ helpers
     def _compress(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
