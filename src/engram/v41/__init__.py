@@ -12,6 +12,5 @@ from .module import V41Engram, V41EngramTable, v41_increment
 
 __all__ = [
     "V41Config", "V41Engram", "V41EngramTable", "V41HashState", "V41Hasher", "bucket_primes",
-    "v41_increment",
-    "compressed_token_map", "dequantize_fp8_rows", "hash_multipliers", "quantize_fp8_rows",
+    "compressed_token_map", "dequantize_fp8_rows", "hash_multipliers", "quantize_fp8_rows", "v41_increment",
 ]
