@@ -56,7 +56,7 @@ class V41NgramHasher(NgramHasher):
                                                                                      dtype=np.int64))
         ids = self._check_ids(ids, validate, "compressed_ids_BT")
         if prefix_BP is None:
-            out = self._split(self.v41.hash(ids, token_mask))
+            out = self._split(self.v41.hash(ids, token_mask, validate=validate))
         else:
             pre = prefix_BP if isinstance(prefix_BP, torch.Tensor) else torch.from_numpy(np.asarray(prefix_BP))
             pre = self._check_ids(pre.to(ids.device), validate, "prefix_BP")
@@ -65,7 +65,7 @@ class V41NgramHasher(NgramHasher):
                                  f"got {tuple(pre.shape)}")
             state = self.new_window(ids.shape[0], ids.device)
             state.tail_BK = torch.cat([state.tail_BK, pre], 1)[:, pre.shape[1]:]
-            out = self._split(self.v41.step(state, ids, token_mask))
+            out = self._split(self.v41.step(state, ids, token_mask, validate=validate))
         return out if is_torch else {lay: r.numpy() for lay, r in out.items()}
 
     def hash_layer(self, compressed_ids_BT, layer_id: int, *, prefix_BP=None, validate: bool = True,
@@ -82,7 +82,8 @@ class V41NgramHasher(NgramHasher):
     def window_rows(self, state: V41HashState, compressed_ids_BT: torch.Tensor, token_mask=None) -> dict:
         """Row ids ``{layer: [B, T, H]}`` of a chunk continuing ``state``; ``state`` is only read."""
         copy = V41HashState(state.tail_BK.clone(), state.position)
-        return self._split(self.v41.step(copy, compressed_ids_BT, token_mask))
+        # the model checked the token ids; compressed ones are in range (and no host sync on a GPU)
+        return self._split(self.v41.step(copy, compressed_ids_BT, token_mask, validate=False))
 
     def slide(self, state: V41HashState, compressed_ids_BT: torch.Tensor, token_mask=None) -> V41HashState:
         """Advance ``state`` (in place) past a chunk; returns it."""

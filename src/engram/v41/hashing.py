@@ -136,8 +136,10 @@ class V41Hasher:
         return self
 
     # ------------------------------------------------------------------ helpers
-    def _compress(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """Compressed ids [B, T], DEAD where the mask is False (those ids are never looked up)."""
+    def _compress(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None,
+                  validate: bool = True) -> torch.Tensor:
+        """Compressed ids [B, T], DEAD where the mask is False (those ids are never looked up).
+        ``validate=False`` skips the range check (a host sync on an accelerator) for checked ids."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         ids = input_ids.long()
@@ -146,7 +148,7 @@ class V41Hasher:
                 raise ValueError(f"token_mask {tuple(token_mask.shape)} does not match input_ids {tuple(ids.shape)}")
             live = token_mask.to(device=ids.device, dtype=torch.bool)
             ids = torch.where(live, ids, torch.zeros_like(ids))
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.map_V.numel()):
+        if validate and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.map_V.numel()):
             raise ValueError(f"input ids must lie in [0, {self.map_V.numel()}) where the mask is set")
         out = self.map_V.to(ids.device)[ids]
         if token_mask is not None:
@@ -173,22 +175,23 @@ class V41Hasher:
 
     # ------------------------------------------------------------------ public
     def hash(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+             position_ids: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
         """Row ids [B, T, L, C] of a whole sequence (positions 0..T-1 unless given).
 
         position_ids [B, T] (or [T]) places tokens at absolute positions; positions that no
         token of this call occupies count as dead, so look-back does not cross them.
         """
-        comp_BT = self._compress(input_ids, token_mask)
+        comp_BT = self._compress(input_ids, token_mask, validate)
         B, T = comp_BT.shape
         dev = comp_BT.device
         if position_ids is None:
             pos_BT = torch.arange(T, device=dev).expand(B, T)
+            P = max(T, 1)  # known without reading the positions back (a host sync on an accelerator)
         else:
             pos_BT = position_ids.to(dev).long().expand(B, T)
             if T and int(pos_BT.min()) < 0:
                 raise ValueError("position_ids must be non-negative")
-        P = int(pos_BT.max()) + 1 if T else 1
+            P = int(pos_BT.max()) + 1 if T else 1
         history = torch.full((B, P), DEAD, dtype=torch.int64, device=dev)
         history.scatter_(1, pos_BT, comp_BT)
         return self._rows(history, pos_BT)
@@ -198,12 +201,12 @@ class V41Hasher:
         return V41HashState(torch.full((batch_size, self.N - 1), DEAD, dtype=torch.int64, device=device))
 
     def step(self, state: V41HashState, input_ids: torch.Tensor,
-             token_mask: torch.Tensor | None = None) -> torch.Tensor:
+             token_mask: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
         """Row ids [B, t, L, C] of the next t tokens of each sequence; advances `state` in place.
 
         Feeding a sequence in chunks of any sizes gives the same ids as `hash` over all of it.
         """
-        comp_Bt = self._compress(input_ids, token_mask)
+        comp_Bt = self._compress(input_ids, token_mask, validate)
         if comp_Bt.shape[0] != state.tail_BK.shape[0]:
             raise ValueError(f"state holds {state.tail_BK.shape[0]} sequences, input has {comp_Bt.shape[0]}")
         history = torch.cat([state.tail_BK.to(comp_Bt.device), comp_Bt], 1)
