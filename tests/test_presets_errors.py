@@ -145,8 +145,8 @@ def test_every_choice_field_is_a_literal_that_validation_agrees_with():
                 (d["train"] if section == "train" else d["model"]["engram"])[name] = "nonsense"
                 RunConfig.from_dict(d).validate()
     # train.engram_optimizer, train.dtype, train.backbone_parallel, model.engram.conv_init, model.engram.table_dtype,
-    # model.engram.gate, model.engram.branch_gates
-    assert found == 7
+    # model.engram.gate, model.engram.branch_gates, model.engram.flavour
+    assert found == 8
 
 
 # ------------------------------------------------------------------------------ CLI errors

@@ -35,6 +35,7 @@ TableDtype = Literal["float32", "bfloat16"]
 ConvInit = Literal["zero", "default"]
 GateMode = Literal["context", "fixed"]
 BranchGates = Literal["per_branch", "shared"]
+Flavour = Literal["demo", "v41"]
 
 
 @dataclass
@@ -56,6 +57,14 @@ class EngramConfig:
         projection and gate (the paper's multi-branch integration); ``"shared"`` computes one gate
         from the branch-mean hidden state with one key projection and applies it to every branch.
         It has no effect with ``gate="fixed"``.
+
+    flavour: ``"demo"`` (DeepSeek's public demo: key/value projections with biases, per-branch
+        norms, a short conv) or ``"v41"`` (the released DeepSeek-V4.1 layer: one fused bias-free
+        key/value projection, a gate weighted by ``q_weight * k_weight``, no conv; its hashing's
+        look-back is position-indexed and stops at dead tokens). Both use the same tables, so every
+        memory provider serves either. The V4.1 layer has no ablation switches: ``gate`` and
+        ``branch_gates`` must keep their defaults, and ``short_conv``, ``kernel_size`` and
+        ``conv_init`` are unused.
     """
 
     engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
@@ -74,6 +83,7 @@ class EngramConfig:
     gate: GateMode = "context"
     short_conv: bool = True
     branch_gates: BranchGates = "per_branch"
+    flavour: Flavour = "demo"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,11 +127,20 @@ class EngramConfig:
         if self.branch_gates not in get_args(BranchGates):
             raise ConfigError(f"branch_gates must be one of 'per_branch' (one key projection and gate per residual "
                               f"branch) or 'shared' (one for all branches), got {self.branch_gates!r}")
+        if self.flavour not in get_args(Flavour):
+            raise ConfigError(f"flavour must be one of 'demo' (the public demo's layer) or 'v41' (the released "
+                              f"DeepSeek-V4.1 layer), got {self.flavour!r}")
+        if self.flavour == "v41" and (self.gate != "context" or self.branch_gates != "per_branch"):
+            raise ConfigError(f"the v41 flavour has no ablation switches: gate must be 'context' and branch_gates "
+                              f"'per_branch', got gate={self.gate!r}, branch_gates={self.branch_gates!r}")
 
     @property
     def ablated(self) -> bool:
         """Whether any Engram-layer switch (gate, short_conv, branch_gates) differs from the paper's
-        default; such layers compute their mixing with the eager torch path."""
+        default; such layers compute their mixing with the eager torch path. Never for the v41
+        flavour, which has no such switches."""
+        if self.flavour == "v41":
+            return False
         return self.gate != "context" or not self.short_conv or self.branch_gates != "per_branch"
 
     @property

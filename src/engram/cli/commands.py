@@ -236,7 +236,7 @@ def _compare(args) -> int:
 
     cfg = _resolve_run_config(args)
     # An impossible split fails before the corpus is read.
-    variants(cfg, args.experts_moved, match_activated=args.match_activated)
+    variants(cfg, args.experts_moved, match_activated=args.match_activated, flavour=args.flavour)
     out = _output_dir(args.out or f"runs/compare-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     ctx = _distributed(args)
     _check_world(cfg, ctx)
@@ -251,7 +251,8 @@ def _compare(args) -> int:
     main = ctx is None or ctx.is_main
     run_compare(cfg, out, n_experts_moved=args.experts_moved, seeds=tuple(args.seeds),
                 progress=not args.no_progress, data=data, trainer=make, main=main,
-                out=print if main else (lambda *a, **k: None), match_activated=args.match_activated)
+                out=print if main else (lambda *a, **k: None), match_activated=args.match_activated,
+                flavour=args.flavour)
     _leave(ctx)
     return 0
 

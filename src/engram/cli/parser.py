@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--match-activated", action="store_true",
                    help="also match activated parameters (within 0.5%%) by narrowing the Engram variant's shared "
                         "experts; by default only the totals match and the variant activates a few %% more")
+    s.add_argument("--flavour", choices=["demo", "v41"],
+                   help="the Engram layer of the variant: the public demo's or DeepSeek-V4.1's (default: the "
+                        "preset's model.engram.flavour)")
     s.add_argument("--out", help="output directory (default: runs/compare-PRESET-TIMESTAMP)")
     _budget_arg(s)
     s.set_defaults(func=commands._compare)

@@ -15,6 +15,7 @@ from engram.model.layers import KVCache
 if TYPE_CHECKING:  # transformer.py imports this module; no runtime cycle
     from engram.memory.provider import MemoryProvider
     from engram.model.transformer import EngramLM
+    from engram.v41.hashing import V41HashState
 
 
 @dataclass
@@ -24,7 +25,9 @@ class DecodeState:
     kv: attention keys/values of every layer (``kv.length`` = tokens consumed so far).
     conv: per Engram layer, the ShortConv history ``[B, P, C]``.
     window: the last N compressed ids per sequence ``[B, N]`` (pad-filled at the start), from
-        which :meth:`NgramHasher.hash_step` hashes the newest token; None without Engram.
+        which :meth:`NgramHasher.hash_step` hashes the newest token; for the v41 flavour a
+        :class:`~engram.v41.V41HashState` (position-indexed look-back, advanced by its ``step``);
+        None without Engram.
 
     Make one with :meth:`EngramLM.new_decode_state`; pass it as ``model(ids, cache=state)`` (any
     chunk length) or ``model.forward_step(ids_B1, state)``.
@@ -32,7 +35,7 @@ class DecodeState:
 
     kv: KVCache
     conv: dict[int, torch.Tensor] = field(default_factory=dict)
-    window: np.ndarray | None = None
+    window: np.ndarray | V41HashState | None = None
 
     @property
     def length(self) -> int:

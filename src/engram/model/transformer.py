@@ -23,6 +23,7 @@ from engram.model.hyper import HyperConnection
 from engram.model.layers import CausalSelfAttention, KVCache, RMSNorm, Rotary, SwiGLU
 from engram.model.moe import MoE
 from engram.model.persistence import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, engram_table_key  # noqa: F401
+from engram.model.v41_flavour import V41Layer, V41NgramHasher
 from engram.tokenizer.compression import CompressedVocab
 
 
@@ -137,7 +138,8 @@ class EngramLM(nn.Module):
             if vocab.original_size != V:
                 raise ValueError(f"vocab maps {vocab.original_size} token ids but cfg.vocab_size is {V}")
             self.vocab = vocab
-            self.hasher = NgramHasher.from_config(cfg.engram, vocab)
+            hasher_cls = V41NgramHasher if cfg.engram.flavour == "v41" else NgramHasher
+            self.hasher = hasher_cls.from_config(cfg.engram, vocab)
             # Non-persistent: rebuilt from vocab.safetensors, and follows .to(device).
             self.register_buffer("vocab_lookup", torch.from_numpy(vocab.lookup.astype(np.int64)), persistent=False)
         self.tok_emb = nn.Embedding(V, D)
@@ -145,7 +147,13 @@ class EngramLM(nn.Module):
         blocks = []
         for i in range(cfg.n_layers):
             eng = None
-            if cfg.engram is not None and i in cfg.engram.layer_ids:
+            if cfg.engram is not None and i in cfg.engram.layer_ids and cfg.engram.flavour == "v41":
+                e = cfg.engram
+                eng = V41Layer(D, self.hasher.head_sizes(i), max_ngram_size=e.max_ngram_size,
+                               n_head_per_ngram=e.n_head_per_ngram, n_embed_per_ngram=e.n_embed_per_ngram,
+                               hc_mult=cfg.hc_mult, norm_eps=cfg.norm_eps, table_dtype=e.torch_table_dtype,
+                               sparse=e.sparse, init_std=e.init_std, with_table=tables)
+            elif cfg.engram is not None and i in cfg.engram.layer_ids:
                 e = cfg.engram
                 eng = Engram(D, self.hasher.head_sizes(i), max_ngram_size=e.max_ngram_size,
                              n_head_per_ngram=e.n_head_per_ngram, n_embed_per_ngram=e.n_embed_per_ngram,
@@ -209,7 +217,9 @@ class EngramLM(nn.Module):
                     outs.append(blk.mlp.down)
                 elif blk.mlp.shared is not None:
                     outs.append(blk.mlp.shared.down)
-                if blk.engram is not None:
+                if isinstance(blk.engram, V41Layer):
+                    blk.engram.init_value(out_std)  # its value rows write into the residual stream too
+                elif blk.engram is not None:
                     outs.append(blk.engram.value_proj)  # also writes into the residual stream
                 for lin in outs:
                     nn.init.normal_(lin.weight, 0.0, out_std)

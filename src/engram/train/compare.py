@@ -8,6 +8,7 @@ total and activated parameter counts match (up to prime rounding of the table si
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,10 +19,12 @@ from engram.train.config import RunConfig
 from engram.train.run import plot_losses, read_metrics
 
 
-def variants(base: RunConfig, n_experts_moved: int, *, match_activated: bool = False) -> dict[str, RunConfig]:
+def variants(base: RunConfig, n_experts_moved: int, *, match_activated: bool = False,
+             flavour: str | None = None) -> dict[str, RunConfig]:
     """The MoE baseline (no memory) and the iso-parameter Engram variant of it; ``match_activated``
     also matches activated parameters by narrowing the variant's shared experts (see
-    `engram.model.params.iso_engram_config`).
+    `engram.model.params.iso_engram_config`). ``flavour`` (``"demo"`` or ``"v41"``) picks the Engram
+    layer of the variant (None: the template's); the memory is sized for that layer's own dense part.
 
     ConfigError (a ValueError) where ``base`` and ``n_experts_moved`` admit no such pair.
     """
@@ -31,6 +34,8 @@ def variants(base: RunConfig, n_experts_moved: int, *, match_activated: bool = F
     template = moe.model.engram
     if template is None:
         raise ConfigError("the compare preset needs an engram template in model.engram")
+    if flavour is not None:
+        template = dataclasses.replace(template, flavour=flavour)  # validated: ConfigError on a bad name
     moe.model.engram = None
     eng = copy.deepcopy(base)
     try:
@@ -43,9 +48,9 @@ def variants(base: RunConfig, n_experts_moved: int, *, match_activated: bool = F
 
 def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, seeds=(0,), progress=True,
                 cache_dir=None, data=None, out=print, trainer=None, main: bool = True,
-                match_activated: bool = False) -> dict:
+                match_activated: bool = False, flavour: str | None = None) -> dict:
     """Train both variants for every seed into ``out_dir`` and write the table, plot and summary
-    (``compare.json`` records ``match_activated``, see :func:`variants`).
+    (``compare.json`` records ``match_activated`` and the Engram ``flavour``, see :func:`variants`).
 
     ``data``: the prepared `engram.data.DataBundle` of ``base.data`` (prepared here when None).
     ``trainer``: ``trainer(cfg, run_dir, data=, progress=)`` builds each run's trainer (default `Trainer`; the
@@ -56,7 +61,7 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
     trainer = trainer or Trainer
 
     # An impossible split fails before anything is written.
-    variants(base, n_experts_moved, match_activated=match_activated)
+    pair = variants(base, n_experts_moved, match_activated=match_activated, flavour=flavour)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -64,7 +69,7 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
     rows, curves = [], {}
     t_start = time.time()
     for seed in seeds:
-        for name, cfg in variants(base, n_experts_moved, match_activated=match_activated).items():
+        for name, cfg in variants(base, n_experts_moved, match_activated=match_activated, flavour=flavour).items():
             cfg = copy.deepcopy(cfg)
             cfg.train.seed = seed
             tag = f"{name}-seed{seed}"
@@ -77,6 +82,7 @@ def run_compare(base: RunConfig, out_dir: str | Path, *, n_experts_moved: int, s
             curves[tag] = read_metrics(out_dir / tag / "metrics.jsonl") if main else []
     plot = out_dir / "compare.png"
     summary = {"rows": rows, "plot": str(plot), "wall_s": time.time() - t_start, "match_activated": match_activated,
+               "flavour": pair["engram"].model.engram.flavour,
                "gain_by_seed": {s: _gain(rows, s) for s in seeds}}
     table = format_table(rows)
     if main:

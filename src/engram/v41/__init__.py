@@ -8,9 +8,9 @@ from .compression import compressed_token_map
 from .config import V41Config
 from .fp8 import dequantize_fp8_rows, quantize_fp8_rows
 from .hashing import V41Hasher, V41HashState, bucket_primes, hash_multipliers
-from .module import V41Engram, V41EngramTable
+from .module import V41Engram, V41EngramTable, v41_increment
 
 __all__ = [
     "V41Config", "V41Engram", "V41EngramTable", "V41HashState", "V41Hasher", "bucket_primes",
-    "compressed_token_map", "dequantize_fp8_rows", "hash_multipliers", "quantize_fp8_rows",
+    "compressed_token_map", "dequantize_fp8_rows", "hash_multipliers", "quantize_fp8_rows", "v41_increment",
 ]

@@ -102,18 +102,44 @@ class V41Hasher:
                     f"layer {lid}: engram_num_embeddings says {rows} rows but its {len(primes)} buckets from "
                     f"engram_vocab_size={config.engram_vocab_size} add up to {sum(primes)}"
                 )
-        self.N = config.engram_max_ngram_size
-        self.heads = config.engram_n_heads
+        self._set_layout(map_V, int(map_V[config.engram_pad_id]), self.primes, hash_multipliers(config),
+                         config.engram_n_heads, offsets=True)
+
+    def _set_layout(self, map_V: torch.Tensor, pad: int, primes: list[list[int]], mult_LN: np.ndarray,
+                    heads: int, *, offsets: bool) -> None:
+        self.N = int(mult_LN.shape[1])
+        self.heads = int(heads)
         self.map_V = map_V
-        self.pad = int(map_V[config.engram_pad_id])
-        self.primes_LC = torch.tensor(self.primes, dtype=torch.int64)
-        offsets = [np.concatenate([[0], np.cumsum(p[:-1])]) for p in self.primes]
-        self.offsets_LC = torch.tensor(np.stack(offsets), dtype=torch.int64)
-        self.mult_LN = torch.from_numpy(hash_multipliers(config))
+        self.pad = int(pad)
+        self.primes = [list(p) for p in primes]
+        self.primes_LC = torch.tensor(self.primes, dtype=torch.int64, device="cpu")
+        offs = [np.concatenate([[0], np.cumsum(p[:-1])]) if offsets else np.zeros(len(p), dtype=np.int64)
+                for p in self.primes]
+        self.offsets_LC = torch.tensor(np.stack(offs), dtype=torch.int64, device="cpu")
+        self.mult_LN = torch.from_numpy(np.ascontiguousarray(mult_LN, dtype=np.int64))
+
+    @classmethod
+    def with_layout(cls, token_map, pad_token: int, primes: list[list[int]], multipliers_LN: np.ndarray,
+                    heads: int, *, offsets: bool = True) -> V41Hasher:
+        """The V4.1 hashing over another model's table layout: ``primes`` per layer (C sizes each, in
+        (order, head) order), ``multipliers_LN`` [L, N], ``pad_token`` a tokenizer id.
+
+        With ``offsets=False`` the ids are per head (each in [0, its prime)), for a table that adds
+        the head offsets itself; the look-back (position-indexed history, dead tokens blocking it,
+        pad where blocked) is the released checkpoint's either way. No config checks: the caller's
+        layout is taken as given.
+        """
+        self = cls.__new__(cls)
+        self.config = None
+        map_V = torch.as_tensor(np.asarray(token_map), dtype=torch.int64, device="cpu")  # even under a meta device
+        self._set_layout(map_V, int(map_V[pad_token]), primes, multipliers_LN, heads, offsets=offsets)
+        return self
 
     # ------------------------------------------------------------------ helpers
-    def _compress(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """Compressed ids [B, T], DEAD where the mask is False (those ids are never looked up)."""
+    def _compress(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None,
+                  validate: bool = True) -> torch.Tensor:
+        """Compressed ids [B, T], DEAD where the mask is False (those ids are never looked up).
+        ``validate=False`` skips the range check (a host sync on an accelerator) for checked ids."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         ids = input_ids.long()
@@ -122,7 +148,7 @@ class V41Hasher:
                 raise ValueError(f"token_mask {tuple(token_mask.shape)} does not match input_ids {tuple(ids.shape)}")
             live = token_mask.to(device=ids.device, dtype=torch.bool)
             ids = torch.where(live, ids, torch.zeros_like(ids))
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.map_V.numel()):
+        if validate and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.map_V.numel()):
             raise ValueError(f"input ids must lie in [0, {self.map_V.numel()}) where the mask is set")
         out = self.map_V.to(ids.device)[ids]
         if token_mask is not None:
@@ -149,22 +175,23 @@ class V41Hasher:
 
     # ------------------------------------------------------------------ public
     def hash(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+             position_ids: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
         """Row ids [B, T, L, C] of a whole sequence (positions 0..T-1 unless given).
 
         position_ids [B, T] (or [T]) places tokens at absolute positions; positions that no
         token of this call occupies count as dead, so look-back does not cross them.
         """
-        comp_BT = self._compress(input_ids, token_mask)
+        comp_BT = self._compress(input_ids, token_mask, validate)
         B, T = comp_BT.shape
         dev = comp_BT.device
         if position_ids is None:
             pos_BT = torch.arange(T, device=dev).expand(B, T)
+            P = max(T, 1)  # known without reading the positions back (a host sync on an accelerator)
         else:
             pos_BT = position_ids.to(dev).long().expand(B, T)
             if T and int(pos_BT.min()) < 0:
                 raise ValueError("position_ids must be non-negative")
-        P = int(pos_BT.max()) + 1 if T else 1
+            P = int(pos_BT.max()) + 1 if T else 1
         history = torch.full((B, P), DEAD, dtype=torch.int64, device=dev)
         history.scatter_(1, pos_BT, comp_BT)
         return self._rows(history, pos_BT)
@@ -174,12 +201,12 @@ class V41Hasher:
         return V41HashState(torch.full((batch_size, self.N - 1), DEAD, dtype=torch.int64, device=device))
 
     def step(self, state: V41HashState, input_ids: torch.Tensor,
-             token_mask: torch.Tensor | None = None) -> torch.Tensor:
+             token_mask: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
         """Row ids [B, t, L, C] of the next t tokens of each sequence; advances `state` in place.
 
         Feeding a sequence in chunks of any sizes gives the same ids as `hash` over all of it.
         """
-        comp_Bt = self._compress(input_ids, token_mask)
+        comp_Bt = self._compress(input_ids, token_mask, validate)
         if comp_Bt.shape[0] != state.tail_BK.shape[0]:
             raise ValueError(f"state holds {state.tail_BK.shape[0]} sequences, input has {comp_Bt.shape[0]}")
         history = torch.cat([state.tail_BK.to(comp_Bt.device), comp_Bt], 1)

@@ -30,6 +30,42 @@ def _unit_scales(rows: int, blocks: int) -> torch.Tensor:
     return raw.view(E8M0) if E8M0 is not None else raw
 
 
+def v41_gate(h_BTHD: torch.Tensor, key_BTHD: torch.Tensor, q_weight_HD: torch.Tensor, k_weight_HD: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """Per (token, stream) gate in (0, 1), float32 [B, T, H] (the formula of the module docstring)."""
+    D = h_BTHD.shape[-1]
+    w_HD = q_weight_HD.float() * k_weight_HD.float()
+    inv_rms = torch.rsqrt(h_BTHD.square().mean(-1) + eps) * torch.rsqrt(key_BTHD.square().mean(-1) + eps)
+    dot = (h_BTHD * w_HD * key_BTHD).sum(-1) * inv_rms / D**0.5
+    return torch.sigmoid(torch.copysign(dot.abs().clamp_min(GATE_CLAMP).sqrt(), dot))
+
+
+def v41_increment(rows_BTX: torch.Tensor, h_BTHD: torch.Tensor, wkv_weight: torch.Tensor,
+                  q_weight_HD: torch.Tensor, k_weight_HD: torch.Tensor, eps: float,
+                  token_mask: torch.Tensor | None = None, *, return_gates: bool = False):
+    """What the V4.1 layer adds to the streams: float32 [B, T, H, D], zero where the mask is False.
+
+    rows_BTX: the concatenated rows of each token's C ids (X = C * E), in any float dtype.
+    h_BTHD: the streams in float32. The one implementation of the V4.1 mixing, shared by
+    :class:`V41Engram` (which adds it to the streams) and the LM's V4.1 layer (whose rows come
+    from a memory provider and whose blocks add increments). With ``return_gates`` also the
+    gates [B, T, H] (zero where masked).
+    """
+    H, D = h_BTHD.shape[-2:]
+    kv = F.linear(rows_BTX.to(wkv_weight.dtype), wkv_weight).float()
+    key_BTHD = kv[..., : H * D].unflatten(-1, (H, D))
+    value_BTD = kv[..., H * D:]
+    g_BTH = v41_gate(h_BTHD, key_BTHD, q_weight_HD, k_weight_HD, eps)
+    inc = g_BTH.unsqueeze(-1) * value_BTD.unsqueeze(2)
+    if token_mask is not None:
+        # where, not a multiply: a shut gate passes the streams through exactly, even if
+        # the (unused) memory row holds non-finite values
+        live = token_mask.to(inc.device, torch.bool)
+        inc = torch.where(live[:, :, None, None], inc, torch.zeros_like(inc))
+        g_BTH = torch.where(live[:, :, None], g_BTH, torch.zeros_like(g_BTH))
+    return (inc, g_BTH) if return_gates else inc
+
+
 class V41EngramTable(nn.Module):
     """One layer's table: `weight` [R, E] plus `scale` [R, E/32], dequantised on lookup.
 
@@ -116,10 +152,7 @@ class V41Engram(nn.Module):
 
     def gate(self, h_BTHD: torch.Tensor, key_BTHD: torch.Tensor) -> torch.Tensor:
         """Per (token, stream) gate in (0, 1), float32 [B, T, H]."""
-        w_HD = self.q_weight.float() * self.k_weight.float()
-        inv_rms = torch.rsqrt(h_BTHD.square().mean(-1) + self.eps) * torch.rsqrt(key_BTHD.square().mean(-1) + self.eps)
-        dot = (h_BTHD * w_HD * key_BTHD).sum(-1) * inv_rms / self.D**0.5
-        return torch.sigmoid(torch.copysign(dot.abs().clamp_min(GATE_CLAMP).sqrt(), dot))
+        return v41_gate(h_BTHD, key_BTHD, self.q_weight, self.k_weight, self.eps)
 
     def forward(self, hidden_streams: torch.Tensor, hash_ids: torch.Tensor,
                 token_mask: torch.Tensor | None = None, *, emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,15 +169,6 @@ class V41Engram(nn.Module):
         elif emb.shape != (B, T, self.n_cols, self.head_dim):
             raise ValueError(f"emb must be [{B}, {T}, {self.n_cols}, {self.head_dim}], got {tuple(emb.shape)}")
         rows_BTX = emb.flatten(-2)
-        kv = self.wkv(rows_BTX.to(self.wkv.weight.dtype)).float()
-        key_BTHD = kv[..., : H * D].unflatten(-1, (H, D))
-        value_BTD = kv[..., H * D:]
         h = hidden_streams.float()
-        g_BTH = self.gate(h, key_BTHD)
-        out = h + g_BTH.unsqueeze(-1) * value_BTD.unsqueeze(2)
-        if token_mask is not None:
-            # where, not a multiply: a shut gate passes the streams through exactly, even if
-            # the (unused) memory row holds non-finite values
-            live = token_mask.to(out.device, torch.bool)[:, :, None, None]
-            out = torch.where(live, out, h)
+        out = h + v41_increment(rows_BTX, h, self.wkv.weight, self.q_weight, self.k_weight, self.eps, token_mask)
         return out.to(hidden_streams.dtype)
