@@ -220,3 +220,16 @@ def test_non_finite_weights_are_never_checkpointed(env, tmp_path):
                                                r"step-0000008.pt"):
         tr.train()
     assert json.loads(latest_checkpoint(run / "ckpt").read_text())["step"] == 8
+
+
+def test_a_checkpoint_written_before_a_config_field_was_added_still_matches():
+    from engram.train.checkpoint import config_diffs, with_defaults
+    from engram.train.config import run_preset
+
+    now = run_preset("debug").to_dict()
+    old = run_preset("debug").to_dict()
+    del old["model"]["engram"]["flavour"], old["train"]["init_from"]  # fields added after it was written
+    assert config_diffs(old, now, ("model", "train"))  # compared raw, they differ
+    assert config_diffs(with_defaults(old), now, ("model", "train")) == []
+    old["train"]["lr"] = 1.0
+    assert config_diffs(with_defaults(old), now, ("model", "train")) == ["train.lr: checkpoint 1.0 vs now 0.003"]

@@ -13,6 +13,7 @@ A checkpoint is only trusted when its manifest exists and its size and sha256 ma
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -127,12 +128,24 @@ def load_checkpoint(manifest_path: str | os.PathLike, cfg_dict: dict | None = No
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"checkpoint {pt} cannot be read ({e})") from None
     if cfg_dict is not None:
-        diffs = config_diffs(state["config"], cfg_dict, compare_keys, ignore)
+        diffs = config_diffs(with_defaults(state["config"]), cfg_dict, compare_keys, ignore)
         if diffs:
             raise CheckpointMismatch(
                 f"checkpoint {pt} was made with another configuration; differing fields: " + "; ".join(diffs[:10])
             )
     return state
+
+
+def with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the fields added to the config since it was written filled in with their
+    defaults (which is what that run used), so a run resumes across such an addition; returned as it is
+    where it does not parse (the comparison then names what differs)."""
+    from engram.train.config import RunConfig
+
+    try:
+        return RunConfig.from_dict(copy.deepcopy(saved)).to_dict()
+    except Exception:  # noqa: BLE001 - a foreign or damaged config: compare it raw
+        return saved
 
 
 def config_diffs(saved: dict, now: dict, keys: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
