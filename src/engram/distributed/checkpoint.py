@@ -36,7 +36,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from engram.atomic import atomic_write, fsync_dir
-from engram.train.checkpoint import CheckpointError, CheckpointMismatch, config_diffs, config_fingerprint, sha256_file
+from engram.train.checkpoint import (
+    CheckpointError,
+    CheckpointMismatch,
+    config_diffs,
+    config_fingerprint,
+    sha256_file,
+    with_defaults,
+)
 from engram.train.resume import RESUMABLE
 
 __all__ = ["DCP_FORMAT", "ROW_STATE", "Source", "find_newest_good", "is_sharded_run", "save_sharded"]
@@ -258,7 +265,7 @@ def open_checkpoint(manifest: Path, cfg_dict: dict) -> Source:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"checkpoint {manifest.stem} cannot be read ({e})") from None
-    diffs = config_diffs(src.extra["config"], cfg_dict, ("model", "data", "train"), ignore=RESUMABLE)
+    diffs = config_diffs(with_defaults(src.extra["config"]), cfg_dict, ("model", "data", "train"), ignore=RESUMABLE)
     if diffs:
         raise CheckpointMismatch(f"checkpoint {manifest.stem} was made with another configuration; differing "
                                  f"fields: " + "; ".join(diffs[:10]))
