@@ -145,7 +145,8 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
 
 def _data_facts(trainer) -> dict:
     d = trainer.data
-    return {"tokenizer": Path(str(d.tokenizer_spec)).name,  # its cache name, not this machine's path "train_tokens": int(len(d.train)), "val_tokens": int(len(d.val)),
+    # The tokenizer by its cache name, not this machine's path.
+    return {"tokenizer": Path(str(d.tokenizer_spec)).name, "train_tokens": int(len(d.train)), "val_tokens": int(len(d.val)),
             "corpus_fingerprint": d.meta.get("corpus_fingerprint")}
 
 
