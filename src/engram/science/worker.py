@@ -146,7 +146,8 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
 def _data_facts(trainer) -> dict:
     d = trainer.data
     # The tokenizer by its cache name, not this machine's path.
-    return {"tokenizer": Path(str(d.tokenizer_spec)).name, "train_tokens": int(len(d.train)), "val_tokens": int(len(d.val)),
+    return {"tokenizer": Path(str(d.tokenizer_spec)).name, "train_tokens": int(len(d.train)),
+            "val_tokens": int(len(d.val)),
             "corpus_fingerprint": d.meta.get("corpus_fingerprint")}
 
 
