@@ -126,14 +126,15 @@ def test_list_presets_prints_each_preset_with_its_description(capsys):
 
 
 def test_readme_commands_name_their_run_and_output_directories():
-    """The README's commands work on any checkout with any number of earlier runs: a train names its
-    --run-dir, an export its --out, and the later commands use those paths (no globs)."""
+    """The README's and the guide's commands work on any checkout with any number of earlier runs: a
+    train names its --run-dir, an export its --out, and the later commands use those paths (no globs)."""
     import re
     import shlex
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    root = Path(__file__).parent.parent
+    docs = (root / "README.md").read_text() + (root / "docs" / "GUIDE.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", docs, flags=re.S)
     lines = [shlex.split(c) for b in blocks for c in b.replace("\\\n", " ").splitlines() if "engram " in c]
     made, checked = set(), 0
     for argv in lines:
