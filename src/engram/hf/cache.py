@@ -1,9 +1,9 @@
 """``EngramCache``: our :class:`~engram.model.DecodeState` as the ``past_key_values`` of ``generate()``.
 
-The state is more than keys and values: the Engram hashing window and the ShortConv history move with
-it, so ``transformers``' ``DynamicCache`` cannot hold it. This object answers what ``generate()`` asks of a
-cache (its length, a beam reorder) and is otherwise opaque; :class:`EngramForCausalLM` creates it on the
-first forward with ``use_cache`` and advances it on each call.
+The state is more than keys and values: the Engram hashing window, the ShortConv history and the prompt's
+padding move with it, so ``transformers``' ``DynamicCache`` cannot hold it. This object answers what
+``generate()`` asks of a cache (its length, a beam reorder) and is otherwise opaque;
+:class:`EngramForCausalLM` creates it on the first forward with ``use_cache`` and advances it on each call.
 """
 
 # Shapes: B batch.

@@ -329,6 +329,9 @@ class Engram(nn.Module):
         e_BTE = emb.reshape(B, T, self.embed_dim).to(h.device, h.dtype)
 
         _check_conv_state(conv_state, h_BTMD.shape, self.state_len)
+        if token_mask is not None and (token_mask.dtype != torch.bool or tuple(token_mask.shape) != (B, T)):
+            raise ValueError(f"token_mask must be a bool [B, T] = [{B}, {T}] tensor, got {token_mask.dtype} "
+                             f"{tuple(token_mask.shape)}")
         if self.ablated or token_mask is not None:
             key, kn, qn, conv = self.key_proj, self.key_norm, self.query_norm, self.short_conv
             args = (e_BTE, h_BTMD, None if key is None else key.weight, None if key is None else key.bias,

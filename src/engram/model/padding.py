@@ -4,7 +4,8 @@ A padded batch must give, at every live token, the logits of its sequence run al
 masked (padding) token must leave no trace on a live one: live queries never attend to it, it does not
 count as a position (RoPE positions are those of the unpadded sequence), it hashes as the padding before
 a sequence start, and the Engram short conv sees zeros there. The model's outputs at masked positions
-are unspecified (finite).
+are unspecified (finite). Padding *between* live tokens (a right-padded prompt that is then continued)
+is a gap rather than erased: attention and positions skip it, but n-grams and the conv do not bridge it.
 
 Legend: B batch, T time (this chunk), S cached + new keys, L decode-state capacity.
 """

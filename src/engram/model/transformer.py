@@ -290,10 +290,9 @@ class EngramLM(nn.Module):
                     token_mask_BT: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Per-layer table row ids ``{layer: [B, T, H]}`` for token ids ``idx_BT`` (compress, then hash).
 
-        Depends only on token ids (and the padding mask, as in :meth:`forward`), so a data loader can
-        call it ahead of the forward pass. With ``state``, the ids of a chunk that continues that decode
-        state (read, not advanced: the forward pass with ``cache=state`` advances it). Empty dict for a
-        model without Engram.
+        Depends only on token ids (and ``token_mask_BT``, see :meth:`forward`), so a data loader can call
+        it ahead of the forward pass. With ``state``, the ids of a chunk continuing that decode state (read,
+        not advanced: the forward pass with ``cache=state`` advances it). Empty dict without Engram.
         """
         if self.hasher is None:
             return {}
@@ -341,12 +340,11 @@ class EngramLM(nn.Module):
             cached sequence and the cache is advanced past it.
         memory: the provider of the Engram rows for this call (default: :attr:`memory`). It is told
             every layer's row ids (``prepare``) before the first block runs.
-        token_mask_BT: bool ``[B, T]``, False = padding (left, right, or anywhere). A padded batch
-            gives at every live token the logits of its sequence run alone without the padding
-            (:mod:`engram.model.padding`); with a cache the mask is remembered, so later chunks keep
-            ignoring the pads. Logits at padding are unspecified; their targets are the caller's to set
-            to -100. An all-True mask runs the unmasked path (bit-identical to None); a sequence with
-            no live token at all is refused.
+        token_mask_BT: bool ``[B, T]``, False = padding. A left- or right-padded batch gives at every
+            live token the logits of its sequence alone, unpadded (:mod:`engram.model.padding`); a cache
+            remembers the mask, so left-padded prompts decode as if unpadded. Logits at padding are
+            unspecified: set their targets to -100. All-True = None, bit for bit; a sequence with no
+            live token is refused.
         """
         offset = 0 if cache is None else cache.kv.length
         self._check_ids(idx_BT, offset)
