@@ -78,6 +78,22 @@ def test_padded_batch_equals_each_sequence_alone(tiny, kind, lengths, extra, lef
         assert torch.isfinite(out.logits).all()  # padding positions: unspecified, but finite
 
 
+@pytest.mark.parametrize("kind", ["demo", "v41"])
+def test_padded_loss_with_ignored_pad_targets_is_the_unpadded_loss(tiny, kind):
+    """Targets at padding are the caller's to set to -100; then the batch loss is the token-weighted
+    mean of each sequence's own loss."""
+    m = model(tiny, kind)
+    seqs = draw([4, 9, 6], seed=17)
+    ids_BT, mask_BT = padded(seqs, 10, left=True, seed=17)
+    targets_BT = torch.full_like(ids_BT, -100)
+    for b, s in enumerate(seqs):
+        targets_BT[b, 10 - len(s):-1] = s[1:]
+    with torch.no_grad():
+        loss = m(ids_BT, targets_BT, token_mask_BT=mask_BT).loss
+        ref = sum(m(s[None, :-1], s[None, 1:]).loss * (len(s) - 1) for s in seqs) / sum(len(s) - 1 for s in seqs)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_left_padded_prefill_then_decode_equals_each_sequence_alone(tiny, kind):
     """The decode state remembers the prompt's padding: later steps (single tokens and a chunk, with no
