@@ -119,13 +119,16 @@ def test_beam_search_reorders_the_decode_state(models):
     assert torch.equal(cached, hf.generate(x, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False))
 
 
-def test_padding_is_refused(models):
+def test_left_padding_gives_each_prompt_its_own_logits(models):
+    """Padding is a token mask (tests/test_padding.py has the full story); here on the trained model."""
     hf, native = models
     x = ids(2, 6, native.cfg.vocab_size, 6)
     mask = torch.ones_like(x)
     mask[1, :2] = 0
-    with pytest.raises(ValueError, match="no padding support"):
-        hf(x, attention_mask=mask)
+    with torch.no_grad():
+        out = hf(x, attention_mask=mask).logits
+        for row, alone in ((out[0], native(x[:1]).logits[0]), (out[1, 2:], native(x[1:, 2:]).logits[0])):
+            torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_the_cache_is_our_decode_state(models):

@@ -1,9 +1,9 @@
 """``EngramCache``: our :class:`~engram.model.DecodeState` as the ``past_key_values`` of ``generate()``.
 
-The state is more than keys and values: the Engram hashing window and the ShortConv history move with
-it, so ``transformers``' ``DynamicCache`` cannot hold it. This object answers what ``generate()`` asks of a
-cache (its length, a beam reorder) and is otherwise opaque; :class:`EngramForCausalLM` creates it on the
-first forward with ``use_cache`` and advances it on each call.
+The state is more than keys and values: the Engram hashing window, the ShortConv history and the prompt's
+padding move with it, so ``transformers``' ``DynamicCache`` cannot hold it. This object answers what
+``generate()`` asks of a cache (its length, a beam reorder) and is otherwise opaque;
+:class:`EngramForCausalLM` creates it on the first forward with ``use_cache`` and advances it on each call.
 """
 
 # Shapes: B batch.
@@ -43,5 +43,12 @@ class EngramCache:
                 kv.k[lay], kv.v[lay] = kv.k[lay].index_select(0, idx), kv.v[lay].index_select(0, idx)
         for lay, conv in self.state.conv.items():
             self.state.conv[lay] = conv.index_select(0, beam_idx_B.to(conv.device))
-        if self.state.window is not None:
-            self.state.window = self.state.window[beam_idx_B.cpu().numpy()].copy()
+        if self.state.live_BL is not None:  # the remembered padding follows its row
+            idx = beam_idx_B.to(self.state.live_BL.device)
+            self.state.live_BL = self.state.live_BL.index_select(0, idx)
+            self.state.n_live_B = self.state.n_live_B.index_select(0, idx)
+        window = self.state.window
+        if hasattr(window, "select"):  # the v41 flavour's look-back (V41HashState)
+            window.select(beam_idx_B)
+        elif window is not None:
+            self.state.window = window[beam_idx_B.cpu().numpy()].copy()

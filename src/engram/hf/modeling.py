@@ -39,8 +39,9 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM over an :class:`EngramLM` (``self.model``): same weights, same logits.
 
     ``forward`` follows ``transformers``' conventions: ``labels`` are the input ids (shifted inside, -100
-    ignored), ``past_key_values`` an :class:`EngramCache`. Sequences cannot be padded (the model has no
-    padding support), so an ``attention_mask`` with zeros is refused: batch prompts of equal length.
+    ignored), ``past_key_values`` an :class:`EngramCache`. An ``attention_mask`` with zeros marks padding
+    (e.g. prompts of different lengths, left-padded as ``generate()`` wants them): it becomes
+    :class:`EngramLM`'s ``token_mask_BT``, so each row computes what it would alone, unpadded.
 
     Build one around a model with ``EngramForCausalLM(config, lm=model)`` (``config`` from
     :meth:`EngramHFConfig.from_model_config`), or from a config alone with ``vocab=`` when it has Engram.
@@ -82,22 +83,23 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         ``labels``: ``[B, T]`` like the ids; the loss is the next-token cross-entropy (``labels[:, 1:]``
         against the logits before them, -100 ignored) plus the router's load-balancing term with MoE,
         i.e. the training objective of :class:`EngramLM`. ``logits_to_keep``: only the last k positions'
-        logits (0: all).
+        logits (0: all). ``attention_mask``: ``[B, T]``, or ``[B, cached + T]`` as ``generate()`` passes it
+        (its last T columns are this chunk's; the cache remembers the earlier ones); zeros are padding,
+        whose labels should be -100.
         """
         if inputs_embeds is not None:
             raise ValueError("EngramForCausalLM takes input_ids, not inputs_embeds: Engram hashes the token ids")
         if input_ids is None:
             raise ValueError("input_ids are required")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("EngramForCausalLM has no padding support: attention_mask must be all ones "
-                             "(give prompts of equal length, or generate them one at a time)")
+        token_mask_BT = _token_mask(attention_mask, input_ids, past_key_values)
         if past_key_values is None and use_cache and labels is None:
             past_key_values = EngramCache(self.model.new_decode_state(input_ids.shape[0]))
         targets_BT = None
         if labels is not None:  # HF's labels are the inputs; ours are the next tokens
             targets_BT = torch.full_like(labels, -100)
             targets_BT[:, :-1] = labels[:, 1:]
-        out = self.model(input_ids, targets_BT, cache=None if past_key_values is None else past_key_values.state)
+        out = self.model(input_ids, targets_BT, cache=None if past_key_values is None else past_key_values.state,
+                         token_mask_BT=token_mask_BT)
         logits_BTV = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=out.total_loss, logits=logits_BTV, past_key_values=past_key_values)
 
@@ -187,6 +189,19 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             sharded_tables.save_sharded(self.model, d, writers=1, extra_files=extra)
         else:
             self.model.save_pretrained(d, extra_files=extra)
+
+
+def _token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor,
+                cache: EngramCache | None) -> torch.Tensor | None:
+    """The chunk's bool padding mask from ``transformers``' 0/1 ``attention_mask`` (None: no mask)."""
+    if attention_mask is None:
+        return None
+    B, T = input_ids.shape
+    past = 0 if cache is None else cache.get_seq_length()
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+        want = f"[{B}, {T}]" + (f" or [{B}, {past + T}]" if past else "")
+        raise ValueError(f"attention_mask must be {want} (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
+    return attention_mask[:, -T:].to(input_ids.device).bool()
 
 
 def _local_dir(name: str | os.PathLike, hub: dict) -> Path:

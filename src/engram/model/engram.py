@@ -303,6 +303,7 @@ class Engram(nn.Module):
         conv_state: torch.Tensor | None = None,
         return_state: bool = False,
         return_gates: bool = False,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the Engram increment for ``h`` (``[B, T, D]`` or ``[B, T, M, D]``).
 
@@ -313,6 +314,9 @@ class Engram(nn.Module):
         Returns the increment, same shape as ``h``. If ``return_state`` or ``return_gates``,
         returns ``(increment, aux)`` where ``aux`` holds ``"conv_state"`` (``[B, P, M*D]``)
         and/or ``"gates"`` (``[B, T, M]``, also for 3-D ``h``).
+
+        ``token_mask`` (bool ``[B, T]``, False = padding) keeps padding tokens out of the short conv's
+        look-back (see :func:`engram_mix`); such a call takes the eager path.
         """
         self._check_inputs(h, rows_BTH, emb)
         squeeze = h.dim() == 3
@@ -325,14 +329,18 @@ class Engram(nn.Module):
         e_BTE = emb.reshape(B, T, self.embed_dim).to(h.device, h.dtype)
 
         _check_conv_state(conv_state, h_BTMD.shape, self.state_len)
-        if self.ablated:
+        if token_mask is not None and (token_mask.dtype != torch.bool or tuple(token_mask.shape) != (B, T)):
+            raise ValueError(f"token_mask must be a bool [B, T] = [{B}, {T}] tensor, got {token_mask.dtype} "
+                             f"{tuple(token_mask.shape)}")
+        if self.ablated or token_mask is not None:
             key, kn, qn, conv = self.key_proj, self.key_norm, self.query_norm, self.short_conv
             args = (e_BTE, h_BTMD, None if key is None else key.weight, None if key is None else key.bias,
                     self.value_proj.weight, self.value_proj.bias, None if kn is None else kn.weight,
                     None if qn is None else qn.weight, None if conv is None else conv.norm.weight,
                     None if conv is None else conv.weight, self.max_ngram_size,
                     None if conv is None else conv.norm.eps, conv_state)
-            out, gate_BTM, new_state = engram_mix(*args, gate=self.gate, branch_gates=self.branch_gates)
+            out, gate_BTM, new_state = engram_mix(*args, gate=self.gate, branch_gates=self.branch_gates,
+                                                  live_BT=None if token_mask is None else token_mask.to(h.device))
             return self._returns(out, gate_BTM, new_state, squeeze, return_state, return_gates)
         args = (e_BTE, h_BTMD, self.key_proj.weight, self.key_proj.bias, self.value_proj.weight,
                 self.value_proj.bias, self.key_norm.weight, self.query_norm.weight, self.short_conv.norm.weight,

@@ -28,6 +28,9 @@ class DecodeState:
         which :meth:`NgramHasher.hash_step` hashes the newest token; for the v41 flavour a
         :class:`~engram.v41.V41HashState` (position-indexed look-back, advanced by its ``step``);
         None without Engram.
+    live_BL: which cached positions hold live tokens ``[B, L]`` bool (L the cache capacity); None until
+        a token is masked (``token_mask_BT``), i.e. every cached token is live.
+    n_live_B: live tokens per sequence so far (the next live token's RoPE position); None with ``live_BL``.
 
     Make one with :meth:`EngramLM.new_decode_state`; pass it as ``model(ids, cache=state)`` (any
     chunk length) or ``model.forward_step(ids_B1, state)``.
@@ -36,6 +39,8 @@ class DecodeState:
     kv: KVCache
     conv: dict[int, torch.Tensor] = field(default_factory=dict)
     window: np.ndarray | V41HashState | None = None
+    live_BL: torch.Tensor | None = None
+    n_live_B: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -64,12 +69,14 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 1.0, top_k: int
 @torch.no_grad()
 def generate(model: EngramLM, prompt_idx_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             memory: MemoryProvider | None = None) -> torch.Tensor:
+             memory: MemoryProvider | None = None, token_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Continue ``prompt_idx_BT`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
 
     The prompt is processed in one pass (prefill), then one token per step reuses the KV cache,
     the Engram hashing window and the ShortConv state. ``temperature == 0`` is greedy decoding.
     ``memory``: the provider of the Engram rows (default: the model's own, see ``EngramLM.set_memory``).
+    ``token_mask_BT``: the prompt's padding (bool, False = pad), for prompts of different lengths padded on
+    the left: each row then continues as its prompt alone would (see ``EngramLM.forward``).
     """
     if not isinstance(prompt_idx_BT, torch.Tensor):
         raise TypeError(f"prompt must be a torch.Tensor of token ids, got {type(prompt_idx_BT).__name__}")
@@ -96,10 +103,10 @@ def generate(model: EngramLM, prompt_idx_BT: torch.Tensor, max_new_tokens: int, 
     prompt_idx_BT = prompt_idx_BT.to(device)
     state = model.new_decode_state(B, max_len=T + max_new_tokens)
 
-    def step(idx_BT: torch.Tensor) -> torch.Tensor:
-        return model(idx_BT, cache=state, memory=memory).logits[:, -1]
+    def step(idx_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        return model(idx_BT, cache=state, memory=memory, token_mask_BT=mask_BT).logits[:, -1]
 
-    logits_BV = step(prompt_idx_BT)
+    logits_BV = step(prompt_idx_BT, None if token_mask_BT is None else token_mask_BT.to(device))
     out = [prompt_idx_BT]
     for i in range(max_new_tokens):
         nxt_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, generator=generator)

@@ -47,12 +47,16 @@ class Rotary(nn.Module):
         angles_TF = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
         return angles_TF.cos().float(), angles_TF.sin().float()
 
-    def forward(self, x_BhTd: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``[B, nh, T, hd]`` queries or keys sitting at positions ``offset .. offset+T-1``."""
+    def forward(self, x_BhTd: torch.Tensor, offset: int = 0, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate ``[B, nh, T, hd]`` queries or keys sitting at positions ``offset .. offset+T-1``, or at
+        ``positions_BT`` (per sequence, e.g. a padded batch's; each below ``max_seq_len``, unchecked)."""
         T = x_BhTd.shape[-2]
         if offset + T > self.max_seq_len:
             raise ValueError(f"positions up to {offset + T} exceed max_seq_len={self.max_seq_len}")
-        cos, sin = self.cos[offset : offset + T], self.sin[offset : offset + T]
+        if positions_BT is None:
+            cos, sin = self.cos[offset : offset + T], self.sin[offset : offset + T]
+        else:  # the same table entries, gathered per sequence: [B, 1, T, hd/2]
+            cos, sin = self.cos[positions_BT].unsqueeze(1), self.sin[positions_BT].unsqueeze(1)
         x1, x2 = x_BhTd.float().chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(x_BhTd.dtype)
@@ -114,14 +118,22 @@ class CausalSelfAttention(nn.Module):
         # Shared by all layers; stored as a tuple so it is not registered once per layer.
         self._rotary = (rotary,)
 
-    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """Attend over ``x`` (positions ``cache.length ..`` when a cache is given) and return ``[B, T, D]``."""
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None, layer: int = 0, *,
+                positions_BT: torch.Tensor | None = None, attn_mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over ``x`` (positions ``cache.length ..`` when a cache is given) and return ``[B, T, D]``.
+
+        A padded batch gives its tokens' RoPE ``positions_BT`` and which keys (cached + new) each query
+        may see, ``attn_mask_B1TS`` (bool; see :mod:`engram.model.padding`); both or neither.
+        """
         B, T, D = x_BTD.shape
         rotary = self._rotary[0]
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         offset = 0 if cache is None else cache.length
-        q, k = rotary(q, offset), rotary(k, offset)
-        if cache is None or offset == 0:
+        q, k = rotary(q, offset, positions_BT), rotary(k, offset, positions_BT)
+        if attn_mask_B1TS is not None:
+            k_all, v_all = (k, v) if cache is None else cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask_B1TS)
+        elif cache is None or offset == 0:
             if cache is not None:
                 cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

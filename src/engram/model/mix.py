@@ -120,7 +120,8 @@ def engram_mix(e_BTE: torch.Tensor, h_BTMD: torch.Tensor, key_w: torch.Tensor | 
                query_norm_w_MD: torch.Tensor | None, conv_norm_w_MD: torch.Tensor | None,
                conv_w_C1k: torch.Tensor | None, dilation: int, conv_eps: float | None,
                conv_state_BPC: torch.Tensor | None = None, *, gate: str = "context",
-               branch_gates: str = "per_branch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               branch_gates: str = "per_branch",
+               live_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The post-lookup math composed of torch ops: ``(increment_BTMD, gate_BTM, new_conv_state_BPC)``.
 
     The ablations of :class:`~engram.config.EngramConfig` are computed here (only here: the fused and
@@ -130,6 +131,9 @@ def engram_mix(e_BTE: torch.Tensor, h_BTMD: torch.Tensor, key_w: torch.Tensor | 
     * ``branch_gates="shared"``: ``key_w`` is ``[D, E]`` and the key/query norm weights ``[1, D]``; one gate
       from the branch-mean hidden state scales every branch.
     * ``conv_w_C1k=None``: no short convolution, the increment is ``u``; the state is ``[B, 0, M*D]``.
+
+    ``live_BT`` (bool, False = padding) zeroes ``u`` at padding tokens: the conv then reads zeros there,
+    as it reads before a sequence start, so a live token's output is that of its unpadded sequence.
     """
     B, T, M, D = h_BTMD.shape
     if gate == "fixed":
@@ -147,6 +151,9 @@ def engram_mix(e_BTE: torch.Tensor, h_BTMD: torch.Tensor, key_w: torch.Tensor | 
         gate_BTM = torch.sigmoid(s_BTG).expand(B, T, M)
         v_BTD = F.linear(e_BTE, value_w, value_b)
         u_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
+    if live_BT is not None:  # where, not a multiply: nothing of a padding token's row reaches the conv
+        u_BTMD = torch.where(live_BT[:, :, None, None], u_BTMD, torch.zeros((), dtype=u_BTMD.dtype,
+                                                                              device=u_BTMD.device))
     if conv_w_C1k is None:
         return u_BTMD.contiguous(), gate_BTM.contiguous(), u_BTMD.new_zeros(B, 0, M * D)
     conv_BTMD, new_state = short_conv(u_BTMD, conv_norm_w_MD, conv_w_C1k, dilation, conv_eps, conv_state_BPC)

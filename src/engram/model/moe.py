@@ -79,8 +79,12 @@ class MoE(nn.Module):
         weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return weights_NK, experts_NK, probs_NE
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(y_BTD, aux_loss)``; ``aux_loss`` is a fp32 scalar."""
+    def forward(self, x_BTD: torch.Tensor, live_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y_BTD, aux_loss)``; ``aux_loss`` is a fp32 scalar.
+
+        Tokens do not interact (dropless: no capacity), so a padding token changes no other token's
+        output; ``live_BT`` (bool, False = padding) only keeps padding out of the load-balancing loss.
+        """
         B, T, D = x_BTD.shape
         E, K = self.n_experts, self.top_k
         x_ND = x_BTD.reshape(B * T, D)
@@ -95,8 +99,15 @@ class MoE(nn.Module):
         counts_E = torch.zeros(E, dtype=torch.int64, device=experts_S.device).scatter_add_(
             0, experts_S, torch.ones_like(experts_S))
         self.last_expert_counts = counts_E.detach()
-        f_E = counts_E.float() / (N * K)
-        aux = E * torch.sum(f_E * probs_NE.mean(dim=0))
+        if live_BT is None:
+            f_E = counts_E.float() / (N * K)
+            aux = E * torch.sum(f_E * probs_NE.mean(dim=0))
+        else:
+            live_N = live_BT.reshape(N).to(probs_NE.dtype)
+            n_live = live_N.sum().clamp_min(1.0)
+            live_counts_E = torch.zeros(E, dtype=live_N.dtype, device=experts_S.device).scatter_add_(
+                0, experts_S, live_N.repeat_interleave(K))
+            aux = E * torch.sum(live_counts_E / (n_live * K) * (probs_NE * live_N[:, None]).sum(0) / n_live)
 
         y_sorted_SD = self._experts(x_ND, order_S // K, counts_E)
         # Un-sort (a gather, whose backward is an index_add), then mix each token's k outputs.

@@ -22,6 +22,7 @@ from engram.model.generation import DecodeState
 from engram.model.hyper import HyperConnection
 from engram.model.layers import CausalSelfAttention, KVCache, RMSNorm, Rotary, SwiGLU
 from engram.model.moe import MoE
+from engram.model.padding import Padding, check_token_mask, prepare, record
 from engram.model.persistence import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, engram_table_key  # noqa: F401
 from engram.model.v41_flavour import V41Layer, V41NgramHasher
 from engram.tokenizer.compression import CompressedVocab
@@ -77,28 +78,32 @@ class Block(nn.Module):
 
     def forward(self, h_BTMD: torch.Tensor, rows_BTH: torch.Tensor | None = None,
                 memory: MemoryProvider | None = None, *, kv: KVCache | None = None,
-                conv_state: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None, pad: Padding | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return ``(h_BTMD, aux_loss or None, new Engram conv state or None)``.
 
         An Engram block asks ``memory`` for the rows of ``rows_BTH`` here, right before its Engram runs,
-        so a provider reading ahead lets the blocks before this one compute meanwhile.
+        so a provider reading ahead lets the blocks before this one compute meanwhile. ``pad``: the
+        padding of this chunk (None: every token live), see :mod:`engram.model.padding`.
         """
         new_conv = None
+        live_BT = None if pad is None else pad.live_BT
         if self.engram is not None:
             emb = memory.rows(self.layer, rows_BTH)
             if kv is None:
-                h_BTMD = h_BTMD + self.engram(h_BTMD, emb=emb)
+                h_BTMD = h_BTMD + self.engram(h_BTMD, emb=emb, token_mask=live_BT)
             else:  # decoding: carry the ShortConv history across chunks
-                inc, st = self.engram(h_BTMD, emb=emb, conv_state=conv_state, return_state=True)
+                inc, st = self.engram(h_BTMD, emb=emb, conv_state=conv_state, return_state=True, token_mask=live_BT)
                 h_BTMD, new_conv = h_BTMD + inc, st["conv_state"]
-        h_BTMD = self._sublayer(h_BTMD, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv, self.layer))
+        where = {} if pad is None else {"positions_BT": pad.pos_BT, "attn_mask_B1TS": pad.attn_B1TS}
+        h_BTMD = self._sublayer(h_BTMD, self.attn_hc,
+                                lambda x: self.attn(self.attn_norm(x), kv, self.layer, **where))
         aux: list[torch.Tensor] = []
 
         def mlp(x: torch.Tensor) -> torch.Tensor:
             if not self.is_moe:
                 return self.mlp(self.mlp_norm(x))
-            y, a = self.mlp(self.mlp_norm(x))
+            y, a = self.mlp(self.mlp_norm(x), live_BT)
             aux.append(a)
             return y
 
@@ -281,25 +286,39 @@ class EngramLM(nn.Module):
             raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.cfg.vocab_size})")
 
     @torch.no_grad()
-    def engram_rows(self, idx_BT: torch.Tensor, state: DecodeState | None = None) -> dict[int, torch.Tensor]:
+    def engram_rows(self, idx_BT: torch.Tensor, state: DecodeState | None = None, *,
+                    token_mask_BT: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Per-layer table row ids ``{layer: [B, T, H]}`` for token ids ``idx_BT`` (compress, then hash).
 
-        Depends only on token ids, so a data loader can call it ahead of the forward pass.
-        With ``state``, the ids of a chunk that continues that decode state (read, not advanced:
-        the forward pass with ``cache=state`` advances it). Empty dict for a model without Engram.
+        Depends only on token ids (and ``token_mask_BT``, see :meth:`forward`), so a data loader can call
+        it ahead of the forward pass. With ``state``, the ids of a chunk continuing that decode state (read,
+        not advanced: the forward pass with ``cache=state`` advances it). Empty dict without Engram.
         """
         if self.hasher is None:
             return {}
         self._check_ids(idx_BT, 0 if state is None else state.length)
-        return self._rows(self._compress(idx_BT), state)
+        if token_mask_BT is not None:
+            check_token_mask(token_mask_BT, *idx_BT.shape)
+        return self._rows(self._compress(idx_BT, token_mask_BT), state, token_mask_BT)
 
-    def _compress(self, idx_BT: torch.Tensor) -> torch.Tensor:
-        return self.vocab_lookup[idx_BT.to(self.vocab_lookup.device).long()]
+    def _compress(self, idx_BT: torch.Tensor, live_BT: torch.Tensor | None = None) -> torch.Tensor:
+        comp_BT = self.vocab_lookup[idx_BT.to(self.vocab_lookup.device).long()]
+        if live_BT is not None and not isinstance(self.hasher, V41NgramHasher):
+            # demo flavour: a padding token hashes as the pad before a sequence start, so the first live
+            # tokens after left padding hash exactly as at the start of their unpadded sequence
+            comp_BT = comp_BT.masked_fill(~live_BT.to(comp_BT.device), self.hasher.pad_id)
+        return comp_BT
 
-    def _rows(self, comp_BT: torch.Tensor, state: DecodeState | None) -> dict[int, torch.Tensor]:
+    def _rows(self, comp_BT: torch.Tensor, state: DecodeState | None,
+              live_BT: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        mask = self._hash_mask(live_BT)
         if state is None:
-            return self.hasher.hash(comp_BT, validate=False)
-        return self.hasher.window_rows(state.window, comp_BT)
+            return self.hasher.hash(comp_BT, validate=False, **mask)
+        return self.hasher.window_rows(state.window, comp_BT, **mask)
+
+    def _hash_mask(self, live_BT: torch.Tensor | None) -> dict:
+        """The v41 hasher takes the mask itself (a dead token blocks its look-back); the demo one got pad ids."""
+        return {"token_mask": live_BT} if live_BT is not None and isinstance(self.hasher, V41NgramHasher) else {}
 
     def _check_rows(self, rows: dict, B: int, T: int) -> None:
         want = sorted(self.hasher.layer_ids) if self.hasher is not None else []
@@ -313,33 +332,40 @@ class EngramLM(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 engram_rows: dict[int, torch.Tensor] | None = None, cache: DecodeState | None = None,
-                memory: MemoryProvider | None = None) -> ModelOutput:
+                memory: MemoryProvider | None = None, token_mask_BT: torch.Tensor | None = None) -> ModelOutput:
         """Logits for ``idx_BT`` (``[B, T]`` int), the loss against ``targets_BT`` (-100 = ignore).
 
-        engram_rows: precomputed :meth:`engram_rows` (computed here when None).
+        engram_rows: precomputed :meth:`engram_rows` (computed here when None; give the same mask).
         cache: a :class:`DecodeState` (see :meth:`new_decode_state`): the chunk continues the
             cached sequence and the cache is advanced past it.
         memory: the provider of the Engram rows for this call (default: :attr:`memory`). It is told
             every layer's row ids (``prepare``) before the first block runs.
+        token_mask_BT: bool ``[B, T]``, False = padding. A left- or right-padded batch gives at every
+            live token the logits of its sequence alone, unpadded (:mod:`engram.model.padding`); a cache
+            remembers the mask, so left-padded prompts decode as if unpadded. Logits at padding are
+            unspecified: set their targets to -100. All-True = None, bit for bit; a sequence with no
+            live token is refused.
         """
         offset = 0 if cache is None else cache.kv.length
         self._check_ids(idx_BT, offset)
         B, T = idx_BT.shape
         if cache is not None and cache.kv.batch_size != B:
             raise ValueError(f"decode state is for batch size {cache.kv.batch_size}, got {B} sequences")
+        pad = prepare(token_mask_BT, B, T, cache, idx_BT.device)
+        live_BT = None if pad is None else pad.live_BT
         memory = self.memory if memory is None else memory
         if self.hasher is not None:
             if memory is None:
                 raise ValueError("this model was built without its Engram tables (tables=False) and has no memory "
                                  "provider: set_memory(...) or pass memory= (rows from a store, see engram.serve)")
-            comp_BT = self._compress(idx_BT) if cache is not None or engram_rows is None else None
+            comp_BT = self._compress(idx_BT, live_BT) if cache is not None or engram_rows is None else None
             if engram_rows is None:
-                engram_rows = self._rows(comp_BT, cache)
+                engram_rows = self._rows(comp_BT, cache, live_BT)
             else:
                 self._check_rows(engram_rows, B, T)
             memory.prepare(engram_rows)
             if cache is not None:
-                self.hasher.slide(cache.window, comp_BT)
+                self.hasher.slide(cache.window, comp_BT, **self._hash_mask(live_BT))
         elif engram_rows:
             raise ValueError("engram_rows given to a model without Engram layers")
 
@@ -351,12 +377,14 @@ class EngramLM(nn.Module):
             rows = engram_rows.get(blk.layer) if engram_rows else None
             conv = cache.conv.get(blk.layer) if cache is not None else None
             h_BTMD, aux, new_conv = blk(h_BTMD, rows, memory, kv=None if cache is None else cache.kv,
-                                        conv_state=conv)
+                                        conv_state=conv, pad=pad)
             if aux is not None:
                 aux_terms.append(aux)
             if cache is not None and new_conv is not None:
                 cache.conv[blk.layer] = new_conv
         if cache is not None:
+            if pad is not None:
+                record(cache, pad)
             cache.kv.advance(T)
         logits_BTV = self.lm_head(self.norm(h_BTMD.sum(dim=2)))
         aux_loss = torch.stack(aux_terms).mean() if aux_terms else torch.zeros((), device=logits_BTV.device)
