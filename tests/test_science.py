@@ -219,6 +219,21 @@ def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
         report.build_report([tmp_path], tmp_path / "out")
 
 
+def test_report_appends_probe_sections_with_links_relative_to_the_report(tmp_path):
+    probe = tmp_path / "probes" / "lens"
+    probe.mkdir(parents=True)
+    (probe / "lens.png").write_bytes(b"png")
+    (probe / "page.html").write_text("<html></html>")
+    (probe / "REPORT.md").write_text("# Probes\n\n## Logit lens\n\n![Logit lens](lens.png)\n\n[page](page.html) "
+                                     "[paper](https://arxiv.org/abs/2601.07372) [missing](gone.png)\n")
+    out = tmp_path / "report"
+    md = report.build_report([probe], out, out=lambda *_: None).read_text()
+    assert "## Probes" in md and "### Logit lens" in md and "# Probes\n\n## Logit" not in md
+    assert "![Logit lens](../probes/lens/lens.png)" in md and "[page](../probes/lens/page.html)" in md
+    assert "(https://arxiv.org/abs/2601.07372)" in md and "[missing](gone.png)" in md  # left as they were
+    assert (out / "../probes/lens/lens.png").resolve().is_file()
+
+
 # ------------------------------------------------------------------------------------------ prose corpus
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")

@@ -66,7 +66,8 @@ def add_parsers(sub, formatter, at_least) -> None:
 
     s = sub.add_parser("report",
                        help="CSV, plots and REPORT.md from finished sweeps")
-    s.add_argument("sweeps", nargs="+", help="sweep folders (ROOT/EXPERIMENT-PRESET)")
+    s.add_argument("sweeps", nargs="+", help="sweep folders (ROOT/EXPERIMENT-PRESET), and probe output folders "
+                   "(appended under Probes)")
     s.add_argument("--out", default="science/report", help="folder for REPORT.md, the CSVs and plots")
     s.set_defaults(func=_report)
 

@@ -1,11 +1,12 @@
-"""`engram report`: tables, plots and REPORT.md from finished sweeps.
+"""`engram report`: tables, plots and REPORT.md from finished sweeps (and the probes' sections).
 
 For every sweep directory: ``<experiment>.csv`` (one row per run), a PNG (loss vs rho with seed error bars,
 loss vs log slots with the fitted line, per-layer bars, the ablation deltas, the token-budget gain), and a
 section of ``REPORT.md`` naming the command, git SHA, data, token budget and seeds behind the figure, with
 a verdict computed from the numbers (`engram.science.verdicts`): an effect inside its 95% confidence
 interval over seeds is reported as "not resolved at this scale", never as a result. Unfinished runs are
-listed and left out.
+listed and left out. A probe's output directory (`engram probe ...`, `engram gates`: a REPORT.md and no
+sweep.json) is appended under "Probes" with its figure links made relative to the report.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -263,7 +266,8 @@ def build_report(sweep_dirs, out_dir: str | Path, *, out=print) -> Path:
     """Write CSVs, plots and ``REPORT.md`` for ``sweep_dirs`` into ``out_dir``; returns REPORT.md's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recs = [load_sweep(d) for d in sweep_dirs]
+    probes = [Path(d) for d in sweep_dirs if not (Path(d) / SWEEP_FILE).is_file() and (Path(d) / "REPORT.md").is_file()]
+    recs = [load_sweep(d) for d in sweep_dirs if Path(d) not in probes]
     order = {e: i for i, e in enumerate(SECTIONS)}
     recs.sort(key=lambda r: (order.get(r["experiment"], 99), r["preset"]))
     parts = ["# Engram experiments at CPU scale", "",
@@ -275,6 +279,31 @@ def build_report(sweep_dirs, out_dir: str | Path, *, out=print) -> Path:
         parts.append(section(rec, out_dir))
         out(f"{rec['experiment']}-{rec['preset']}: {sum(r['result'] is not None for r in rec['runs'])} of "
             f"{len(rec['runs'])} runs")
+    if probes:
+        parts += ["## Probes", ""] + [probe_section(d, out_dir) for d in probes]
+        out(f"probes: {len(probes)} section(s)")
     path = out_dir / "REPORT.md"
     atomic_write(path, "\n".join(parts))
     return path
+
+
+def probe_section(probe_dir: Path, out_dir: Path) -> str:
+    """A probe's REPORT.md as a subsection: its title dropped, headings one level down, and links to its
+    own files (figures, the HTML page) rewritten relative to ``out_dir``."""
+    rel = Path(os.path.relpath(probe_dir.resolve(), out_dir.resolve()))
+    lines = probe_dir.joinpath("REPORT.md").read_text().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+
+    def link(m: re.Match) -> str:
+        target = m.group(2)
+        if "://" in target or target.startswith(("/", "#")) or not (probe_dir / target).exists():
+            return m.group(0)
+        return f"{m.group(1)}({(rel / target).as_posix()})"
+
+    out = []
+    for line in lines:
+        if line.startswith("#"):
+            line = "#" + line
+        out.append(re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", link, line))
+    return "\n".join(out).strip() + "\n"
