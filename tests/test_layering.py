@@ -19,7 +19,7 @@ SRC = Path(engram.__file__).parent
 
 # the layer of each top-level module or folder of `engram` (lower imports from nothing above it)
 LAYER = {
-    "atomic": 0, "config": 0, "native": 0,
+    "atomic": 0, "config": 0, "native": 0, "figures": 1,
     "tokenizer": 1, "hashing": 1,
     "data": 2, "memory": 2,
     "v41": 2,

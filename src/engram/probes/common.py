@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.atomic import atomic_path, atomic_write, write_json_atomic
+from engram.atomic import atomic_write, write_json_atomic
 from engram.config import UserError
+from engram.figures import save_png
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -171,20 +172,7 @@ def _finite(obj):
 
 def figure(path: Path, plot: Callable, size: tuple[float, float] = (7, 4.5)) -> Path:
     """Draw ``plot(fig, ax)`` on an off-screen figure and write it as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=size)
-    try:
-        plot(fig, ax)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(path, plot, size)
 
 
 def fmt(x, digits: int = 4) -> str:

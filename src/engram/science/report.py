@@ -23,6 +23,7 @@ import numpy as np
 
 from engram.atomic import atomic_path, atomic_write
 from engram.config import UserError
+from engram.figures import save_png
 from engram.science import verdicts
 from engram.science.worker import RESULT
 
@@ -94,21 +95,7 @@ def fmt(mean: float, sd: float, n: int, digits: int = 4) -> str:
 # ----------------------------------------------------------------------------------------------- plots
 
 def _fig(plot_fn, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    try:
-        plot_fn(ax)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(path, lambda fig, ax: plot_fn(ax), grid=True)
 
 
 def _errorbar(ax, xs, groups, label, **kw):
