@@ -228,7 +228,7 @@ def test_report_appends_probe_sections_with_links_relative_to_the_report(tmp_pat
                                      "[paper](https://arxiv.org/abs/2601.07372) [missing](gone.png)\n")
     out = tmp_path / "report"
     md = report.build_report([probe], out, out=lambda *_: None).read_text()
-    assert "## Probes" in md and "### Logit lens" in md and "# Probes\n\n## Logit" not in md
+    assert "## Probes" in md and "### Logit lens (`../probes/lens`)" in md and "# Probes\n\n## Logit" not in md
     assert "![Logit lens](../probes/lens/lens.png)" in md and "[page](../probes/lens/page.html)" in md
     assert "(https://arxiv.org/abs/2601.07372)" in md and "[missing](gone.png)" in md  # left as they were
     assert (out / "../probes/lens/lens.png").resolve().is_file()

@@ -275,8 +275,8 @@ def build_report(sweep_dirs, out_dir: str | Path, *, out=print) -> Path:
 
 
 def probe_section(probe_dir: Path, out_dir: Path) -> str:
-    """A probe's REPORT.md as a subsection: its title dropped, headings one level down, and links to its
-    own files (figures, the HTML page) rewritten relative to ``out_dir``."""
+    """A probe's REPORT.md as a subsection: its title dropped, headings one level down (the first one
+    naming the folder), and links to its own files (figures, the HTML page) made relative to ``out_dir``."""
     rel = Path(os.path.relpath(probe_dir.resolve(), out_dir.resolve()))
     lines = probe_dir.joinpath("REPORT.md").read_text().splitlines()
     if lines and lines[0].startswith("# "):
@@ -288,9 +288,11 @@ def probe_section(probe_dir: Path, out_dir: Path) -> str:
             return m.group(0)
         return f"{m.group(1)}({(rel / target).as_posix()})"
 
-    out = []
+    out, titled = [], False
     for line in lines:
         if line.startswith("#"):
             line = "#" + line
+            if not titled:  # two probes of one kind (an Engram model and its control) are told apart
+                line, titled = f"{line} (`{rel.as_posix()}`)", True
         out.append(re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", link, line))
     return "\n".join(out).strip() + "\n"
