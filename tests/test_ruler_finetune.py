@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from engram.cli import main
@@ -180,3 +181,95 @@ def test_general_sample_stops_near_its_share():
     assert all(any(d.text.startswith(t) for d in docs) for t in got)  # whole documents or their heads
     assert sum(map(len, M.general_sample(docs, 10**9, seed=0))) == sum(len(d.text) for d in docs)
     assert M.general_sample(docs, 1000, seed=0) == got != M.general_sample(docs, 1000, seed=1)
+
+
+def test_task_sampler_supervises_exactly_the_answers(models):
+    from engram.probes.ruler_sampler import IGNORE, TaskSampler
+
+    d = models["data"]
+    tok = d.tokenizer
+    s = TaskSampler(tok, d.train, length=129, seq_len=128, batch_size=6, pad_id=d.pad_id, seed=3,
+                    drop_ids=(d.eos_id, d.pad_id))
+    x_BT, y_BT = s.batch_at(5)
+    assert x_BT.shape == y_BT.shape == (6, 128)
+    for b, ex in enumerate(s.examples_at(5)):
+        assert ex.task == R.TASKS[(5 * 6 + b) % 2] and R.verify(ex, tok) == ex.answer  # one right answer
+        n = len(ex.ids) + len(ex.answer_ids) + len(s.end_ids)
+        assert 64 <= n <= 129
+        assert x_BT[b, :len(ex.ids)].tolist() == ex.ids  # the document starts at position 0
+        assert (x_BT[b, n - 1:] == d.pad_id).all()  # then right padding
+        kept = (y_BT[b] != IGNORE).nonzero().flatten().tolist()
+        # the targets: the answer's tokens and the newline, predicted from the positions just before them
+        assert kept == list(range(len(ex.ids) - 1, n - 1))
+        assert y_BT[b, kept].tolist() == ex.answer_ids + s.end_ids
+        assert tok.decode(y_BT[b, kept].tolist()).strip() == ex.answer
+        assert d.eos_id not in x_BT[b, :n - 1].tolist()
+    # a batch depends on (seed, step) alone: a resumed sampler sees what it would have seen
+    again = TaskSampler(tok, d.train, length=129, seq_len=128, batch_size=6, pad_id=d.pad_id, seed=3, step=5,
+                        drop_ids=(d.eos_id, d.pad_id))
+    assert all(torch.equal(a, b) for a, b in zip(again.next(), (x_BT, y_BT), strict=True)) and again.step == 6
+    assert not torch.equal(s.batch_at(6)[0], x_BT)
+    with pytest.raises(ValueError, match="do not fit"):
+        TaskSampler(tok, d.train, length=130, seq_len=128, batch_size=2, pad_id=d.pad_id)
+
+
+def test_answer_only_loss_counts_only_the_answers(models):
+    """The model's loss on a supervised batch is the mean cross-entropy of the answer tokens alone."""
+    import torch.nn.functional as F_
+
+    from engram.model import EngramLM
+    from engram.probes.ruler_sampler import IGNORE, TaskSampler
+
+    d = models["data"]
+    model = EngramLM.from_pretrained(models["dirs"][0]).eval()
+    s = TaskSampler(d.tokenizer, d.train, length=128, seq_len=128, batch_size=4, pad_id=d.pad_id, seed=0)
+    x_BT, y_BT = s.batch_at(0)
+    with torch.no_grad():
+        out = model(x_BT, y_BT)
+        keep = y_BT != IGNORE
+        want = F_.cross_entropy(out.logits[keep].float(), y_BT[keep])
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_answer_supervised_finetune_end_to_end(models, tmp_path):
+    out = tmp_path / "out"
+    argv = ["probe", "ruler-finetune", "--models", *map(str, models["dirs"]), "--seeds", "0", "--steps", "3",
+            "--examples", "4", "--out", str(out), "--no-progress", "--supervise", "answer",
+            "--set", "train.ckpt_every=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE", str(models["base"] / "cache"))
+        assert main(argv) == 0
+        rec = json.loads((out / "ruler_finetune.json").read_text())
+        assert rec["supervise"] == "answer" and not (out / "mix").exists()
+        for name, m in rec["models"].items():
+            r = m["runs"]["0"]
+            cfg = json.loads((out / "runs" / f"{name}-seed0" / "config.json").read_text())
+            assert r["task_documents"] == 3 * cfg["train"]["batch_size"] and "mix" not in r and not r["reused"]
+            # the model's own corpus: its validation loss measures what the fine-tune forgot
+            own = json.loads((models["base"] / name / "config.json").read_text())["data"]["data"]
+            assert cfg["data"]["data"] == own
+        assert "loss on the answer and its newline only" in (out / "REPORT.md").read_text()
+        assert main(argv) == 0  # finished fine-tunes are reused
+        again = json.loads((out / "ruler_finetune.json").read_text())
+        assert all(m["runs"]["0"]["reused"] for m in again["models"].values())
+
+
+def test_an_interrupted_answer_supervised_finetune_resumes_to_the_bit(models, tmp_path):
+    d = models["data"]
+    plan = F.Plan(R.TASKS, 128, 4, (0,), 4, 0, dict(pairs=4, queries=2, hops=1), supervise="answer")
+    cfg = F.finetune_config(models["dirs"][0], None, seed=0, steps=4, overrides=["train.ckpt_every=2"])
+    make = F.task_sampler_factory(d, plan, cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE", str(models["base"] / "cache"))
+        whole = F.finetune(cfg, tmp_path / "whole", progress=False, make_sampler=make)
+        from engram.train.trainer import Trainer
+
+        cut = Trainer(cfg, tmp_path / "cut", progress=False)
+        cut.sampler = make(cut.sampler.seed, cut.sampler.step)
+        cut._should_stop = lambda: cut.step >= 2
+        assert cut.train().status == "interrupted"
+        resumed = F.finetune(cfg, tmp_path / "cut", progress=False, make_sampler=make)
+    assert resumed["val_loss"] == whole["val_loss"]
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / k / "metrics.jsonl").read_text().splitlines())
+               if r.get("kind") == "train"] for k in ("whole", "cut")]
+    assert losses[0] == losses[1][-4:] or losses[0] == losses[1]

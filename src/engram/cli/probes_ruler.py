@@ -121,7 +121,7 @@ def _ruler_finetune(args) -> int:
     out = _out(args)
     sizes = dict(pairs=args.pairs, queries=args.queries, hops=args.hops)
     plan = F.Plan(tuple(tasks), length, args.steps, tuple(dict.fromkeys(args.seeds)), args.examples, args.eval_seed,
-                  sizes, args.general_ratio, args.mix_count, tuple(args.set or ()))
+                  sizes, args.general_ratio, args.mix_count, tuple(args.set or ()), args.supervise)
     with _reading_user_input():
         record = F.run(args.models, out, plan, progress=not args.no_progress)
     record["trained_seq_len"] = trained
@@ -166,9 +166,12 @@ def _ruler_finetune(args) -> int:
                          f"fine-tune: {args.steps} steps per model and seed, lr {F.LR_FRACTION:.3g} x the model's, "
                          f"warmup {max(1, args.steps // 20)} steps, init_from the model"
                          + (f", overrides {' '.join(args.set)}" if args.set else ""),
-                         f"mix per fine-tune: task documents of {length // 2}-{length} tokens plus general text of "
-                         f"the model's corpus ({args.general_ratio:g} x the task characters); runs and mixes under "
-                         f"runs/ and mix/",
+                         (f"training data: task documents of {length // 2}-{length} tokens, one per batch row, "
+                          f"drawn per step over the train split; loss on the answer and its newline only; runs "
+                          f"under runs/" if args.supervise == "answer" else
+                          f"mix per fine-tune: task documents of {length // 2}-{length} tokens plus general text of "
+                          f"the model's corpus ({args.general_ratio:g} x the task characters), loss on every "
+                          f"token; runs and mixes under runs/ and mix/"),
                          f"evaluation: {args.examples} prompts per task, seed {args.eval_seed}, drawn alike for every "
                          f"model and seed; se: the larger of the error over seeds and the binomial error over the "
                          f"prompts; above chance: mean - 2 se > chance",
@@ -223,6 +226,10 @@ def add_parsers(ps, model_args, at_least) -> None:
                    help="characters of general corpus text per character of task documents in a mix")
     s.add_argument("--mix-count", type=at_least(1),
                    help="task documents per mix (default: enough for the fine-tune to see each about once)")
+    s.add_argument("--supervise", choices=("all", "answer"), default="all",
+                   help="all: train on every token of a mix of task documents and corpus text; answer: one task "
+                        "document per batch row, the loss on its answer only (--general-ratio and --mix-count do "
+                        "not apply)")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -47,6 +47,7 @@ class Plan:
     general_ratio: float = 1.0
     mix_count: int | None = None
     overrides: tuple[str, ...] = ()
+    supervise: str = "all"  # "all": every token of a mix corpus; "answer": the answers of task documents only
 
 
 def model_name(model_dir: str | Path, taken: Sequence[str] = ()) -> str:
@@ -75,10 +76,11 @@ def train_length(model_dir: str | Path) -> int:
     return min(cfg.train.seq_len, cfg.model.max_seq_len)
 
 
-def finetune_config(model_dir: str | Path, mix_dir: str | Path, *, seed: int, steps: int,
+def finetune_config(model_dir: str | Path, mix_dir: str | Path | None, *, seed: int, steps: int,
                     overrides: Sequence[str] = ()):
     """The fine-tune's RunConfig: the model's own config and batch shape, the recipe of the module
-    docstring, the mix folder as the corpus with the model's tokenizer, then ``overrides``."""
+    docstring, the mix folder as the corpus with the model's tokenizer (``mix_dir=None``: the model's own
+    corpus, whose validation loss then tells what the fine-tune forgot), then ``overrides``."""
     from engram.train.config import DataConfig, apply_overrides
 
     cfg = base_config(model_dir)
@@ -89,8 +91,9 @@ def finetune_config(model_dir: str | Path, mix_dir: str | Path, *, seed: int, st
     tc.eval_every, tc.ckpt_every = steps, max(1, steps // 3)  # one evaluation; an interruption loses <1/3
     tc.eval_tokens = min(tc.eval_tokens, EVAL_TOKENS)
     tc.log_every = max(1, min(tc.log_every, steps // 10))
-    cfg.data = DataConfig(data=[str(Path(mix_dir).resolve())], tokenizer=None, vocab_size=cfg.data.vocab_size,
-                          val_permille=cfg.data.val_permille)
+    if mix_dir is not None:
+        cfg.data = DataConfig(data=[str(Path(mix_dir).resolve())], tokenizer=None, vocab_size=cfg.data.vocab_size,
+                              val_permille=cfg.data.val_permille)
     cfg.preset = f"{cfg.preset}+ruler-finetune" if cfg.preset else "ruler-finetune"
     return apply_overrides(cfg, list(overrides))
 
@@ -127,8 +130,9 @@ def prepare_mix(mix_dir: Path, model_dir: str | Path, bundle, corpus_docs, plan:
     return record
 
 
-def finetune(cfg, run_dir: Path, progress: bool) -> dict:
-    """Train ``cfg`` into ``run_dir``: skipped when finished, resumed when interrupted."""
+def finetune(cfg, run_dir: Path, progress: bool, make_sampler: Callable | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir``: skipped when finished, resumed when interrupted. ``make_sampler(seed,
+    step)`` replaces the trainer's sampler of corpus windows (at the seed and step it starts from)."""
     import json
 
     from engram.train.trainer import Trainer
@@ -145,8 +149,24 @@ def finetune(cfg, run_dir: Path, progress: bool) -> dict:
         return {"reused": True, **old}
     resume = (run_dir / "config.json").is_file()
     t0 = time.perf_counter()
-    Trainer(cfg, run_dir, resume=resume, progress=progress).train()
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    if make_sampler is not None:
+        trainer.sampler = make_sampler(trainer.sampler.seed, trainer.sampler.step)
+    trainer.train()
     return {"reused": False, **done(), "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def task_sampler_factory(bundle, plan: Plan, cfg) -> Callable:
+    """``make_sampler(seed, step)`` for :func:`finetune`: answer-supervised task documents over the train split
+    of the model's corpus, in the fine-tune's batch shape, from the fine-tune's seed (the sampler's stream
+    starts with ``MIX_STREAM``, never an evaluation seed; a resumed run passes its saved seed back)."""
+    from engram.probes.ruler_sampler import TaskSampler
+
+    def make(seed: int, step: int) -> TaskSampler:
+        return TaskSampler(bundle.tokenizer, bundle.train, length=plan.length, seq_len=cfg.train.seq_len,
+                           batch_size=cfg.train.batch_size, pad_id=bundle.pad_id, seed=seed,
+                           step=step, tasks=plan.tasks, drop_ids=(bundle.eos_id, bundle.pad_id), **plan.sizes)
+    return make
 
 
 def accuracy(model, examples: dict[str, list], tok) -> dict[str, float]:
@@ -173,7 +193,10 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
     from engram.train.config import saved_tokenizer
 
     for d in model_dirs:  # every fine-tune's config is valid before any work
-        finetune_config(d, out / "mix", seed=0, steps=plan.steps, overrides=plan.overrides)
+        cfg = finetune_config(d, out / "mix", seed=0, steps=plan.steps, overrides=plan.overrides)
+        if plan.supervise == "answer" and plan.length > cfg.train.seq_len + 1:
+            raise ValueError(f"--length {plan.length}: an answer-supervised document must fit one training window "
+                             f"of train.seq_len {cfg.train.seq_len} (+1)")
     names: list[str] = []
     models = {}
     for d in model_dirs:
@@ -187,19 +210,27 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
         rec = {"dir": str(d), "data": data_label(d, None), "original": accuracy(original, examples, bundle.tokenizer),
                "runs": {}}
         del original  # the fine-tunes load their own copy
+        answer = plan.supervise == "answer"
         base = base_config(d)
-        corpus_docs = load_corpus(base.data.data, base.data.val_permille).train
+        corpus_docs = None if answer else load_corpus(base.data.data, base.data.val_permille).train
         for seed in plan.seeds:
             tag = f"{name}-seed{seed}"
-            cfg = finetune_config(d, out / "mix" / tag, seed=seed, steps=plan.steps, overrides=plan.overrides)
-            count = plan.mix_count or mix_count(cfg, plan.length, plan.general_ratio)
-            mix = prepare_mix(out / "mix" / tag, d, bundle, corpus_docs, plan, MIX_SEED_OFFSET + seed, count)
-            say(f"== {tag}: fine-tuning {plan.steps} steps on {count} task + {mix['general_documents']} general "
-                f"documents ==")
-            ft = finetune(cfg, out / "runs" / tag, progress)
+            cfg = finetune_config(d, None if answer else out / "mix" / tag, seed=seed, steps=plan.steps,
+                                  overrides=plan.overrides)
+            if answer:
+                make = task_sampler_factory(bundle, plan, cfg)
+                count, info = plan.steps * cfg.train.batch_size, {}
+                say(f"== {tag}: fine-tuning {plan.steps} steps on {count} task documents, answers supervised ==")
+            else:
+                make = None
+                count = plan.mix_count or mix_count(cfg, plan.length, plan.general_ratio)
+                mix = prepare_mix(out / "mix" / tag, d, bundle, corpus_docs, plan, MIX_SEED_OFFSET + seed, count)
+                info = {"mix": str(out / "mix" / tag)}
+                say(f"== {tag}: fine-tuning {plan.steps} steps on {count} task + {mix['general_documents']} "
+                    f"general documents ==")
+            ft = finetune(cfg, out / "runs" / tag, progress, make)
             tuned = EngramLM.from_pretrained(out / "runs" / tag / "model").eval()
-            rec["runs"][str(seed)] = {"run_dir": str(out / "runs" / tag), "mix": str(out / "mix" / tag),
-                                      "mix_documents": count, **ft,
+            rec["runs"][str(seed)] = {"run_dir": str(out / "runs" / tag), **info, "task_documents": count, **ft,
                                       "accuracy": accuracy(tuned, examples, bundle.tokenizer)}
         rec["summary"] = {}
         for t in plan.tasks:
@@ -209,7 +240,8 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
         models[name] = rec
     return {"length": plan.length, "tasks": list(plan.tasks), "steps": plan.steps, "seeds": list(plan.seeds),
             "examples": plan.examples, "eval_seed": plan.eval_seed, **plan.sizes, "general_ratio": plan.general_ratio,
-            "lr_fraction": LR_FRACTION, "overrides": list(plan.overrides), "models": models}
+            "supervise": plan.supervise, "lr_fraction": LR_FRACTION, "overrides": list(plan.overrides),
+            "models": models}
 
 
 def verdict(record: dict) -> str:

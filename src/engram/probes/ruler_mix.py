@@ -33,25 +33,28 @@ def task_documents(tok, filler: np.ndarray, length: int, count: int, seed: int, 
     rng = np.random.default_rng([MIX_STREAM, seed])
     out: list[R.Example] = []
     for i in range(count):
-        task = tasks[i % len(tasks)]
-        n = int(rng.integers(length // 2, length + 1))
-        for _ in range(20):
-            try:
-                ex = R.build_example(task, tok, filler, n, rng, **sizes)
-            except ValueError:
-                if n == length:
-                    raise
-                n = length
-                continue
-            try:
-                if R.verify(ex, tok) == ex.answer:
-                    out.append(ex)
-                    break
-            except ValueError:  # the filler happened to hold a line of the task's form: draw again
-                continue
-        else:
-            raise ValueError(f"could not draw a {task} example with a unique answer from this filler")
+        out.append(draw_example(tasks[i % len(tasks)], tok, filler, int(rng.integers(length // 2, length + 1)),
+                                length, rng, **sizes))
     return out
+
+
+def draw_example(task: str, tok, filler: np.ndarray, n: int, n_max: int, rng, **sizes) -> R.Example:
+    """One verified example of ``n`` tokens (``n_max`` when the task needs more than ``n``), drawn again when
+    the filler happens to break the uniqueness of its answer."""
+    for _ in range(20):
+        try:
+            ex = R.build_example(task, tok, filler, n, rng, **sizes)
+        except ValueError:
+            if n >= n_max:
+                raise
+            n = n_max
+            continue
+        try:
+            if R.verify(ex, tok) == ex.answer:
+                return ex
+        except ValueError:  # the filler happened to hold a line of the task's form: draw again
+            continue
+    raise ValueError(f"could not draw a {task} example with a unique answer from this filler")
 
 
 def document_text(ex: R.Example, tok) -> str:
