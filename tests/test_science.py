@@ -200,7 +200,9 @@ def test_verdicts_need_two_standard_errors():
     assert verdicts.judge(-0.01, 0.006) == "not resolved at this scale"
     assert verdicts.judge(-0.01, 0.004, df=2) == "not resolved at this scale"  # 3 seeds: t = 4.30
     assert verdicts.judge(-0.01, 0.002, df=2) == "better"
-    assert "one seed" in verdicts.judge(0.3, math.nan)
+    # one seed has no spread: never counted as resolved, however large the gap
+    assert verdicts.judge(0.3, math.nan) == "not resolved, one seed: reads worse"
+    assert verdicts.judge(-0.3, math.nan, None, "hurts", "helps").startswith("not resolved")
     # Seeds share their batches: a constant per-seed gap is resolved though the seeds spread widely.
     a = [{"seed": s, "val_loss": 3 + 0.3 * s} for s in range(3)]
     b = [{"seed": s, "val_loss": 3 + 0.3 * s + 0.01 + 0.001 * s} for s in range(3)]

@@ -58,7 +58,7 @@ def tokens_str(n: int) -> str:
 def judge(delta: float, se: float, df: int | None = None, worse: str = "worse", better: str = "better") -> str:
     """``better``/``worse`` for a negative/positive ``delta`` outside its 95% interval, else not resolved."""
     if math.isnan(se):
-        return f"{better if delta < 0 else worse} (one seed: spread unknown)"
+        return f"not resolved, one seed: reads {better if delta < 0 else worse}"
     if abs(delta) <= t95(df) * se:
         return "not resolved at this scale"
     return better if delta < 0 else worse
