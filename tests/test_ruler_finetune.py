@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from engram.cli import main
 from engram.probes import ruler as R
