@@ -248,7 +248,8 @@ def test_answer_supervised_finetune_end_to_end(models, tmp_path):
             # the model's own corpus: its validation loss measures what the fine-tune forgot
             own = json.loads((models["base"] / name / "config.json").read_text())["data"]["data"]
             assert cfg["data"]["data"] == own
-        assert "loss on the answer and its newline only" in (out / "REPORT.md").read_text()
+        assert "loss on the answers and their newlines only" in (out / "REPORT.md").read_text()
+        assert rec["follow_ups"] == 0
         assert main(argv) == 0  # finished fine-tunes are reused
         again = json.loads((out / "ruler_finetune.json").read_text())
         assert all(m["runs"]["0"]["reused"] for m in again["models"].values())
@@ -273,3 +274,53 @@ def test_an_interrupted_answer_supervised_finetune_resumes_to_the_bit(models, tm
     losses = [[r["loss"] for r in map(json.loads, (tmp_path / k / "metrics.jsonl").read_text().splitlines())
                if r.get("kind") == "train"] for k in ("whole", "cut")]
     assert losses[0] == losses[1][-4:] or losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("follow_ups", [1, 3])
+def test_follow_up_questions_each_have_one_right_answer(models, follow_ups):
+    """With follow-ups, a document asks more questions of the same lines after its first answer: each answer
+    supervised, each the one right answer of the text before it, and unasked keys come first."""
+    from engram.probes.ruler_sampler import IGNORE, TaskSampler
+
+    d = models["data"]
+    tok = d.tokenizer
+    s = TaskSampler(tok, d.train, length=257, seq_len=256, batch_size=6, pad_id=d.pad_id, seed=1,
+                    drop_ids=(d.eos_id, d.pad_id), follow_ups=follow_ups, pairs=3, queries=1)
+    x_BT, y_BT = s.batch_at(2)
+    asked = 0
+    for b, (ex, follow) in enumerate(s.documents_at(2)):
+        assert R.verify(ex, tok) == ex.answer and 1 <= len(follow) + 1 <= follow_ups + 1
+        seq, want, seen = list(ex.ids), list(ex.answer_ids) + s.end_ids, [ex.answer]
+        seq += want
+        for q_ids, a_ids in follow:
+            prompt = seq + q_ids
+            answer = tok.decode(a_ids).strip()
+            assert R.verify(R.Example(ex.task, prompt, "", []), tok) == answer  # re-derived from the text alone
+            if ex.task == "mq-niah":  # three keys, one asked at a time: the follow-ups ask the others first
+                seen.append(answer)
+            seq = prompt + a_ids + s.end_ids
+            want += a_ids + s.end_ids
+            asked += 1
+        assert len(seq) <= 257 and x_BT[b, :len(seq) - 1].tolist() == seq[:-1]
+        kept = y_BT[b][y_BT[b] != IGNORE].tolist()
+        assert kept == want  # exactly the answers and their newlines are supervised
+        if ex.task == "mq-niah":
+            assert len(set(seen[:3])) == len(seen[:3])
+    assert asked >= 5 * follow_ups  # the reserve leaves room for the follow-ups in (nearly) every document
+    # the first question of every document is the evaluation's form, and follow_ups=0 is the plain sampler
+    plain = TaskSampler(tok, d.train, length=257, seq_len=256, batch_size=6, pad_id=d.pad_id, seed=1,
+                        drop_ids=(d.eos_id, d.pad_id), pairs=3, queries=1)
+    assert all(len(f) == 0 for _, f in plain.documents_at(2))
+    with pytest.raises(ValueError, match="follow-up questions keep"):
+        TaskSampler(tok, d.train, length=257, seq_len=256, batch_size=2, pad_id=d.pad_id, follow_ups=2,
+                    pairs=8, queries=4).batch_at(0)
+
+
+def test_follow_ups_need_answer_supervision(models, tmp_path, capsys):
+    argv = ["probe", "ruler-finetune", "--models", str(models["dirs"][0]), "--steps", "1", "--out", str(tmp_path),
+            "--no-progress", "--follow-ups", "2"]
+    assert main(argv) != 0
+    assert "--follow-ups" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    plan = F.Plan(R.TASKS, 128, 4, (0,), 4, 0, dict(pairs=2, queries=1, hops=1), supervise="answer", follow_ups=2)
+    cfg = F.finetune_config(models["dirs"][0], None, seed=0, steps=4)
+    assert F.task_sampler_factory(models["data"], plan, cfg)(0, 0).follow_ups == 2

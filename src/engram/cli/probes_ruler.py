@@ -121,7 +121,8 @@ def _ruler_finetune(args) -> int:
     out = _out(args)
     sizes = dict(pairs=args.pairs, queries=args.queries, hops=args.hops)
     plan = F.Plan(tuple(tasks), length, args.steps, tuple(dict.fromkeys(args.seeds)), args.examples, args.eval_seed,
-                  sizes, args.general_ratio, args.mix_count, tuple(args.set or ()), args.supervise)
+                  sizes, args.general_ratio, args.mix_count, tuple(args.set or ()), args.supervise,
+                  args.follow_ups)
     with _reading_user_input():
         record = F.run(args.models, out, plan, progress=not args.no_progress)
     record["trained_seq_len"] = trained
@@ -167,8 +168,11 @@ def _ruler_finetune(args) -> int:
                          f"warmup {max(1, args.steps // 20)} steps, init_from the model"
                          + (f", overrides {' '.join(args.set)}" if args.set else ""),
                          (f"training data: task documents of {length // 2}-{length} tokens, one per batch row, "
-                          f"drawn per step over the train split; loss on the answer and its newline only; runs "
-                          f"under runs/" if args.supervise == "answer" else
+                          f"drawn per step over the train split"
+                          + (f", each with {args.follow_ups} follow-up questions on the same lines"
+                             if args.follow_ups else "")
+                          + "; loss on the answers and their newlines only; runs under runs/"
+                          if args.supervise == "answer" else
                           f"mix per fine-tune: task documents of {length // 2}-{length} tokens plus general text of "
                           f"the model's corpus ({args.general_ratio:g} x the task characters), loss on every "
                           f"token; runs and mixes under runs/ and mix/"),
@@ -230,6 +234,9 @@ def add_parsers(ps, model_args, at_least) -> None:
                    help="all: train on every token of a mix of task documents and corpus text; answer: one task "
                         "document per batch row, the loss on its answer only (--general-ratio and --mix-count do "
                         "not apply)")
+    s.add_argument("--follow-ups", type=at_least(0), default=0,
+                   help="with --supervise answer: after its answer, each document asks this many more questions "
+                        "of the same lines (unasked keys first), every answer supervised (default: 0)")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -53,6 +53,19 @@ def _vt_lines(rng, hops: int) -> tuple[list[str], str, list[str]]:
     return lines, v1, chain
 
 
+def query_text(task: str, asked) -> str:
+    """The question that ends a prompt: mq-niah, the values of the keys ``asked``; vt, the variables that hold
+    the value ``asked``."""
+    if task == "mq-niah":
+        return f"\n# values of {', '.join(asked)}:"
+    return f"\n# variables equal to {asked}:"
+
+
+def assignments(text: str) -> list[tuple[str, str]]:
+    """The ``name = value`` lines of a decoded prompt, in order."""
+    return re.findall(r"(?m)^((?:key_|var_)\w+) = (\w+)$", text)
+
+
 def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs: int = 4, queries: int = 2,
                   hops: int = 1) -> Example:
     """One prompt of exactly ``length - len(answer_ids) - 1`` tokens (room to decode the answer and one more):
@@ -60,11 +73,11 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
     if task == "mq-niah":
         lines, truth = _needle_lines(rng, pairs)
         asked = list(rng.choice(list(truth), queries, replace=False))
-        query = f"\n# values of {', '.join(asked)}:"
+        query = query_text(task, asked)
         answer = " ".join(truth[k] for k in asked)
     elif task == "vt":
         lines, value, chain = _vt_lines(rng, hops)
-        query = f"\n# variables equal to {value}:"
+        query = query_text(task, value)
         answer = " ".join(chain)
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -90,7 +103,7 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
 def verify(ex: Example, tok) -> str:
     """Re-derive the one correct answer from the decoded prompt alone; raise if there is none or several."""
     text = tok.decode(ex.ids)
-    assigns = re.findall(r"(?m)^((?:key_|var_)\w+) = (\w+)$", text)
+    assigns = assignments(text)
     lhs = [a for a, _ in assigns]
     if len(set(lhs)) != len(lhs):
         raise ValueError("a name is assigned twice")

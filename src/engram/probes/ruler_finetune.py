@@ -48,6 +48,7 @@ class Plan:
     mix_count: int | None = None
     overrides: tuple[str, ...] = ()
     supervise: str = "all"  # "all": every token of a mix corpus; "answer": the answers of task documents only
+    follow_ups: int = 0  # with "answer": more questions per document after the first (ruler_sampler)
 
 
 def model_name(model_dir: str | Path, taken: Sequence[str] = ()) -> str:
@@ -165,7 +166,8 @@ def task_sampler_factory(bundle, plan: Plan, cfg) -> Callable:
     def make(seed: int, step: int) -> TaskSampler:
         return TaskSampler(bundle.tokenizer, bundle.train, length=plan.length, seq_len=cfg.train.seq_len,
                            batch_size=cfg.train.batch_size, pad_id=bundle.pad_id, seed=seed,
-                           step=step, tasks=plan.tasks, drop_ids=(bundle.eos_id, bundle.pad_id), **plan.sizes)
+                           step=step, tasks=plan.tasks, drop_ids=(bundle.eos_id, bundle.pad_id),
+                           follow_ups=plan.follow_ups, **plan.sizes)
     return make
 
 
@@ -194,6 +196,9 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
 
     for d in model_dirs:  # every fine-tune's config is valid before any work
         cfg = finetune_config(d, out / "mix", seed=0, steps=plan.steps, overrides=plan.overrides)
+        if plan.follow_ups and plan.supervise != "answer":
+            raise ValueError("--follow-ups asks more questions of answer-supervised documents: it needs "
+                             "--supervise answer")
         if plan.supervise == "answer" and plan.length > cfg.train.seq_len + 1:
             raise ValueError(f"--length {plan.length}: an answer-supervised document must fit one training window "
                              f"of train.seq_len {cfg.train.seq_len} (+1)")
@@ -240,8 +245,8 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
         models[name] = rec
     return {"length": plan.length, "tasks": list(plan.tasks), "steps": plan.steps, "seeds": list(plan.seeds),
             "examples": plan.examples, "eval_seed": plan.eval_seed, **plan.sizes, "general_ratio": plan.general_ratio,
-            "supervise": plan.supervise, "lr_fraction": LR_FRACTION, "overrides": list(plan.overrides),
-            "models": models}
+            "supervise": plan.supervise, "follow_ups": plan.follow_ups, "lr_fraction": LR_FRACTION,
+            "overrides": list(plan.overrides), "models": models}
 
 
 def verdict(record: dict) -> str:

@@ -10,6 +10,11 @@ padded on the right, with a target only on the answer and the newline that ends 
 ignore index, everywhere else): every gradient is a retrieval signal. Right padding needs no token mask,
 as every position that carries a target sees only the document before it.
 
+With ``follow_ups`` > 0 a document goes on after its answer with that many more questions about the same
+task lines (other keys, the other chain's value), each answer supervised: the lines and filler cost the
+same, the retrieval signal per row grows with the questions. The first question is the evaluation's
+form, so the evaluation prompt is a prefix of the training documents' form.
+
 Each batch is drawn from ``np.random.default_rng([MIX_STREAM, seed, step])``: it depends on (seed, step)
 alone, so a resumed fine-tune sees the batches it would have seen, and the filler is the *train* split of
 the model's corpus while the evaluation draws its filler from the validation split.
@@ -18,6 +23,8 @@ the model's corpus while the evaluation draws its filler from the validation spl
 # Shapes: B batch rows, T = seq_len positions.
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -28,13 +35,40 @@ from engram.probes.ruler_mix import MIX_STREAM, draw_example
 IGNORE = -100  # the cross-entropy's ignore index
 
 
-def supervised_row(ex: R.Example, end_ids: list[int]) -> tuple[list[int], list[int]]:
-    """``(inputs, targets)`` of one document (its prompt, answer and ``end_ids``): targets only where the next
-    token is part of the answer or of ``end_ids``."""
-    seq = list(ex.ids) + list(ex.answer_ids) + list(end_ids)
-    x, y = seq[:-1], seq[1:]
-    first = len(ex.ids) - 1  # the position that predicts the first answer token
-    return x, [IGNORE] * first + y[first:]
+def supervised_row(ex: R.Example, end_ids: list[int], follow=()) -> tuple[list[int], list[int]]:
+    """``(inputs, targets)`` of one document (its prompt, answer and ``end_ids``, then each follow-up's
+    question, answer and ``end_ids``): targets only where the next token is part of an answer or of the
+    ``end_ids`` after it."""
+    seq, keep = list(ex.ids), [False] * len(ex.ids)
+    for q_ids, a_ids in [([], ex.answer_ids), *follow]:
+        seq += list(q_ids) + list(a_ids) + list(end_ids)
+        keep += [False] * len(q_ids) + [True] * (len(a_ids) + len(end_ids))
+    x = seq[:-1]
+    return x, [t if k else IGNORE for t, k in zip(seq[1:], keep[1:], strict=True)]
+
+
+def follow_up(ex: R.Example, before: list[int], tok, rng, *, queries: int = 2, **_) -> tuple[list[int], list[int]]:
+    """One more question about the task lines of ``ex``, asked after the token ids ``before`` (the prompt, its
+    answers so far): ``(question_ids, answer_ids)``, the answer re-derived by :func:`ruler.verify` from the
+    whole text so far, so it is the one right answer."""
+    text = tok.decode(list(before))
+    env = R.assignments(text)
+    # Unasked keys (values) first: a question asked again could be answered by copying the earlier answer line.
+    seen = set(re.findall(r"# (?:values of|variables equal to) ([\w, ]+):", text))
+    seen = {w for q in seen for w in q.split(", ")}
+    if ex.task == "mq-niah":
+        pool = [k for k, v in env if k.startswith("key_") and v.isdigit()]
+        want = min(queries, len(pool))
+    else:
+        pool, want = [v for _, v in env if v.isdigit()], 1
+    fresh, old = [c for c in pool if c not in seen], [c for c in pool if c in seen]
+    picked = list(rng.permutation(fresh))[:want]
+    picked += list(rng.permutation(old))[:want - len(picked)]
+    picked = [str(c) for c in picked]
+    asked = R.query_text(ex.task, picked if ex.task == "mq-niah" else picked[0])
+    q_ids = list(tok.encode(asked))
+    answer = R.verify(R.Example(ex.task, list(before) + q_ids, "", []), tok)
+    return q_ids, list(tok.encode(" " + answer))
 
 
 class TaskSampler:
@@ -46,7 +80,7 @@ class TaskSampler:
     """
 
     def __init__(self, tok, filler: np.ndarray, *, length: int, seq_len: int, batch_size: int, pad_id: int,
-                 seed: int = 0, step: int = 0, tasks=R.TASKS, drop_ids=(), **sizes):
+                 seed: int = 0, step: int = 0, tasks=R.TASKS, drop_ids=(), follow_ups: int = 0, **sizes):
         if length > seq_len + 1:
             raise ValueError(f"documents of up to {length} tokens do not fit training windows of seq_len {seq_len}")
         if len(drop_ids):
@@ -55,24 +89,60 @@ class TaskSampler:
         self.batch_size, self.pad_id, self.tasks, self.sizes = int(batch_size), int(pad_id), tuple(tasks), sizes
         self.seed, self.step = int(seed), int(step)
         self.end_ids = list(tok.encode("\n"))
+        self.follow_ups = int(follow_ups)
+        # Room kept for the follow-ups: the longest question and answer a task can have, measured once.
+        self.reserve = self.follow_ups * max(self._qa_tokens(t) for t in self.tasks) if self.follow_ups else 0
+        if self.length - self.reserve < 8:
+            raise ValueError(f"documents of {self.length} tokens leave no room for a prompt and {self.follow_ups} "
+                             f"follow-up questions")
 
-    def examples_at(self, step: int) -> list[R.Example]:
-        """The documents of the batch at ``step`` (verified, each with exactly one right answer)."""
+    def _qa_tokens(self, task: str) -> int:
+        sz = {"pairs": 4, "queries": 2, "hops": 1, **self.sizes}
+        if task == "mq-niah":
+            keys = [f"key_{w}" for w in R._WORDS[:sz["queries"]]]
+            return len(self.tok.encode(R.query_text(task, keys) + " 999" * sz["queries"] + "\n")) + 2
+        names = " ".join(f"var_{w}" for w in R._WORDS[:sz["hops"] + 1])
+        return len(self.tok.encode(R.query_text(task, "999") + " " + names + "\n")) + 2
+
+    def documents_at(self, step: int) -> list[tuple[R.Example, list[tuple[list[int], list[int]]]]]:
+        """The documents of the batch at ``step``: each a verified example (exactly one right answer) and its
+        follow-up ``(question_ids, answer_ids)``."""
         rng = np.random.default_rng([MIX_STREAM, self.seed, int(step)])
         out = []
+        cap = self.length - len(self.end_ids) + 1 - self.reserve
         for i in range(self.batch_size):
             task = self.tasks[(int(step) * self.batch_size + i) % len(self.tasks)]
-            n = int(rng.integers(self.length // 2, self.length + 1)) - len(self.end_ids) + 1
-            out.append(draw_example(task, self.tok, self.filler, n, max(n, self.length - len(self.end_ids) + 1),
-                                    rng, **self.sizes))
+            n = int(rng.integers(self.length // 2, self.length + 1)) - len(self.end_ids) + 1 - self.reserve
+            try:
+                ex = draw_example(task, self.tok, self.filler, max(n, 1), max(n, cap), rng, **self.sizes)
+            except ValueError as e:
+                if not self.reserve:
+                    raise
+                raise ValueError(f"{e}; {self.follow_ups} follow-up questions keep {self.reserve} of the "
+                                 f"{self.length} tokens (fewer follow-ups, or fewer pairs)") from e
+            follow, before = [], ex.ids + ex.answer_ids + self.end_ids
+            for _ in range(self.follow_ups):
+                try:
+                    q_ids, a_ids = follow_up(ex, before, self.tok, rng, **self.sizes)
+                except ValueError:  # no question with exactly one right answer is left: end the document
+                    break
+                if len(before) + len(q_ids) + len(a_ids) + len(self.end_ids) > self.length:
+                    break
+                follow.append((q_ids, a_ids))
+                before = before + q_ids + a_ids + self.end_ids
+            out.append((ex, follow))
         return out
+
+    def examples_at(self, step: int) -> list[R.Example]:
+        """The first question of each document of the batch at ``step``: the evaluation's form."""
+        return [ex for ex, _ in self.documents_at(step)]
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_BT, y_BT)`` int64 of ``step``, without moving the sampler."""
         x_BT = torch.full((self.batch_size, self.seq_len), self.pad_id, dtype=torch.int64)
         y_BT = torch.full((self.batch_size, self.seq_len), IGNORE, dtype=torch.int64)
-        for b, ex in enumerate(self.examples_at(step)):
-            x, y = supervised_row(ex, self.end_ids)
+        for b, (ex, follow) in enumerate(self.documents_at(step)):
+            x, y = supervised_row(ex, self.end_ids, follow)
             x_BT[b, :len(x)] = torch.tensor(x)
             y_BT[b, :len(y)] = torch.tensor(y)
         return x_BT, y_BT
