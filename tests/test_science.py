@@ -91,6 +91,27 @@ def test_grid_errors():
 
 # ------------------------------------------------------------------------------------------- the sweep
 
+def test_a_sweep_plans_the_same_run_ids_in_every_clone(tmp_path, make_corpus, monkeypatch):
+    """Corpus paths inside the current directory are recorded relative to it: two clones at different
+    places plan the same run ids and write no path of the machine into the records they commit."""
+    ids = []
+    for clone in ("a", "deeper/b"):
+        root = tmp_path / clone
+        make_corpus(root / "corpus", n_files=3)
+        monkeypatch.chdir(root)
+        sweep_dir, specs = plan("sci", "alloc", "tiny", seeds=[0], data=["corpus"], out=lambda *_: None)
+        rec = json.loads((sweep_dir / "sweep.json").read_text())
+        assert rec["data"] == ["corpus"] and str(tmp_path) not in (sweep_dir / "sweep.json").read_text()
+        spec = json.loads((root / "sci" / "runs" / specs[0].run_id / "spec.json").read_text())
+        assert spec["config"]["data"]["data"] == ["corpus"]
+        ids.append([s.run_id for s in specs])
+    assert ids[0] == ids[1]
+    outside = tmp_path / "elsewhere"
+    make_corpus(outside, n_files=3)
+    _, specs = plan("sci", "alloc", "tiny", seeds=[0], data=[str(outside)], out=lambda *_: None)
+    assert specs[0].config.data.data == [str(outside.resolve())]  # outside the clone: absolute
+
+
 @pytest.mark.slow
 def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, monkeypatch):
     from engram.train.config import RunConfig

@@ -49,7 +49,15 @@ def prose_corpus(root: Path, out=print) -> list[str]:
         out(f"building the prose corpus from the manual pages into {dest} ...")
     m = build_man_corpus(dest)
     out(f"prose corpus: {m['pages']} manual pages, {m['bytes'] / 2**20:.1f} MiB ({dest})")
-    return [str(dest.resolve())]
+    return [str(dest)]
+
+
+def _portable(path: str | Path) -> str:
+    """A corpus path as the runs record it: relative to the current directory when inside it (a sweep run
+    from a clone's root then names, and hashes into its run ids, the same paths in every clone), else
+    absolute."""
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd().resolve())) if p.is_relative_to(Path.cwd().resolve()) else str(p)
 
 
 def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None,
@@ -60,8 +68,8 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
     root = Path(root)
     if experiment == "tokens" and not prose:
         prose = prose_corpus(root, out)
-    data = [str(Path(p).resolve()) for p in data] if data else None
-    prose = [str(Path(p).resolve()) for p in prose] if prose else None
+    data = [_portable(p) for p in data] if data else None
+    prose = [_portable(p) for p in prose] if prose else None
     for p in (data or []) + (prose or []):
         if not Path(p).exists():
             raise UserError(f"data path {p} does not exist")
