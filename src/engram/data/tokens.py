@@ -135,7 +135,41 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return win_BW[:, :-1].contiguous(), win_BW[:, 1:].contiguous()  # y is x shifted by one
 
 
-class BatchSampler:
+class StepSampler:
+    """What every training sampler shares: batches indexed by step, so ``next()`` is ``batch_at(step)`` then
+    one step on, and the state to resume is ``{"seed", "step"}``. Subclasses set ``seed`` and ``step`` and
+    define ``batch_at``."""
+
+    seed: int
+    step: int
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the current step; then advance one step."""
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: ``{"seed", "step"}``."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved step (the saved seed replaces the current one)."""
+        missing = {"seed", "step"} - set(state)
+        if missing:
+            raise KeyError(f"sampler state lacks {sorted(missing)}; got keys {sorted(state)}")
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+class BatchSampler(StepSampler):
     """Random training windows; the batch of step i depends only on (seed, i).
 
     Each batch holds `batch_size` windows of ``seq_len + 1`` tokens starting at offsets drawn by
@@ -160,28 +194,6 @@ class BatchSampler:
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of `step`, without changing the sampler's position."""
         return _windows(self.tokens, self.starts(step), self.seq_len)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of the current step; then advance one step."""
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: ``{"seed", "step"}``."""
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at the saved step (the saved seed replaces the current one)."""
-        missing = {"seed", "step"} - set(state)
-        if missing:
-            raise KeyError(f"sampler state lacks {sorted(missing)}; got keys {sorted(state)}")
-        self.seed, self.step = int(state["seed"]), int(state["step"])
 
 
 def val_batches(tokens: np.ndarray, batch_size: int, seq_len: int,

@@ -29,6 +29,7 @@ import re
 import numpy as np
 import torch
 
+from engram.data.tokens import StepSampler
 from engram.probes import ruler as R
 from engram.probes.ruler_mix import MIX_STREAM, draw_example
 
@@ -71,7 +72,7 @@ def follow_up(ex: R.Example, before: list[int], tok, rng, *, queries: int = 2, *
     return q_ids, list(tok.encode(" " + answer))
 
 
-class TaskSampler:
+class TaskSampler(StepSampler):
     """Batches of ``batch_size`` answer-supervised task documents in ``seq_len`` positions; the
     ``engram.data.BatchSampler`` interface (``next``, ``batch_at``, ``state_dict``), so a Trainer takes it.
 
@@ -146,19 +147,3 @@ class TaskSampler:
             x_BT[b, :len(x)] = torch.tensor(x)
             y_BT[b, :len(y)] = torch.tensor(y)
         return x_BT, y_BT
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
