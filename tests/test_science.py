@@ -191,10 +191,11 @@ def test_report_from_a_fake_sweep(tmp_path):
     abl = [(f"{a}-s{s}", {"ablation": a}, s, 3 + d + noise(), {}) for a, d in
            (("reference", 0), ("gate-fixed-1", 0.1), ("no-short-conv", 0.0005), ("hc4-per-branch", -0.01),
             ("hc4-shared-gate", 0.05)) for s in range(3)]
-    usage = {"table_usage": {"rows_touched_per_step": 5000.0, "updates_per_touched_row_median": 2.0,
-                             "rows_ever_touched_frac": 0.3}, "gates": {"1": {"mean": 0.4, "frac_above_half": 0.2}}}
+    def usage(t):  # the rows a step touches are fixed; the updates per row grow with the budget
+        return {"table_usage": {"rows_touched_per_step": 5000.0, "updates_per_touched_row_median": 2.0 * t / 1000,
+                                "rows_ever_touched_frac": 0.3}, "gates": {"1": {"mean": 0.4, "frac_above_half": 0.2}}}
     tok = [(f"{c}-{t}-{m}-s{s}", {"corpus": c, "tokens": t, "model": m}, s,
-            3 - (0.02 * math.log2(t / 1000) if m == "engram" else 0) + noise(), usage if m == "engram" else {})
+            3 - (0.02 * math.log2(t / 1000) if m == "engram" else 0) + noise(), usage(t) if m == "engram" else {})
            for c in ("default", "prose") for t in (1000, 2000, 4000, 8000) for m in ("moe", "engram") for s in range(3)]
     dirs = [_fake_sweep(tmp_path, e, r) for e, r in
             (("alloc", alloc), ("scaling", scaling), ("layers", layers), ("ablations", abl), ("tokens", tok))]
@@ -213,6 +214,10 @@ def test_report_from_a_fake_sweep(tmp_path):
     assert "| gate-fixed-1 | reference |" in md and "| hc4-shared-gate | hc4-per-branch |" in md
     assert "Resolved as hurting: gate-fixed-1, hc4-shared-gate" in md
     assert "no-short-conv" in md.split("Not resolved:")[1]
+    mech = md.split("Mechanism (default): ")[1].split("\n")[0]
+    assert mech.startswith("a step touches 5,000 rows at every budget")
+    assert "updated 2 times at 1,000 tokens and 16 at 8,000" in mech
+    assert "the mean gate goes 0.400 -> 0.400" in mech and "(more updates, more gain)" in mech
     assert "the gain widens with tokens" in md
 
 

@@ -216,4 +216,30 @@ def tokens(gains: list[dict]) -> str:
             f"; memory first pays (resolved) at {tokens_str(first['tokens'])} tokens." if first else
             "; never resolved in Engram's favour over these budgets."))
     out.append("Paper: the gap widens with training.")
+    out += [m for corpus in sorted({g["corpus"] for g in gains}) if (m := tokens_mechanism(gains, corpus))]
     return " ".join(out)
+
+
+def tokens_mechanism(gains: list[dict], corpus: str) -> str:
+    """Why the gain moves with the budget, in the measurements of the Engram runs: the table rows a step
+    touches (the same at every budget: they depend on the batch, not on training), so a larger budget means
+    more updates per row; how the gate opens or closes; and how the gain tracks updates per row (Pearson r
+    over the budgets). Empty when fewer than two budgets carry the measurements."""
+    gs = sorted((g for g in gains if g["corpus"] == corpus and "updates_median" in g), key=lambda g: g["tokens"])
+    if len(gs) < 2:
+        return ""
+    lo, hi = gs[0], gs[-1]
+    rows = [g["rows_touched_per_step"] for g in gs]
+    span = f"{min(rows):,.0f}" if round(min(rows)) == round(max(rows)) else f"{min(rows):,.0f}-{max(rows):,.0f}"
+    text = (f"Mechanism ({corpus}): a step touches {span} rows at every budget, so the "
+            f"median touched row is updated {lo['updates_median']:.0f} times at {tokens_str(lo['tokens'])} tokens and "
+            f"{hi['updates_median']:.0f} at {tokens_str(hi['tokens'])}")
+    if "gate_mean" in lo and "gate_mean" in hi:
+        text += f"; the mean gate goes {lo['gate_mean']:.3f} -> {hi['gate_mean']:.3f}"
+    x = np.log([g["updates_median"] for g in gs])
+    y = np.array([g["gain"] for g in gs])
+    if len(gs) >= 3 and x.std() > 0 and y.std() > 0:
+        r = float(np.corrcoef(x, y)[0, 1])
+        link = "more updates, more gain" if r < -0.5 else "more updates, less gain" if r > 0.5 else "no clear link"
+        text += f"; gain vs log(updates per row): r = {r:+.2f} ({link})"
+    return text + "."
