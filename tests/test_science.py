@@ -112,6 +112,24 @@ def test_a_sweep_plans_the_same_run_ids_in_every_clone(tmp_path, make_corpus, mo
     assert specs[0].config.data.data == [str(outside.resolve())]  # outside the clone: absolute
 
 
+def test_dry_run_and_status_change_no_file(tmp_path, make_corpus, monkeypatch, capsys):
+    from engram.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    make_corpus(tmp_path / "corpus", n_files=3)
+    base = ["sweep", "alloc", "--preset", "quick", "--data", "corpus", "--out", "sci"]
+    assert main([*base, "--dry-run"]) == 0 and not (tmp_path / "sci").exists()
+    assert "rho1.00-seed0" in capsys.readouterr().out
+    assert main([*base, "--status"]) == 0 and "not planned yet" in capsys.readouterr().out
+    plan("sci", "alloc", "quick", data=["corpus"], out=lambda *_: None)
+    files = sorted((tmp_path / "sci").rglob("*.json"))
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    assert main([*base, "--status"]) == 0
+    assert sorted((tmp_path / "sci").rglob("*.json")) == files
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
+    assert capsys.readouterr().out.startswith("done: 0")
+
+
 @pytest.mark.slow
 def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, monkeypatch):
     from engram.train.config import RunConfig

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 
 def _sweep(args) -> int:
-    from engram.science.sweep import plan, status, sweep
+    from engram.science.sweep import SWEEP_FILE, status, sweep
 
     args_given = [a for a in sys.argv[1:] if a not in ("--status", "--dry-run")]
     command = "engram " + shlex.join(args_given) if sys.argv[1:2] == ["sweep"] else None
-    if args.status:
-        sweep_dir, _ = plan(args.out, args.experiment, args.preset, seeds=args.seeds, data=args.data,
-                            prose=args.prose, command=command)
+    if args.status:  # reads the sweep as planned; changes no file
+        sweep_dir = Path(args.out) / f"{args.experiment}-{args.preset}"
+        if not (sweep_dir / SWEEP_FILE).is_file():
+            print(f"{sweep_dir}: not planned yet (run the sweep, or --dry-run to list its runs)")
+            return 0
         st = status(sweep_dir)
         for k, names in st.items():
             more = " ..." if len(names) > 6 else ""

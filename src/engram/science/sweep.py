@@ -61,8 +61,9 @@ def _portable(path: str | Path) -> str:
 
 
 def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None,
-         command: str | None = None, out=print) -> tuple[Path, list[RunSpec]]:
-    """Write the sweep's ``sweep.json`` and each run's ``spec.json`` (existing runs untouched)."""
+         command: str | None = None, out=print, write: bool = True) -> tuple[Path, list[RunSpec]]:
+    """Write the sweep's ``sweep.json`` and each run's ``spec.json`` (existing runs untouched); with
+    ``write=False`` only compute them (a dry run changes no file)."""
     from engram.train.run import git_sha, versions
 
     root = Path(root)
@@ -75,6 +76,8 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
             raise UserError(f"data path {p} does not exist")
     specs = build_grid(experiment, preset, seeds=seeds, data=data, prose=prose)
     sweep_dir = root / f"{experiment}-{preset}"
+    if not write:
+        return sweep_dir, specs
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rundirs = root / RUNS
     for spec in specs:
@@ -187,7 +190,7 @@ def sweep(experiment: str, preset: str, *, root="science", seeds=None, data=None
     """Plan and run a sweep (see the module docstring); the number of runs left unfinished."""
     try:
         sweep_dir, specs = plan(root, experiment, preset, seeds=seeds, data=data, prose=prose, command=command,
-                                out=out)
+                                out=out, write=not dry_run)
     except ConfigError:
         raise
     if dry_run:
