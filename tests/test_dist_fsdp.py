@@ -147,7 +147,16 @@ def test_fsdp_run_matches_ddp_run(env, capsys, monkeypatch):
     want, got = params(ddp), params(fsdp)
     assert got.keys() == want.keys()
     for k, v in got.items():
-        torch.testing.assert_close(v, want[k], rtol=0, atol=SAME_ATOL, msg=k)
+        if "engram.table" in k:
+            # The two modes sum gradients in another order (reduce-scatter vs all-reduce), ~1e-7 apart, and
+            # Adam divides by sqrt(v): on a row whose few gradients are near zero it amplifies that difference.
+            # A handful of elements differ (about 0.05% here, at most 2e-5), while a sharding bug (a row updated
+            # twice, or not at all) moves whole rows by about the tables' learning rate.
+            diff = (v - want[k]).abs()
+            far = diff > SAME_ATOL
+            assert far.float().mean().item() < 2e-3 and diff.max().item() < 1e-4, (k, far.sum().item(), diff.max())
+        else:
+            torch.testing.assert_close(v, want[k], rtol=0, atol=SAME_ATOL, msg=k)
     meta = json.loads((fsdp / "meta.json").read_text())
     assert meta["starts"][0]["backbone_parallel"] == "fsdp" and meta["starts"][0]["world_size"] == 2
     assert json.loads((fsdp / "summary.json").read_text())["params"] == \
