@@ -55,8 +55,7 @@ def follow_up(ex: R.Example, before: list[int], tok, rng, *, queries: int = 2, *
     text = tok.decode(list(before))
     env = R.assignments(text)
     # Unasked keys (values) first: a question asked again could be answered by copying the earlier answer line.
-    seen = set(re.findall(r"# (?:values of|variables equal to) ([\w, ]+):", text))
-    seen = {w for q in seen for w in q.split(", ")}
+    seen = {w for q in re.findall(r"# (?:values of|variables equal to) ([\w, ]+):", text) for w in q.split(", ")}
     if ex.task == "mq-niah":
         pool = [k for k, v in env if k.startswith("key_") and v.isdigit()]
         want = min(queries, len(pool))

@@ -56,8 +56,8 @@ def _portable(path: str | Path) -> str:
     """A corpus path as the runs record it: relative to the current directory when inside it (a sweep run
     from a clone's root then names, and hashes into its run ids, the same paths in every clone), else
     absolute."""
-    p = Path(path).resolve()
-    return str(p.relative_to(Path.cwd().resolve())) if p.is_relative_to(Path.cwd().resolve()) else str(p)
+    p, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
 
 
 def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None,
