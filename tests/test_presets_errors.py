@@ -4,6 +4,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import given
@@ -366,3 +367,25 @@ def test_atomic_writes_keep_a_bug_a_bug(tmp_path):
         tmp.write_bytes(b"partial")
         raise bug
     assert exc.value is bug and not cli.is_user_error(exc.value) and list(tmp_path.iterdir()) == []
+
+
+def test_a_write_removes_the_temporaries_of_killed_writers_only(tmp_path):
+    """A kill -9 mid-write leaves ``<path>.tmp-<pid>``; the next write of that path deletes it once its writer
+    is gone and it is old, and keeps a live writer's, a fresh one, and other files' temporaries."""
+    from engram.atomic import STALE_TEMP_S, atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    path = tmp_path / "table.bin"
+    old = time.time() - 2 * STALE_TEMP_S
+    stale = tmp_path / f"table.bin.tmp-{dead_pid}"
+    fresh = tmp_path / f"table.bin.tmp-{dead_pid}0"  # a pid that is (almost surely) not running, but new
+    live = tmp_path / f"table.bin.tmp-{os.getppid()}"
+    other = tmp_path / f"other.bin.tmp-{dead_pid}"
+    for p in (stale, fresh, live, other):
+        p.write_bytes(b"half a table")
+    for p in (stale, live, other):
+        os.utime(p, (old, old))
+    atomic_write(path, b"whole")
+    assert path.read_bytes() == b"whole"
+    assert not stale.exists() and fresh.exists() and live.exists() and other.exists()

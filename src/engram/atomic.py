@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "fsync_dir", "replace_dir", "write_json_atomic"]
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "remove_stale_temps", "replace_dir", "write_json_atomic"]
 
 
 def fsync_dir(d: str | os.PathLike) -> None:
@@ -44,7 +44,8 @@ def atomic_path(path: str | os.PathLike, *, fsync_file: bool = True) -> Iterator
     """Yield a temporary path ``<path>.tmp-<pid>`` beside ``path``; when the block ends without an
     exception the temporary file is flushed (unless the writer did, ``fsync_file=False``), renamed over
     ``path`` and the directory flushed. For writers that want a file name (``safetensors.save_file``,
-    ``np.lib.format.open_memmap``, ``os.open``). Stale ``*.tmp-<pid>`` files of killed writers may be deleted."""
+    ``np.lib.format.open_memmap``, ``os.open``). Once the new file is in place, temporary files that
+    killed writers left beside ``path`` are removed (:func:`remove_stale_temps`)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -60,6 +61,51 @@ def atomic_path(path: str | os.PathLike, *, fsync_file: bool = True) -> Iterator
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+    remove_stale_temps(path)
+
+
+# A temporary file this old whose writer's pid is gone is a killed writer's. The age guard keeps a writer on
+# another host of a shared file system (whose pid means nothing here) safe while it writes.
+STALE_TEMP_S = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists under another user, or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike, *, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Delete ``<path>.tmp-<pid>`` files left by writers that were killed mid-write (their pid is not
+    running and the file is older than ``older_than_s``); return what was deleted. A kill -9 or a power
+    cut skips the writer's own clean-up, and a large table's half-written temporary would otherwise hold
+    its disk space for good."""
+    import glob
+    import time
+
+    path = Path(path)
+    removed, now = [], time.time()
+    try:
+        candidates = list(path.parent.glob(f"{glob.escape(path.name)}.tmp-*"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            if now - tmp.lstat().st_mtime < older_than_s:
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone already (another writer cleaned it) or not ours to delete
+            continue
+    return removed
+
 
 
 _RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
