@@ -236,7 +236,7 @@ def add_parsers(ps, model_args, at_least) -> None:
                         "not apply)")
     s.add_argument("--follow-ups", type=at_least(0), default=0,
                    help="with --supervise answer: after its answer, each document asks this many more questions "
-                        "of the same lines (unasked keys first), every answer supervised (default: 0)")
+                        "of the same lines (unasked keys first), every answer supervised")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
