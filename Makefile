@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean science-quick science-full
+.PHONY: demo test lint bench install clean science-quick science-full report
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,14 @@ science-quick: $(STAMP)
 
 science-full: $(STAMP)
 	for e in $(EXPERIMENTS); do $(BIN)/engram sweep $$e --preset full --out $(SCIENCE) || exit 1; done
-	$(BIN)/engram report $(foreach e,$(EXPERIMENTS),$(SCIENCE)/$(e)-full) --out $(SCIENCE)
+	$(MAKE) report
+
+# benchmarks/science/REPORT.md as committed: both tiers of every sweep and the demo models' probes.
+PROBES := gates engram moe lens cka collisions collisions-demo-preset ruler-engram ruler-moe ruler-finetune \
+	ruler-finetune-600-engram ruler-finetune-600-moe
+report: $(STAMP)
+	$(BIN)/engram report $(foreach t,quick full,$(foreach e,$(EXPERIMENTS),$(SCIENCE)/$(e)-$(t))) \
+		$(foreach p,$(PROBES),$(SCIENCE)/probes-demo/$(p)) --out $(SCIENCE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
