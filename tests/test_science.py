@@ -176,6 +176,26 @@ def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, mo
     assert "0 to train" in lines[0]
 
 
+def test_a_sweep_trains_started_runs_first_then_seed_by_seed(tmp_path):
+    """A sweep stopped part-way leaves whole seeds (each Engram run with its MoE pair), and a resumed one
+    finishes what it began before starting anything new."""
+    from engram.science.sweep import queue
+
+    d = tmp_path / "tokens-x"
+    d.mkdir()
+    names = [f"x{b}-{m}-seed{s}" for b in (1, 2) for m in ("moe", "engram") for s in (0, 1, 2)]
+    runs = [{"name": n, "seed": int(n[-1]), "run": f"../runs/{n}"} for n in names]
+    (d / "sweep.json").write_text(json.dumps({"runs": runs}))
+    for n in names:
+        (tmp_path / "runs" / n).mkdir(parents=True)
+    (tmp_path / "runs" / "x1-moe-seed0" / RESULT).write_text("{}")  # done
+    (tmp_path / "runs" / "x2-engram-seed2" / "config.json").write_text("{}")  # started
+    order = [n for n, _ in queue(d)]
+    assert order == ["x2-engram-seed2", "x1-engram-seed0", "x2-moe-seed0", "x2-engram-seed0",
+                     "x1-moe-seed1", "x1-engram-seed1", "x2-moe-seed1", "x2-engram-seed1",
+                     "x1-moe-seed2", "x1-engram-seed2", "x2-moe-seed2"]
+
+
 # ------------------------------------------------------------------------------------------- the report
 
 def _fake_sweep(root, experiment, runs, seeds=(0, 1, 2)):

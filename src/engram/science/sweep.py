@@ -8,8 +8,8 @@ Layout under the sweep root (``--out``, default ``science/``)::
 
 A run's id hashes its whole config, so experiments that share a point share its run (trained once). Run
 the same command again to continue: finished runs are skipped, interrupted ones resume from their last
-checkpoint. Every run uses `SWEEP_THREADS` intra-op threads whatever ``--jobs`` is, so a figure does not
-depend on how many runs shared the machine.
+checkpoint (first), and the rest train seed by seed (:func:`queue`). Every run uses `SWEEP_THREADS`
+intra-op threads whatever ``--jobs`` is, so a figure does not depend on how many runs shared the machine.
 """
 
 from __future__ import annotations
@@ -116,23 +116,36 @@ def status(sweep_dir: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def queue(sweep_dir: str | Path) -> list[tuple[str, Path]]:
+    """The unfinished runs of a sweep in the order they train: runs already started first (their
+    checkpoints hold work), then the rest seed by seed, each seed in the plan's order. A sweep cut short
+    so leaves whole seeds, every point with its pair, rather than every seed of the early points and
+    unpaired runs at the last one."""
+    sweep_dir = Path(sweep_dir)
+    rec = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    todo, seen = [], set()
+    for i, r in enumerate(rec["runs"]):
+        d = (sweep_dir / r["run"]).resolve()
+        if d in seen or (d / RESULT).is_file():
+            continue
+        seen.add(d)
+        started = (d / "config.json").is_file()
+        todo.append((not started, r.get("seed", 0), i, r["name"], d))
+    return [(name, d) for *_, name, d in sorted(todo)]
+
+
 def execute(sweep_dir: str | Path, *, jobs: int | None = None, out=print, max_runs: int | None = None) -> int:
     """Train every unfinished run of the sweep, ``jobs`` worker processes at a time; returns the number
     of runs that did not finish (0 when the sweep is complete)."""
     sweep_dir = Path(sweep_dir)
     rec = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    todo, seen = [], set()
-    for r in rec["runs"]:
-        d = (sweep_dir / r["run"]).resolve()
-        if d in seen or (d / RESULT).is_file():
-            continue
-        seen.add(d)
-        todo.append((r["name"], d))
+    todo = queue(sweep_dir)
+    n_left = len(todo)
     if max_runs is not None:
         todo = todo[:max_runs]
     jobs = jobs or default_jobs()
     n_all = len({(sweep_dir / r["run"]).resolve() for r in rec["runs"]})
-    out(f"{sweep_dir.name}: {n_all - len(seen)} of {n_all} runs done, {len(todo)} to train, {jobs} at a time")
+    out(f"{sweep_dir.name}: {n_all - n_left} of {n_all} runs done, {len(todo)} to train, {jobs} at a time")
     _warm_data(rec, out)
     env = {**os.environ, "OMP_NUM_THREADS": str(SWEEP_THREADS), "MKL_NUM_THREADS": str(SWEEP_THREADS),
            "ENGRAM_SWEEP_THREADS": str(SWEEP_THREADS)}
