@@ -78,6 +78,18 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_notice_and_stays_exact(env,
     assert losses(run) == env["want"]  # bit-identical to the uninterrupted run, every step
 
 
+def test_a_stop_during_the_last_step_finishes_and_a_resume_at_the_end_reports_the_final_loss(env, tmp_path):
+    """Ctrl-C that lands after the last step's work (say, in its evaluation) leaves a finished run, not an
+    interrupted one; and resuming a run whose checkpoint is its last step trains nothing but still reports the
+    final model's validation loss (a sweep's result needs it)."""
+    run = tmp_path / "run"
+    res = stop_after(Trainer(cfg_for(env), run, data=env["data"], progress=False), 24).train()
+    assert res.status == "finished" and res.step == 24 and res.val_loss is not None
+    again = resume(env, run).train()
+    assert again.status == "finished" and again.step == 24 and again.val_loss == res.val_loss
+    assert losses(run) == env["want"]
+
+
 def test_dtype_auto_is_resolved_once_and_reused(env, tmp_path, monkeypatch):
     """The probe may answer differently on the next start (another load, another machine): the run keeps its dtype."""
     real = trainer_mod.resolve_dtype

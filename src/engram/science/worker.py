@@ -127,6 +127,8 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
         res = trainer.train()
         if res.status != "finished":
             return None
+        if res.val_loss is None:  # a result is its validation loss: never write one without it
+            raise RuntimeError(f"{run_dir}: training finished without a validation loss")
         usage = table_usage(trainer.model, trainer.sampler, trainer.cfg.train.steps)
         gates = gate_stats(trainer.model, trainer.val)
         result = {"format": "engram-sweep-run-1", "name": spec.get("name"), "val_loss": res.val_loss,

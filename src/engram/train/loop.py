@@ -161,7 +161,8 @@ class TrainLoop:
                                      tokens_per_s=tok_s, mfu=mfu(flops_per_token, tok_s, peak))
                     if self.is_main:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f} | {tok_s:,.0f} tok/s")
-                stop = self._should_stop()
+                # A stop asked for after the last step's work (say, during its evaluation) finds the run done.
+                stop = self._should_stop() and self.step < tc.steps
                 if at_ckpt or stop:
                     self._read_pending()
                     self._write_pending()
@@ -176,6 +177,10 @@ class TrainLoop:
             signal.signal(signal.SIGINT, prev)
             self.metrics.close()
         tok_s = self.tokens / max(self.elapsed, 1e-9)
+        if status == "finished" and val_loss is None:
+            # Resumed from a checkpoint of the last step: nothing left to train, but the result still
+            # reports the final model's validation loss (the same weights give the same number).
+            val_loss = self.evaluate()
         if status == "finished":
             self.save_model(self.run_dir / "model")
         res = TrainResult(status, self.step, self.tokens, val_loss, tok_s, self.run_dir, params,
