@@ -9,9 +9,11 @@ raises the OSError (naming the file), whatever the writer wrapped it in.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,9 +86,6 @@ def remove_stale_temps(path: str | os.PathLike, *, older_than_s: float = STALE_T
     running and the file is older than ``older_than_s``); return what was deleted. A kill -9 or a power
     cut skips the writer's own clean-up, and a large table's half-written temporary would otherwise hold
     its disk space for good."""
-    import glob
-    import time
-
     path = Path(path)
     removed, now = [], time.time()
     try:

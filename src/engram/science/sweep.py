@@ -169,8 +169,8 @@ def execute(sweep_dir: str | Path, *, jobs: int | None = None, out=print, max_ru
                 if p.poll() is None:
                     continue
                 running.remove(item)
-                res = json.loads((d / RESULT).read_text()) if p.returncode == 0 and (d / RESULT).is_file() else {}
-                if res.get("val_loss") is not None:
+                if p.returncode == 0 and (d / RESULT).is_file():  # the worker writes no result without a loss
+                    res = json.loads((d / RESULT).read_text())
                     out(f"  done {name}: val loss {res['val_loss']:.4f} ({(time.time() - t0) / 60:.1f} min)")
                 else:
                     failed += 1
