@@ -130,6 +130,35 @@ def test_dry_run_and_status_change_no_file(tmp_path, make_corpus, monkeypatch, c
     assert capsys.readouterr().out.startswith("done: 0")
 
 
+def test_a_sweep_on_another_corpus_gets_its_own_folder(tmp_path, make_corpus, monkeypatch, capsys):
+    """`--data` plans into ``<experiment>-<preset>-<corpus>-<hash>``: the default corpus's record is left as it
+    was, two corpora named alike stay apart, and a folder holding another corpus's sweep is refused."""
+    from engram.cli import main
+    from engram.config import UserError
+    from engram.science.sweep import sweep_name
+
+    monkeypatch.chdir(tmp_path)
+    for d in ("prose", "other/prose"):
+        make_corpus(tmp_path / d, n_files=3)
+    quiet = lambda *_: None  # noqa: E731
+    default_dir, _ = plan("sci", "alloc", "tiny", seeds=[0], out=quiet)
+    before = (default_dir / "sweep.json").read_bytes()
+    prose_dir, _ = plan("sci", "alloc", "tiny", seeds=[0], data=["prose"], out=quiet)
+    other_dir, _ = plan("sci", "alloc", "tiny", seeds=[0], data=["other/prose"], out=quiet)
+    assert default_dir.name == "alloc-tiny" and prose_dir.name.startswith("alloc-tiny-prose-")
+    assert len({default_dir, prose_dir, other_dir}) == 3
+    assert (default_dir / "sweep.json").read_bytes() == before
+    assert json.loads((prose_dir / "sweep.json").read_text())["data"] == ["prose"]
+    assert sweep_name("alloc", "tiny", [str(tmp_path / "prose")]) == prose_dir.name  # absolute or relative alike
+    assert main(["sweep", "alloc", "--preset", "quick", "--data", "prose", "--out", "sci", "--status"]) == 0
+    assert "not planned yet" in capsys.readouterr().out  # the quick preset's own folder, not the tiny one's
+    rec = json.loads((prose_dir / "sweep.json").read_text())
+    rec["data"] = ["elsewhere"]
+    (prose_dir / "sweep.json").write_text(json.dumps(rec))
+    with pytest.raises(UserError, match="holds a sweep on data"):
+        plan("sci", "alloc", "tiny", seeds=[0], data=["prose"], out=quiet)
+
+
 @pytest.mark.slow
 def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, monkeypatch):
     from engram.train.config import RunConfig
@@ -198,21 +227,21 @@ def test_a_sweep_trains_started_runs_first_then_seed_by_seed(tmp_path):
 
 # ------------------------------------------------------------------------------------------- the report
 
-def _fake_sweep(root, experiment, runs, seeds=(0, 1, 2)):
-    d = root / f"{experiment}-fake"
+def _fake_sweep(root, experiment, runs, seeds=(0, 1, 2), folder=None, data=None):
+    d = root / (folder or f"{experiment}-fake")
     d.mkdir(parents=True)
     entries = []
     for i, (name, point, seed, loss, extra) in enumerate(runs):
-        rd = root / "runs" / f"r{experiment}{i}"
+        rd = root / "runs" / f"r{d.name}{i}"
         rd.mkdir(parents=True)
         res = {"val_loss": loss, "tokens": point.get("tokens", 1000), "tokens_per_s": 1.0, "params": {
             "total": 100, "activated_per_token": 10, "memory": 5}, **extra}
         (rd / RESULT).write_text(json.dumps(res))
         entries.append({"name": name, "point": point, "seed": seed, "corpus": point.get("corpus", "default"),
-                        "run": f"../runs/r{experiment}{i}"})
+                        "run": f"../runs/r{d.name}{i}"})
     entries.append({"name": "unfinished", "point": dict(runs[0][1]), "seed": 9, "run": "../runs/none"})
     (d / "sweep.json").write_text(json.dumps({"experiment": experiment, "preset": "fake", "git_sha": "abc",
-                                              "command": f"engram sweep {experiment}", "data": None,
+                                              "command": f"engram sweep {experiment}", "data": data,
                                               "seeds": list(seeds), "runs": entries}))
     return d
 
@@ -257,6 +286,19 @@ def test_report_from_a_fake_sweep(tmp_path):
     assert "updated 2 times at 1,000 tokens and 16 at 8,000" in mech
     assert "the mean gate goes 0.400 -> 0.400" in mech and "(more updates, more gain)" in mech
     assert "the gain widens with tokens" in md
+
+
+def test_report_keeps_a_sweep_per_corpus_apart(tmp_path):
+    """Two alloc sweeps, the default corpus and another: each its own CSV, plot and section."""
+    runs = [(f"rho{r}-s{s}", {"rho": r, "model": "moe" if r == 1 else "engram"}, s, 3 + r + 0.01 * s, {})
+            for r in (1.0, 0.8) for s in range(2)]
+    a = _fake_sweep(tmp_path, "alloc", runs, seeds=(0, 1))
+    b = _fake_sweep(tmp_path, "alloc", [(n, p, s, loss + 1, x) for n, p, s, loss, x in runs], seeds=(0, 1),
+                    folder="alloc-fake-prose-abc123", data=["corpora/prose"])
+    md = report.build_report([a, b], tmp_path / "out", out=lambda *_: None).read_text()
+    assert "(fake)\n" in md and "(fake, prose)\n" in md and "- data: corpora/prose" in md
+    csv_a, csv_b = ((tmp_path / "out" / f"{d.name}.csv").read_text() for d in (a, b))
+    assert csv_a != csv_b and (tmp_path / "out" / "alloc-fake-prose-abc123.png").is_file()
 
 
 def test_verdicts_need_two_standard_errors():

@@ -8,12 +8,12 @@ from pathlib import Path
 
 
 def _sweep(args) -> int:
-    from engram.science.sweep import SWEEP_FILE, status, sweep
+    from engram.science.sweep import SWEEP_FILE, status, sweep, sweep_name
 
     args_given = [a for a in sys.argv[1:] if a not in ("--status", "--dry-run")]
     command = "engram " + shlex.join(args_given) if sys.argv[1:2] == ["sweep"] else None
     if args.status:  # reads the sweep as planned; changes no file
-        sweep_dir = Path(args.out) / f"{args.experiment}-{args.preset}"
+        sweep_dir = Path(args.out) / sweep_name(args.experiment, args.preset, args.data)
         if not (sweep_dir / SWEEP_FILE).is_file():
             print(f"{sweep_dir}: not planned yet (run the sweep, or --dry-run to list its runs)")
             return 0

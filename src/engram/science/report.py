@@ -110,10 +110,12 @@ def section(rec: dict, out_dir: Path) -> str:
     """Write the sweep's CSV and plot into ``out_dir``; return its REPORT.md section."""
     exp = rec["experiment"]
     rs = rows(rec)
-    name = f"{exp}-{rec['preset']}"
+    # the sweep folder's name: a sweep on another corpus (--data) has its own, so its files do not collide
+    name = Path(rec["dir"]).name if rec.get("dir") else f"{exp}-{rec['preset']}"
     write_csv(rs, out_dir / f"{name}.csv")
     missing = [r["name"] for r in rec["runs"] if r["result"] is None]
-    head = [f"## {TITLES.get(exp, exp)} ({rec['preset']})", "",
+    on = f", {Path(rec['data'][0]).name}" if rec.get("data") else ""
+    head = [f"## {TITLES.get(exp, exp)} ({rec['preset']}{on})", "",
             f"- command: `{rec['command']}`",
             f"- git SHA: `{rec.get('git_sha_first') or rec.get('git_sha')}` (sweep planned {rec.get('created')})",
             f"- data: {', '.join(rec['data']) if rec.get('data') else 'the Python standard library source (default)'}"

@@ -4,6 +4,7 @@ Layout under the sweep root (``--out``, default ``science/``)::
 
     ROOT/runs/<run_id>/            one training run: spec.json, the trainer's files, result.json when done
     ROOT/<experiment>-<preset>/sweep.json   the grid: command, git SHA, data, seeds, and each run's point + id
+    ROOT/<experiment>-<preset>-<corpus>/    the same with ``--data``: one folder per corpus, none overwritten
     ROOT/corpora/man-pages/        the prose corpus, built once when the tokens experiment needs it
 
 A run's id hashes its whole config, so experiments that share a point share its run (trained once). Run
@@ -60,6 +61,22 @@ def _portable(path: str | Path) -> str:
     return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
 
 
+def sweep_name(experiment: str, preset: str, data=None) -> str:
+    """The sweep's folder name: ``<experiment>-<preset>`` on the default corpus; with ``data`` a suffix of the
+    corpus's folder or file name and a hash of its recorded paths, so a sweep on another corpus never reuses
+    (and overwrites) the default corpus's record, and two corpora that share a folder name stay apart."""
+    import hashlib
+    import re
+
+    base = f"{experiment}-{preset}"
+    if not data:
+        return base
+    paths = [_portable(p) for p in data]
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(paths[0]).stem or "data").strip("-.")[:32] or "data"
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:6]
+    return f"{base}-{label}-{digest}"
+
+
 def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None,
          command: str | None = None, out=print, write: bool = True) -> tuple[Path, list[RunSpec]]:
     """Write the sweep's ``sweep.json`` and each run's ``spec.json`` (existing runs untouched); with
@@ -75,7 +92,14 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
         if not Path(p).exists():
             raise UserError(f"data path {p} does not exist")
     specs = build_grid(experiment, preset, seeds=seeds, data=data, prose=prose)
-    sweep_dir = root / f"{experiment}-{preset}"
+    sweep_dir = root / sweep_name(experiment, preset, data)
+    old = sweep_dir / SWEEP_FILE
+    if old.is_file():  # a folder planned before per-corpus names, or edited by hand: never mix two corpora
+        prev = json.loads(old.read_text())
+        if prev.get("data") != data or (prev.get("prose") and prose and prev["prose"] != prose):
+            raise UserError(f"{sweep_dir} holds a sweep on data {prev.get('data') or 'default'}"
+                            f"{', prose ' + str(prev['prose']) if prev.get('prose') else ''}; this one is on "
+                            f"{data or 'default'}{', prose ' + str(prose) if prose else ''}: use another --out")
     if not write:
         return sweep_dir, specs
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +118,6 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
               "seeds": sorted({s.seed for s in specs}), "threads": SWEEP_THREADS,
               "runs": [{"name": s.name, "point": s.point, "seed": s.seed, "corpus": s.corpus,
                         "run": f"../{RUNS}/{s.run_id}"} for s in specs]}
-    old = sweep_dir / SWEEP_FILE
     if old.is_file():
         prev = json.loads(old.read_text())
         record["created"] = prev.get("created", record["created"])
