@@ -49,7 +49,7 @@ def test_mix_documents_each_hold_one_verifiable_task(models, tmp_path):
     texts = _texts(tmp_path / M.TASKS_FILE)
     assert len(texts) == rec["count"] == 24 and M.read_mix(tmp_path) == rec
     assert 64 <= rec["tokens_min"] <= rec["tokens_max"] <= 128
-    seen = {t: 0 for t in R.TASKS}
+    seen = {t: 0 for t in R.DEFAULT_TASKS}
     for text in texts:
         assert text.endswith("\n") and text.count("\n") >= 6  # the lines, the query, the answer's newline
         prompt, answer = text.rstrip("\n").rsplit(":", 1)
@@ -61,7 +61,7 @@ def test_mix_documents_each_hold_one_verifiable_task(models, tmp_path):
         assert len(tok.encode(text)) <= 128 + 8  # a window of --length tokens (about) holds it
         assert tok.decode([d.eos_id]) not in text
     assert seen == {"mq-niah": 12, "vt": 12}  # the tasks in turn
-    again = M.task_documents(tok, d.train, 128, 24, 3, R.TASKS, drop_ids=drop, pairs=4, queries=2, hops=1)
+    again = M.task_documents(tok, d.train, 128, 24, 3, R.DEFAULT_TASKS, drop_ids=drop, pairs=4, queries=2, hops=1)
     assert [M.document_text(e, tok) for e in again] == texts  # seeded
 
 
@@ -81,7 +81,7 @@ def test_no_evaluation_prompt_is_trained_on(models, seed):
 
     def task(ids):
         text = tok.decode(ids)
-        return tuple(re.findall(r"(?m)^(?:key_|var_)\w+ = \w+$|^# .*:$", text))
+        return tuple(re.findall(r"(?m)^(?:key_|var_)\w+ = \w+$|^# .*:$|^key_\w+ =$", text))
 
     assert not {task(e.ids) for e in evals} & {task(e.ids) for e in mix}
     assert len({task(e.ids) for e in evals}) == len(evals)  # the signature tells prompts apart
@@ -123,8 +123,8 @@ def test_finetune_command_runs_end_to_end(models, tmp_path, capsys):
                 cfg = json.loads((out / "runs" / f"{name}-seed{seed}" / "config.json").read_text())
                 assert cfg["train"]["init_from"] == str(models["dirs"][0 if name == "engram" else 1].resolve())
                 assert cfg["train"]["steps"] == 4 and cfg["train"]["seed"] == int(seed)
-                assert not r["reused"] and set(r["accuracy"]) == set(R.TASKS)
-            for t in R.TASKS:
+                assert not r["reused"] and set(r["accuracy"]) == set(R.DEFAULT_TASKS)
+            for t in R.DEFAULT_TASKS:
                 s = m["summary"][t]
                 accs = [r["accuracy"][t] for r in m["runs"].values()]
                 assert s["mean"] == pytest.approx(np.mean(accs))
@@ -140,6 +140,32 @@ def test_finetune_command_runs_end_to_end(models, tmp_path, capsys):
         assert [m["runs"]["1"]["accuracy"] for m in again["models"].values()] == \
             [m["runs"]["1"]["accuracy"] for m in rec["models"].values()]
         assert report.count("## RULER") == (out / "REPORT.md").read_text().count("## RULER") == 1
+
+
+def test_a_preset_sets_its_options_and_the_command_line_wins():
+    from engram.cli import build_parser
+    from engram.cli.probes import _command
+    from engram.cli.probes_ruler import FINETUNE_DEFAULTS, _resolve_preset
+
+    def resolve(*extra):
+        args = build_parser().parse_args(["probe", "ruler-finetune", "--models", "m", "--out", "o", *extra])
+        shown = _resolve_preset(args)
+        return args, _command(shown, ["probe", "ruler-finetune"])
+
+    args, cmd = resolve()  # no preset: the plain defaults, each named in the command
+    assert all(getattr(args, k) == v for k, v in FINETUNE_DEFAULTS.items())
+    assert "--steps 300" in cmd and "--preset" not in cmd
+    args, cmd = resolve("--preset", "retrieval", "--steps", "7", "--set", "train.batch_size=4", "--set",
+                        "train.lr=1e-3")
+    want = F.PRESETS["retrieval"]
+    assert (args.tasks, args.follow_ups, args.supervise, args.length) == (
+        want["tasks"], want["follow_ups"], want["supervise"], want["length"])
+    assert args.steps == 7 and args.set == [*want["set"], "train.batch_size=4", "train.lr=1e-3"]  # ours win
+    assert args.examples == FINETUNE_DEFAULTS["examples"]  # what the preset leaves alone keeps its default
+    assert "--preset retrieval" in cmd and "--steps 7" in cmd and "--tasks" not in cmd
+    assert "--set train.batch_size=4 --set train.lr=1e-3" in cmd  # a repeatable option, once per value
+    again, _ = resolve(*cmd.split()[3:])  # the recorded command resolves to the same options
+    assert vars(again) == vars(args)
 
 
 def test_finetune_errors_are_one_line(models, tmp_path, capsys):
@@ -193,7 +219,7 @@ def test_task_sampler_supervises_exactly_the_answers(models):
     x_BT, y_BT = s.batch_at(5)
     assert x_BT.shape == y_BT.shape == (6, 128)
     for b, ex in enumerate(s.examples_at(5)):
-        assert ex.task == R.TASKS[(5 * 6 + b) % 2] and R.verify(ex, tok) == ex.answer  # one right answer
+        assert ex.task == R.DEFAULT_TASKS[(5 * 6 + b) % 2] and R.verify(ex, tok) == ex.answer  # one right answer
         n = len(ex.ids) + len(ex.answer_ids) + len(s.end_ids)
         assert 64 <= n <= 129
         assert x_BT[b, :len(ex.ids)].tolist() == ex.ids  # the document starts at position 0
@@ -257,7 +283,7 @@ def test_answer_supervised_finetune_end_to_end(models, tmp_path):
 
 def test_an_interrupted_answer_supervised_finetune_resumes_to_the_bit(models, tmp_path):
     d = models["data"]
-    plan = F.Plan(R.TASKS, 128, 4, (0,), 4, 0, dict(pairs=4, queries=2, hops=1), supervise="answer")
+    plan = F.Plan(R.DEFAULT_TASKS, 128, 4, (0,), 4, 0, dict(pairs=4, queries=2, hops=1), supervise="answer")
     cfg = F.finetune_config(models["dirs"][0], None, seed=0, steps=4, overrides=["train.ckpt_every=2"])
     make = F.task_sampler_factory(d, plan, cfg)
     with pytest.MonkeyPatch.context() as mp:
@@ -284,9 +310,10 @@ def test_follow_up_questions_each_have_one_right_answer(models, follow_ups):
 
     d = models["data"]
     tok = d.tokenizer
-    s = TaskSampler(tok, d.train, length=257, seq_len=256, batch_size=6, pad_id=d.pad_id, seed=1,
+    s = TaskSampler(tok, d.train, length=257, seq_len=256, batch_size=6, pad_id=d.pad_id, seed=1, tasks=R.TASKS,
                     drop_ids=(d.eos_id, d.pad_id), follow_ups=follow_ups, pairs=3, queries=1)
     x_BT, y_BT = s.batch_at(2)
+    assert sorted({ex.task for ex, _ in s.documents_at(2)}) == sorted(R.TASKS)
     asked = 0
     for b, (ex, follow) in enumerate(s.documents_at(2)):
         assert R.verify(ex, tok) == ex.answer and 1 <= len(follow) + 1 <= follow_ups + 1
@@ -296,7 +323,7 @@ def test_follow_up_questions_each_have_one_right_answer(models, follow_ups):
             prompt = seq + q_ids
             answer = tok.decode(a_ids).strip()
             assert R.verify(R.Example(ex.task, prompt, "", []), tok) == answer  # re-derived from the text alone
-            if ex.task == "mq-niah":  # three keys, one asked at a time: the follow-ups ask the others first
+            if ex.task != "vt":  # three keys, one asked at a time: the follow-ups ask the others first
                 seen.append(answer)
             seq = prompt + a_ids + s.end_ids
             want += a_ids + s.end_ids
@@ -304,8 +331,10 @@ def test_follow_up_questions_each_have_one_right_answer(models, follow_ups):
         assert len(seq) <= 257 and x_BT[b, :len(seq) - 1].tolist() == seq[:-1]
         kept = y_BT[b][y_BT[b] != IGNORE].tolist()
         assert kept == want  # exactly the answers and their newlines are supervised
-        if ex.task == "mq-niah":
+        if ex.task != "vt":
             assert len(set(seen[:3])) == len(seen[:3])
+        if ex.task == "mk-niah":  # each question is the asked key's own left-hand side, as in the needle
+            assert all(tok.decode(q).startswith("\nkey_") and tok.decode(q).endswith(" =") for q, _ in follow)
     assert asked >= 5 * follow_ups  # the reserve leaves room for the follow-ups in (nearly) every document
     # the first question of every document is the evaluation's form, and follow_ups=0 is the plain sampler
     plain = TaskSampler(tok, d.train, length=257, seq_len=256, batch_size=6, pad_id=d.pad_id, seed=1,
@@ -321,6 +350,7 @@ def test_follow_ups_need_answer_supervision(models, tmp_path, capsys):
             "--no-progress", "--follow-ups", "2"]
     assert main(argv) != 0
     assert "--follow-ups" in capsys.readouterr().err and not (tmp_path / "runs").exists()
-    plan = F.Plan(R.TASKS, 128, 4, (0,), 4, 0, dict(pairs=2, queries=1, hops=1), supervise="answer", follow_ups=2)
+    plan = F.Plan(R.DEFAULT_TASKS, 128, 4, (0,), 4, 0, dict(pairs=2, queries=1, hops=1), supervise="answer",
+                  follow_ups=2)
     cfg = F.finetune_config(models["dirs"][0], None, seed=0, steps=4)
     assert F.task_sampler_factory(models["data"], plan, cfg)(0, 0).follow_ups == 2

@@ -21,6 +21,9 @@ def _command(args, words: list[str]) -> str:
         if k in ("func", "command", "probe") or v is None or v is False:
             continue
         opt = "--" + k.replace("_", "-")
+        if k == "set":  # a repeatable option: once per value
+            parts += [w for item in v for w in (opt, str(item))]
+            continue
         parts += [opt] if v is True else [opt, *(map(str, v) if isinstance(v, list) else [str(v)])]
     return shlex.join(parts)
 

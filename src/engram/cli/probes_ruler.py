@@ -4,6 +4,8 @@ comparison (engram.probes.ruler_finetune)."""
 
 from __future__ import annotations
 
+import argparse
+
 from engram.cli.commands import _reading_user_input
 
 # Fine-tuning steps per model and seed. The demo models (batch 32 x 128 tokens) take 1.6-2.5 s a step on
@@ -109,6 +111,7 @@ def _ruler_finetune(args) -> int:
     from engram.probes import ruler_finetune as F
     from engram.probes.common import figure, fmt, model_label, save_json, write_section
 
+    given = _resolve_preset(args)
     tasks = _tasks(args)
     for d in args.models:
         _model_config(d)
@@ -155,7 +158,7 @@ def _ruler_finetune(args) -> int:
              " ".join(fmt(r["accuracy"][t], 3) for r in m["runs"].values()), m["summary"][t]["chance"],
              "yes" if m["summary"][t]["above_chance"] else "no"] for name, m in models.items() for t in tasks]
     spent = [r["train_seconds"] for m in models.values() for r in m["runs"].values()]
-    write_section(out, "RULER-style retrieval after fine-tuning", command=_command(args, ["probe", "ruler-finetune"]),
+    write_section(out, "RULER-style retrieval after fine-tuning", command=_command(given, ["probe", "ruler-finetune"]),
                   models=[model_label(d) for d in args.models],
                   data="; ".join(f"{n}: {m['data']}" for n, m in models.items())
                   + " (evaluation: validation split as filler; mixes: train split)",
@@ -184,14 +187,45 @@ def _ruler_finetune(args) -> int:
     return 0
 
 
+# ruler-finetune's options that a --preset may set, and their values without one.
+FINETUNE_DEFAULTS = {"tasks": "mq-niah,vt", "pairs": 4, "queries": 2, "hops": 1, "seeds": [0, 1], "length": None,
+                     "steps": DEFAULT_STEPS, "examples": 50, "eval_seed": 0, "general_ratio": 1.0,
+                     "mix_count": None, "supervise": "all", "follow_ups": 0, "set": None}
+
+
+def _resolve_preset(args):
+    """Fill ruler-finetune's options (parsed without defaults) from ``--preset`` then the plain defaults;
+    return the namespace that names the run: the options as given, the preset's own left to its name."""
+    import argparse
+
+    from engram.probes.ruler_finetune import PRESETS
+
+    preset = PRESETS[args.preset] if args.preset else {}
+    shown = argparse.Namespace(**vars(args))
+    for k, default in FINETUNE_DEFAULTS.items():
+        mine = getattr(args, k, None)
+        if k == "set":  # the preset's overrides first, so the command line's own win
+            setattr(args, k, list(preset.get("set", [])) + list(mine or []) or None)
+            setattr(shown, k, mine)
+            continue
+        if not hasattr(args, k):
+            setattr(args, k, preset.get(k, default))
+            setattr(shown, k, None if k in preset else getattr(args, k))
+    return shown
+
+
 def add_parsers(ps, model_args, at_least) -> None:
     """`probe ruler`, `probe ruler-mix` and `probe ruler-finetune`."""
 
-    def task_args(s):
-        s.add_argument("--tasks", default="mq-niah,vt", help="comma-separated: mq-niah, vt")
-        s.add_argument("--pairs", type=at_least(1), default=4, help="mq-niah: key/value pairs in the haystack")
-        s.add_argument("--queries", type=at_least(1), default=2, help="mq-niah: keys asked for")
-        s.add_argument("--hops", type=at_least(1), default=1, help="vt: copies in the chain")
+    def task_args(s, default=lambda v: v, shown=lambda v: ""):
+        s.add_argument("--tasks", default=default("mq-niah,vt"),
+                       help="comma-separated: mq-niah (keys asked in a question), vt (variable tracking), mk-niah "
+                            "(complete one key's line: the induction form)" + shown("mq-niah,vt"))
+        s.add_argument("--pairs", type=at_least(1), default=default(4),
+                       help="mq-niah, mk-niah: key/value pairs in the haystack" + shown(4))
+        s.add_argument("--queries", type=at_least(1), default=default(2),
+                       help="mq-niah: keys asked for (mk-niah asks one)" + shown(2))
+        s.add_argument("--hops", type=at_least(1), default=default(1), help="vt: copies in the chain" + shown(1))
 
     s = ps.add_parser("ruler",
                       help="RULER-style multi-query needle and variable tracking, greedy exact match")
@@ -216,27 +250,39 @@ def add_parsers(ps, model_args, at_least) -> None:
                                              "then compare them on `probe ruler`, seeds as repeats")
     s.add_argument("--models", nargs="+", required=True, help="model directories written by training")
     s.add_argument("--out", required=True, help="folder for the runs, mixes, JSON, PNG and REPORT.md")
-    task_args(s)
-    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="fine-tune seeds per model")
-    s.add_argument("--length", type=at_least(8),
+    from engram.probes.ruler_finetune import PRESETS
+
+    s.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named recipe; the options it sets (an option given here wins): "
+                        + "; ".join(f"{n}: " + " ".join(f"--{k.replace('_', '-')} "
+                                                       + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                                                       for k, v in p.items()) for n, p in PRESETS.items()))
+    # No parser defaults below: an option left out takes the preset's value, else the default its help names.
+    off = lambda v: argparse.SUPPRESS  # noqa: E731
+    shown = lambda v: f" (default: {v})"  # noqa: E731
+    task_args(s, off, shown)
+    s.add_argument("--seeds", nargs="+", type=int, default=off(0),
+                   help="fine-tune seeds per model" + shown("0 1"))
+    s.add_argument("--length", type=at_least(8), default=off(0),
                    help="evaluation tokens per example and longest mix document (default: the models' training "
                         "seq_len)")
-    s.add_argument("--steps", type=at_least(1), default=DEFAULT_STEPS,
+    s.add_argument("--steps", type=at_least(1), default=off(0),
                    help="fine-tuning steps per model and seed (the default fits both seeds of a demo model in "
-                        "under 30 minutes on 2 CPU cores)")
-    s.add_argument("--examples", type=at_least(1), default=50, help="evaluation prompts per task")
-    s.add_argument("--eval-seed", type=int, default=0, help="seed of the evaluation prompts (probe ruler's default)")
-    s.add_argument("--general-ratio", type=at_least(0, float), default=1.0,
-                   help="characters of general corpus text per character of task documents in a mix")
-    s.add_argument("--mix-count", type=at_least(1),
+                        "under 30 minutes on 2 CPU cores)" + shown(DEFAULT_STEPS))
+    s.add_argument("--examples", type=at_least(1), default=off(0), help="evaluation prompts per task" + shown(50))
+    s.add_argument("--eval-seed", type=int, default=off(0),
+                   help="seed of the evaluation prompts (probe ruler's default)" + shown(0))
+    s.add_argument("--general-ratio", type=at_least(0, float), default=off(0),
+                   help="characters of general corpus text per character of task documents in a mix" + shown(1.0))
+    s.add_argument("--mix-count", type=at_least(1), default=off(0),
                    help="task documents per mix (default: enough for the fine-tune to see each about once)")
-    s.add_argument("--supervise", choices=("all", "answer"), default="all",
+    s.add_argument("--supervise", choices=("all", "answer"), default=off(0),
                    help="all: train on every token of a mix of task documents and corpus text; answer: one task "
                         "document per batch row, the loss on its answer only (--general-ratio and --mix-count do "
-                        "not apply)")
-    s.add_argument("--follow-ups", type=at_least(0), default=0,
+                        "not apply)" + shown("all"))
+    s.add_argument("--follow-ups", type=at_least(0), default=off(0),
                    help="with --supervise answer: after its answer, each document asks this many more questions "
-                        "of the same lines (unasked keys first), every answer supervised")
+                        "of the same lines (unasked keys first), every answer supervised" + shown(0))
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,9 +1,13 @@
 """`engram probe ruler`: RULER-style long-context retrieval, generated locally from a seed.
 
-Two of RULER's synthetic tasks (Hsieh et al. 2024), sized to the model's context: multi-query
-needle-in-a-haystack (several ``key = value`` lines hidden in corpus text, the values of some keys asked
-for) and variable tracking (``var_a = 123`` then chains ``var_b = var_a``; which variables hold the
-value?). The paper reports that Engram frees attention for such global context; these tasks measure it
+Three of RULER's synthetic tasks (Hsieh et al. 2024), sized to the model's context: multi-query needle-in-a-
+haystack (``mq-niah``: several ``key = value`` lines hidden in corpus text, the values of some keys asked for
+in a question), variable tracking (``vt``: ``var_a = 123`` then chains ``var_b = var_a``; which variables hold
+the value?) and multi-key needle-in-a-haystack (``mk-niah``: the same lines, and the prompt ends with one
+key's own left-hand side, ``key_x =``, for the model to complete, as RULER's answer prefix restates the key).
+``mk-niah`` is the easier for a small model: its answer is the token after an earlier match of the prompt's
+last tokens (what an induction head copies), while ``mq-niah``'s question form needs the match and then a jump
+past the ``=``. The paper reports that Engram frees attention for such global context; these tasks measure it
 on the model at hand. Every prompt has exactly one right answer, which :func:`verify` re-derives from the
 prompt text alone.
 """
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("mq-niah", "vt")
+TASKS = ("mq-niah", "vt", "mk-niah")  # the order seeds each task's stream: append, never reorder
+DEFAULT_TASKS = ("mq-niah", "vt")
 # Names that the stdlib BPE encodes as one token after "key_"/"var_", so a line costs few tokens of the context.
 _WORDS = "alpha anchor blue box cat day delta field ice left month pear red right star sun top tree week year".split()
 
@@ -55,9 +60,12 @@ def _vt_lines(rng, hops: int) -> tuple[list[str], str, list[str]]:
 
 def query_text(task: str, asked) -> str:
     """The question that ends a prompt: mq-niah, the values of the keys ``asked``; vt, the variables that hold
-    the value ``asked``."""
+    the value ``asked``; mk-niah, the left-hand side of the key ``asked`` (a one-key list or the key)."""
     if task == "mq-niah":
         return f"\n# values of {', '.join(asked)}:"
+    if task == "mk-niah":
+        key = asked if isinstance(asked, str) else asked[0]
+        return f"\n{key} ="
     return f"\n# variables equal to {asked}:"
 
 
@@ -75,6 +83,10 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
         asked = list(rng.choice(list(truth), queries, replace=False))
         query = query_text(task, asked)
         answer = " ".join(truth[k] for k in asked)
+    elif task == "mk-niah":
+        lines, truth = _needle_lines(rng, pairs)
+        key = str(rng.choice(list(truth)))
+        query, answer = query_text(task, key), truth[key]
     elif task == "vt":
         lines, value, chain = _vt_lines(rng, hops)
         query = query_text(task, value)
@@ -104,10 +116,19 @@ def verify(ex: Example, tok) -> str:
     """Re-derive the one correct answer from the decoded prompt alone; raise if there is none or several."""
     text = tok.decode(ex.ids)
     assigns = assignments(text)
+    if ex.task == "mk-niah":  # an answered key's line reads like its needle (follow-up questions): one value each
+        assigns = list(dict.fromkeys(assigns))
     lhs = [a for a, _ in assigns]
     if len(set(lhs)) != len(lhs):
         raise ValueError("a name is assigned twice")
     env = dict(assigns)
+    if ex.task == "mk-niah":
+        m = re.search(r"\n(key_\w+) =$", text)
+        if m is None:
+            raise ValueError("no key to complete at the end of the prompt")
+        if not env.get(m.group(1), "").isdigit():
+            raise ValueError("the queried key has no literal value in the prompt")
+        return env[m.group(1)]
     if ex.task == "mq-niah":
         m = re.search(r"# values of ([\w, ]+):$", text)
         if m is None:
@@ -135,9 +156,11 @@ def verify(ex: Example, tok) -> str:
 def chance(task: str, *, pairs: int, queries: int, hops: int) -> float:
     """Exact-match rate of a guesser that knows the format: mq-niah, the values of the ``queries`` asked keys
     drawn from the ``pairs`` values in the prompt; vt, the ``hops+1`` holders drawn (in order) from the
-    ``2*(hops+1)`` variables."""
+    ``2*(hops+1)`` variables; mk-niah, one of the ``pairs`` values."""
     if task == "mq-niah":
         return 1.0 / math.perm(pairs, queries)
+    if task == "mk-niah":
+        return 1.0 / pairs
     return 1.0 / math.perm(2 * (hops + 1), hops + 1)
 
 

@@ -22,7 +22,7 @@ MIX_STREAM = 0x6D6978  # the first word of every mix's seed sequence; the evalua
 TASKS_FILE, GENERAL_FILE, MIX_META = "tasks.jsonl", "general.jsonl", "mix.json"
 
 
-def task_documents(tok, filler: np.ndarray, length: int, count: int, seed: int, tasks=R.TASKS, *,
+def task_documents(tok, filler: np.ndarray, length: int, count: int, seed: int, tasks=R.DEFAULT_TASKS, *,
                    drop_ids=(), **sizes) -> list[R.Example]:
     """``count`` verified examples, the tasks in turn, each of a length drawn in ``[length // 2, length]``
     (a task that needs more tokens than its draw gets ``length``). ``drop_ids`` (the end-of-text and pad
@@ -68,8 +68,8 @@ def write_jsonl(path: Path, texts) -> Path:
     return atomic_write(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def write_mix(out_dir: str | Path, tok, filler: np.ndarray, *, length: int, count: int, seed: int, tasks=R.TASKS,
-              drop_ids=(), meta: dict | None = None, **sizes) -> dict:
+def write_mix(out_dir: str | Path, tok, filler: np.ndarray, *, length: int, count: int, seed: int,
+              tasks=R.DEFAULT_TASKS, drop_ids=(), meta: dict | None = None, **sizes) -> dict:
     """Write ``tasks.jsonl`` (``count`` task documents) and ``mix.json`` (what it holds; written last, so a
     folder with it is complete) into ``out_dir``; return the record of ``mix.json``."""
     out = Path(out_dir)

@@ -56,16 +56,20 @@ def follow_up(ex: R.Example, before: list[int], tok, rng, *, queries: int = 2, *
     env = R.assignments(text)
     # Unasked keys (values) first: a question asked again could be answered by copying the earlier answer line.
     seen = {w for q in re.findall(r"# (?:values of|variables equal to) ([\w, ]+):", text) for w in q.split(", ")}
-    if ex.task == "mq-niah":
+    if ex.task == "mk-niah":  # an answered key's line repeats its needle: a key seen twice was asked
+        names = [k for k, _ in env]
+        seen = {k for k in names if names.count(k) > 1}
+        env = list(dict.fromkeys(env))
+    if ex.task in ("mq-niah", "mk-niah"):
         pool = [k for k, v in env if k.startswith("key_") and v.isdigit()]
-        want = min(queries, len(pool))
+        want = 1 if ex.task == "mk-niah" else min(queries, len(pool))
     else:
         pool, want = [v for _, v in env if v.isdigit()], 1
     fresh, old = [c for c in pool if c not in seen], [c for c in pool if c in seen]
     picked = list(rng.permutation(fresh))[:want]
     picked += list(rng.permutation(old))[:want - len(picked)]
     picked = [str(c) for c in picked]
-    asked = R.query_text(ex.task, picked if ex.task == "mq-niah" else picked[0])
+    asked = R.query_text(ex.task, picked if ex.task != "vt" else picked[0])
     q_ids = list(tok.encode(asked))
     answer = R.verify(R.Example(ex.task, list(before) + q_ids, "", []), tok)
     return q_ids, list(tok.encode(" " + answer))
@@ -80,7 +84,7 @@ class TaskSampler(StepSampler):
     """
 
     def __init__(self, tok, filler: np.ndarray, *, length: int, seq_len: int, batch_size: int, pad_id: int,
-                 seed: int = 0, step: int = 0, tasks=R.TASKS, drop_ids=(), follow_ups: int = 0, **sizes):
+                 seed: int = 0, step: int = 0, tasks=R.DEFAULT_TASKS, drop_ids=(), follow_ups: int = 0, **sizes):
         if length > seq_len + 1:
             raise ValueError(f"documents of up to {length} tokens do not fit training windows of seq_len {seq_len}")
         if len(drop_ids):
@@ -98,6 +102,8 @@ class TaskSampler(StepSampler):
 
     def _qa_tokens(self, task: str) -> int:
         sz = {"pairs": 4, "queries": 2, "hops": 1, **self.sizes}
+        if task == "mk-niah":
+            return len(self.tok.encode(R.query_text(task, "key_" + R._WORDS[0]) + " 999\n")) + 2
         if task == "mq-niah":
             keys = [f"key_{w}" for w in R._WORDS[:sz["queries"]]]
             return len(self.tok.encode(R.query_text(task, keys) + " 999" * sz["queries"] + "\n")) + 2
