@@ -194,6 +194,14 @@ def test_an_interrupted_finetune_is_resumed_and_a_finished_one_reused(models, tm
         assert cut.train().status == "interrupted"
         resumed = F.finetune(cfg, tmp_path / "cut", progress=False)
         again = F.finetune(cfg, tmp_path / "cut", progress=False)
+        # a fine-tune stopped inside finetune() says so and how to go on, and the rerun finishes it
+        from engram.config import UserError
+
+        with pytest.MonkeyPatch.context() as stop:
+            stop.setattr(Trainer, "_should_stop", lambda self: self.step >= 1)
+            with pytest.raises(UserError, match="stopped before step 4; run the same command again"):
+                F.finetune(cfg, tmp_path / "stopped", progress=False)
+        assert F.finetune(cfg, tmp_path / "stopped", progress=False)["val_loss"] == whole["val_loss"]
     assert not whole["reused"] and not resumed["reused"] and again["reused"]
     assert resumed["val_loss"] == again["val_loss"] == whole["val_loss"]  # resumed to the bit
 

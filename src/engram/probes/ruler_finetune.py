@@ -165,7 +165,12 @@ def finetune(cfg, run_dir: Path, progress: bool, make_sampler: Callable | None =
     if make_sampler is not None:
         trainer.sampler = make_sampler(trainer.sampler.seed, trainer.sampler.step)
     trainer.train()
-    return {"reused": False, **done(), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    if (new := done()) is None:  # stopped (Ctrl-C, SIGTERM): the trainer saved a checkpoint to resume from
+        from engram.config import UserError
+
+        raise UserError(f"the fine-tune in {run_dir} stopped before step {cfg.train.steps}; run the same command "
+                        "again to resume it")
+    return {"reused": False, **new, "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def task_sampler_factory(bundle, plan: Plan, cfg) -> Callable:
