@@ -247,6 +247,33 @@ def test_task_sampler_supervises_exactly_the_answers(models):
         TaskSampler(tok, d.train, length=130, seq_len=128, batch_size=2, pad_id=d.pad_id)
 
 
+def test_copy_rows_repeat_a_span_and_supervise_the_repeat(models):
+    """With copy_rows, that fraction of the rows is a random span then the span again (only copying predicts
+    the repeat, and it alone is supervised); the task rows are the ones the sampler draws without them."""
+    from engram.probes.ruler_sampler import IGNORE, TaskSampler
+
+    d = models["data"]
+    kw = dict(length=129, seq_len=128, batch_size=8, pad_id=d.pad_id, seed=4, tasks=("mk-niah",),
+              drop_ids=(d.eos_id, d.pad_id), follow_ups=1, pairs=3, queries=1)
+    s = TaskSampler(d.tokenizer, d.train, copy_rows=0.25, **kw)
+    docs = s.documents_at(3)
+    assert [ex.task for ex, _ in docs] == ["mk-niah"] * 6 + ["copy"] * 2
+    assert all(ex.task == "mk-niah" for ex in s.examples_at(3)) and len(s.examples_at(3)) == 6
+    x_BT, y_BT = s.batch_at(3)
+    for b in (6, 7):
+        ex = docs[b][0]
+        k = len(ex.ids) - 1
+        span = ex.ids[:k]
+        assert ex.ids[k] == span[0] and ex.answer_ids == span[1:] and 32 <= k <= 63
+        assert x_BT[b, :2 * k].tolist() == span + span  # the span twice from position 0
+        assert y_BT[b, :k].eq(IGNORE).all()  # nothing before the repeat's second token is a target
+        assert y_BT[b, k:2 * k - 1].tolist() == span[1:] and y_BT[b, 2 * k - 1].item() == s.end_ids[0]
+        assert y_BT[b, 2 * k:].eq(IGNORE).all()
+    assert all(R.verify(ex, d.tokenizer) == ex.answer for ex in s.examples_at(3))  # task rows: one right answer
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        TaskSampler(d.tokenizer, d.train, copy_rows=1.0, **kw)
+
+
 def test_answer_only_loss_counts_only_the_answers(models):
     """The model's loss on a supervised batch is the mean cross-entropy of the answer tokens alone."""
     import torch.nn.functional as F_

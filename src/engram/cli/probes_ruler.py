@@ -125,7 +125,7 @@ def _ruler_finetune(args) -> int:
     sizes = dict(pairs=args.pairs, queries=args.queries, hops=args.hops)
     plan = F.Plan(tuple(tasks), length, args.steps, tuple(dict.fromkeys(args.seeds)), args.examples, args.eval_seed,
                   sizes, args.general_ratio, args.mix_count, tuple(args.set or ()), args.supervise,
-                  args.follow_ups)
+                  args.follow_ups, args.copy_rows)
     with _reading_user_input():
         record = F.run(args.models, out, plan, progress=not args.no_progress)
     record["trained_seq_len"] = trained
@@ -174,6 +174,8 @@ def _ruler_finetune(args) -> int:
                           f"drawn per step over the train split"
                           + (f", each with {args.follow_ups} follow-up questions on the same lines"
                              if args.follow_ups else "")
+                          + (f", {args.copy_rows:g} of each batch's rows copy documents (a random span twice, the "
+                             f"repeat supervised)" if args.copy_rows else "")
                           + "; loss on the answers and their newlines only; runs under runs/"
                           if args.supervise == "answer" else
                           f"mix per fine-tune: task documents of {length // 2}-{length} tokens plus general text of "
@@ -190,7 +192,8 @@ def _ruler_finetune(args) -> int:
 # ruler-finetune's options that a --preset may set, and their values without one.
 FINETUNE_DEFAULTS = {"tasks": "mq-niah,vt", "pairs": 4, "queries": 2, "hops": 1, "seeds": [0, 1], "length": None,
                      "steps": DEFAULT_STEPS, "examples": 50, "eval_seed": 0, "general_ratio": 1.0,
-                     "mix_count": None, "supervise": "all", "follow_ups": 0, "set": None}
+                     "mix_count": None, "supervise": "all", "follow_ups": 0, "copy_rows": 0.0,
+                     "set": None}
 
 
 def _resolve_preset(args):
@@ -283,6 +286,10 @@ def add_parsers(ps, model_args, at_least) -> None:
     s.add_argument("--follow-ups", type=at_least(0), default=off(0),
                    help="with --supervise answer: after its answer, each document asks this many more questions "
                         "of the same lines (unasked keys first), every answer supervised" + shown(0))
+    s.add_argument("--copy-rows", type=at_least(0, float), default=off(0),
+                   help="with --supervise answer: this fraction of each batch's rows are copy documents (a random "
+                        "token span, then the span again, the repeat supervised) to build the induction circuit "
+                        "retrieval needs" + shown(0.0))
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override the fine-tune's config, e.g. train.lr=1e-3 (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

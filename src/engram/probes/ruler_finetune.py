@@ -49,16 +49,17 @@ class Plan:
     overrides: tuple[str, ...] = ()
     supervise: str = "all"  # "all": every token of a mix corpus; "answer": the answers of task documents only
     follow_ups: int = 0  # with "answer": more questions per document after the first (ruler_sampler)
+    copy_rows: float = 0.0  # with "answer": the fraction of batch rows that are copy documents (ruler_sampler)
 
 
 # Named recipes for `probe ruler-finetune --preset NAME`: the options each sets (an option given on the
 # command line wins; ``set`` overrides are added before the command line's own).
 PRESETS: dict[str, dict] = {
-    # The recipe that brings the demo models above chance: every gradient a retrieval signal (answers only,
-    # three more questions per document on the same lines) on the induction form of the needle task, at the
-    # full pretraining rate; 400 steps take ~20 minutes per fine-tune on one core of the reference machine.
-    "retrieval": {"tasks": "mk-niah", "supervise": "answer", "follow_ups": 3, "pairs": 4, "queries": 1,
-                  "length": 128, "steps": 400, "seeds": [0, 1], "set": ["train.lr=3e-3"]},
+    # Every gradient a retrieval signal: answers only, three more questions per document on the same lines,
+    # the induction form of the needle task, half the rows copy documents (the demo models cannot copy at
+    # all before), the full pretraining rate; 400 steps take ~20 minutes per fine-tune on one core.
+    "retrieval": {"tasks": "mk-niah", "supervise": "answer", "follow_ups": 3, "copy_rows": 0.5, "pairs": 4,
+                  "queries": 1, "length": 128, "steps": 400, "seeds": [0, 1], "set": ["train.lr=3e-3"]},
 }
 
 
@@ -183,7 +184,7 @@ def task_sampler_factory(bundle, plan: Plan, cfg) -> Callable:
         return TaskSampler(bundle.tokenizer, bundle.train, length=plan.length, seq_len=cfg.train.seq_len,
                            batch_size=cfg.train.batch_size, pad_id=bundle.pad_id, seed=seed,
                            step=step, tasks=plan.tasks, drop_ids=(bundle.eos_id, bundle.pad_id),
-                           follow_ups=plan.follow_ups, **plan.sizes)
+                           follow_ups=plan.follow_ups, copy_rows=plan.copy_rows, **plan.sizes)
     return make
 
 
@@ -214,6 +215,11 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
         cfg = finetune_config(d, out / "mix", seed=0, steps=plan.steps, overrides=plan.overrides)
         if plan.follow_ups and plan.supervise != "answer":
             raise ValueError("--follow-ups asks more questions of answer-supervised documents: it needs "
+                             "--supervise answer")
+        if not 0 <= plan.copy_rows < 1:
+            raise ValueError(f"--copy-rows {plan.copy_rows}: a fraction of the batch rows, in [0, 1)")
+        if plan.copy_rows and plan.supervise != "answer":
+            raise ValueError("--copy-rows mixes copy documents into answer-supervised batches: it needs "
                              "--supervise answer")
         if plan.supervise == "answer" and plan.length > cfg.train.seq_len + 1:
             raise ValueError(f"--length {plan.length}: an answer-supervised document must fit one training window "
@@ -261,7 +267,8 @@ def run(model_dirs: Sequence[str], out: Path, plan: Plan, *, progress: bool = Tr
         models[name] = rec
     return {"length": plan.length, "tasks": list(plan.tasks), "steps": plan.steps, "seeds": list(plan.seeds),
             "examples": plan.examples, "eval_seed": plan.eval_seed, **plan.sizes, "general_ratio": plan.general_ratio,
-            "supervise": plan.supervise, "follow_ups": plan.follow_ups, "lr_fraction": LR_FRACTION,
+            "supervise": plan.supervise, "follow_ups": plan.follow_ups, "copy_rows": plan.copy_rows,
+            "lr_fraction": LR_FRACTION,
             "overrides": list(plan.overrides), "models": models}
 
 

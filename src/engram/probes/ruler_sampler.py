@@ -15,6 +15,12 @@ task lines (other keys, the other chain's value), each answer supervised: the li
 same, the retrieval signal per row grows with the questions. The first question is the evaluation's
 form, so the evaluation prompt is a prefix of the training documents' form.
 
+With ``copy_rows`` > 0 that fraction of each batch's rows are copy documents instead: a span of tokens drawn
+at random from the filler, then the same span again, every token of the repeat after its first supervised.
+Only copying predicts them, so every such row trains the induction circuit (find the earlier occurrence of
+the current token, emit what followed it) that retrieval is built on, and that small models trained briefly
+on code lack (the memory-off probe's in-context family scores 0 on the demo models).
+
 Each batch is drawn from ``np.random.default_rng([MIX_STREAM, seed, step])``: it depends on (seed, step)
 alone, so a resumed fine-tune sees the batches it would have seen, and the filler is the *train* split of
 the model's corpus while the evaluation draws its filler from the validation split.
@@ -84,7 +90,8 @@ class TaskSampler(StepSampler):
     """
 
     def __init__(self, tok, filler: np.ndarray, *, length: int, seq_len: int, batch_size: int, pad_id: int,
-                 seed: int = 0, step: int = 0, tasks=R.DEFAULT_TASKS, drop_ids=(), follow_ups: int = 0, **sizes):
+                 seed: int = 0, step: int = 0, tasks=R.DEFAULT_TASKS, drop_ids=(), follow_ups: int = 0,
+                 copy_rows: float = 0.0, **sizes):
         if length > seq_len + 1:
             raise ValueError(f"documents of up to {length} tokens do not fit training windows of seq_len {seq_len}")
         if len(drop_ids):
@@ -94,6 +101,9 @@ class TaskSampler(StepSampler):
         self.seed, self.step = int(seed), int(step)
         self.end_ids = list(tok.encode("\n"))
         self.follow_ups = int(follow_ups)
+        if not 0.0 <= copy_rows < 1.0:
+            raise ValueError(f"copy_rows {copy_rows}: the fraction of copy rows must be in [0, 1)")
+        self.copy_count = int(round(copy_rows * self.batch_size))
         # Room kept for the follow-ups: the longest question and answer a task can have, measured once.
         self.reserve = self.follow_ups * max(self._qa_tokens(t) for t in self.tasks) if self.follow_ups else 0
         if self.length - self.reserve < 8:
@@ -116,8 +126,9 @@ class TaskSampler(StepSampler):
         rng = np.random.default_rng([MIX_STREAM, self.seed, int(step)])
         out = []
         cap = self.length - len(self.end_ids) + 1 - self.reserve
-        for i in range(self.batch_size):
-            task = self.tasks[(int(step) * self.batch_size + i) % len(self.tasks)]
+        tasked = self.batch_size - self.copy_count
+        for i in range(tasked):
+            task = self.tasks[(int(step) * tasked + i) % len(self.tasks)]
             n = int(rng.integers(self.length // 2, self.length + 1)) - len(self.end_ids) + 1 - self.reserve
             try:
                 ex = draw_example(task, self.tok, self.filler, max(n, 1), max(n, cap), rng, **self.sizes)
@@ -137,11 +148,21 @@ class TaskSampler(StepSampler):
                 follow.append((q_ids, a_ids))
                 before = before + q_ids + a_ids + self.end_ids
             out.append((ex, follow))
+        for _ in range(self.copy_count):
+            out.append((self._copy_document(rng), []))
         return out
 
+    def _copy_document(self, rng) -> R.Example:
+        """A span of ``length/4 .. length/2 - 1`` filler tokens drawn at random, then its first token again: the
+        rest of the span is the answer (supervised like a task's answer), so the document is the span twice."""
+        k = int(rng.integers(max(2, self.length // 4), max(3, (self.length - len(self.end_ids)) // 2)))
+        span = [int(t) for t in rng.choice(self.filler, k)]
+        return R.Example("copy", span + span[:1], "", span[1:])
+
     def examples_at(self, step: int) -> list[R.Example]:
-        """The first question of each document of the batch at ``step``: the evaluation's form."""
-        return [ex for ex, _ in self.documents_at(step)]
+        """The first question of each task document of the batch at ``step`` (the evaluation's form); copy
+        documents left out."""
+        return [ex for ex, _ in self.documents_at(step) if ex.task != "copy"]
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_BT, y_BT)`` int64 of ``step``, without moving the sampler."""
