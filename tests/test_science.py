@@ -152,6 +152,12 @@ def test_a_sweep_on_another_corpus_gets_its_own_folder(tmp_path, make_corpus, mo
     assert sweep_name("alloc", "tiny", [str(tmp_path / "prose")]) == prose_dir.name  # absolute or relative alike
     assert main(["sweep", "alloc", "--preset", "quick", "--data", "prose", "--out", "sci", "--status"]) == 0
     assert "not planned yet" in capsys.readouterr().out  # the quick preset's own folder, not the tiny one's
+    # a run another sweep planned first keeps its spec as written (a shared run is not renamed)
+    spec = default_dir.parent / "runs" / json.loads(before)["runs"][0]["run"].split("/")[-1] / "spec.json"
+    spec.write_text(spec.read_text().replace('"name": "', '"name": "first-'))
+    kept = spec.read_bytes()
+    plan("sci", "alloc", "tiny", seeds=[0], out=quiet)
+    assert spec.read_bytes() == kept
     rec = json.loads((prose_dir / "sweep.json").read_text())
     rec["data"] = ["elsewhere"]
     (prose_dir / "sweep.json").write_text(json.dumps(rec))

@@ -108,8 +108,13 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
         d = rundirs / spec.run_id
         d.mkdir(parents=True, exist_ok=True)
         keep = spec.keep_model
-        if (d / SPEC).is_file():
-            keep = keep or json.loads((d / SPEC).read_text()).get("keep_model", False)
+        if (d / SPEC).is_file():  # a run shared with another sweep keeps its record (and first name)
+            prev = json.loads((d / SPEC).read_text())
+            if keep <= prev.get("keep_model", False):
+                continue
+            prev["keep_model"] = True
+            write_json_atomic(d / SPEC, prev)
+            continue
         write_json_atomic(d / SPEC, {"name": spec.name, "config": spec.config.to_dict(), "keep_model": keep})
     record = {"format": "engram-sweep-1", "experiment": experiment, "preset": preset,
               "command": command or "engram sweep " + shlex.join([experiment, "--preset", preset]),
