@@ -199,8 +199,6 @@ FINETUNE_DEFAULTS = {"tasks": "mq-niah,vt", "pairs": 4, "queries": 2, "hops": 1,
 def _resolve_preset(args):
     """Fill ruler-finetune's options (parsed without defaults) from ``--preset`` then the plain defaults;
     return the namespace that names the run: the options as given, the preset's own left to its name."""
-    import argparse
-
     from engram.probes.ruler_finetune import PRESETS
 
     preset = PRESETS[args.preset] if args.preset else {}
