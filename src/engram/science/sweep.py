@@ -15,8 +15,10 @@ intra-op threads whatever ``--jobs`` is, so a figure does not depend on how many
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -65,9 +67,6 @@ def sweep_name(experiment: str, preset: str, data=None) -> str:
     """The sweep's folder name: ``<experiment>-<preset>`` on the default corpus; with ``data`` a suffix of the
     corpus's folder or file name and a hash of its recorded paths, so a sweep on another corpus never reuses
     (and overwrites) the default corpus's record, and two corpora that share a folder name stay apart."""
-    import hashlib
-    import re
-
     base = f"{experiment}-{preset}"
     if not data:
         return base
