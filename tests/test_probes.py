@@ -220,21 +220,26 @@ def test_ruler_examples_have_one_answer_and_fit(trained, task):
         R.make_examples(task, d.tokenizer, d.val, 20, 1, seed=1)
 
 
-def test_mk_niah_is_the_induction_form(trained):
-    """mk-niah's prompt ends with the asked key's own line up to the ``=``: the answer is the token run that
-    follows those same tokens earlier in the prompt, and it is one of ``pairs`` values (chance 1/pairs)."""
+@pytest.mark.parametrize("task", ["mk-niah", "kv-niah"])
+def test_key_completion_is_the_induction_form(trained, task):
+    """mk-niah's prompt ends with the asked key's own line up to the ``=`` (kv-niah's, without an ``=``, up to
+    the key): the answer is the token run that follows those same tokens earlier in the prompt, and it is one
+    of ``pairs`` values (chance 1/pairs)."""
     d, tok = trained["data"], trained["data"].tokenizer
-    for ex in R.make_examples("mk-niah", tok, d.val, 128, 20, seed=2, pairs=3):
+    sep = " =" if task == "mk-niah" else ""
+    other = "kv-niah" if task == "mk-niah" else "mk-niah"
+    for ex in R.make_examples(task, tok, d.val, 128, 20, seed=2, pairs=3):
         key = tok.decode(ex.ids).rsplit("\n", 1)[1]
-        assert key.startswith("key_") and key.endswith(" =")
+        assert key.startswith("key_") and key.endswith(sep) and (sep or " " not in key)
         needle = tok.encode(f"\n{key} {ex.answer}\n")
         assert any(ex.ids[i:i + len(needle)] == needle for i in range(len(ex.ids)))
-        assert len(set(R.assignments(tok.decode(ex.ids)))) == 3
+        assert len(set(R.assignments(tok.decode(ex.ids), task))) == 3
+        assert not R.assignments(tok.decode(ex.ids), other)  # the two forms never read each other's lines
         # a prompt asking a key twice with two values is refused: the answer would not be unique
-        twice = R.Example("mk-niah", tok.encode(f"\n{key} 111\nx\n{key} 222\n") + ex.ids, ex.answer, [])
+        twice = R.Example(task, tok.encode(f"\n{key} 111\nx\n{key} 222\n") + ex.ids, ex.answer, [])
         with pytest.raises(ValueError, match="assigned twice"):
             R.verify(twice, tok)
-    assert R.chance("mk-niah", pairs=3, queries=1, hops=1) == pytest.approx(1 / 3)
+    assert R.chance(task, pairs=3, queries=1, hops=1) == pytest.approx(1 / 3)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

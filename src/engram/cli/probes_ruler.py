@@ -221,11 +221,12 @@ def add_parsers(ps, model_args, at_least) -> None:
     def task_args(s, default=lambda v: v, shown=lambda v: ""):
         s.add_argument("--tasks", default=default("mq-niah,vt"),
                        help="comma-separated: mq-niah (keys asked in a question), vt (variable tracking), mk-niah "
-                            "(complete one key's line: the induction form)" + shown("mq-niah,vt"))
+                            "(complete one key's line: the induction form), kv-niah (mk-niah without the '=': a "
+                            "one-token match)" + shown("mq-niah,vt"))
         s.add_argument("--pairs", type=at_least(1), default=default(4),
-                       help="mq-niah, mk-niah: key/value pairs in the haystack" + shown(4))
+                       help="mq-niah, mk-niah, kv-niah: key/value pairs in the haystack" + shown(4))
         s.add_argument("--queries", type=at_least(1), default=default(2),
-                       help="mq-niah: keys asked for (mk-niah asks one)" + shown(2))
+                       help="mq-niah: keys asked for (mk-niah and kv-niah ask one)" + shown(2))
         s.add_argument("--hops", type=at_least(1), default=default(1), help="vt: copies in the chain" + shown(1))
 
     s = ps.add_parser("ruler",

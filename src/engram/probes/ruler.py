@@ -4,10 +4,13 @@ Three of RULER's synthetic tasks (Hsieh et al. 2024), sized to the model's conte
 haystack (``mq-niah``: several ``key = value`` lines hidden in corpus text, the values of some keys asked for
 in a question), variable tracking (``vt``: ``var_a = 123`` then chains ``var_b = var_a``; which variables hold
 the value?) and multi-key needle-in-a-haystack (``mk-niah``: the same lines, and the prompt ends with one
-key's own left-hand side, ``key_x =``, for the model to complete, as RULER's answer prefix restates the key).
-``mk-niah`` is the easier for a small model: its answer is the token after an earlier match of the prompt's
-last tokens (what an induction head copies), while ``mq-niah``'s question form needs the match and then a jump
-past the ``=``. The paper reports that Engram frees attention for such global context; these tasks measure it
+key's own left-hand side, ``key_x =``, for the model to complete, as RULER's answer prefix restates the key),
+and ``kv-niah``, mk-niah with ``key_x NNN`` lines, no ``=``: the prompt ends with ``key_x``.
+``mk-niah`` is easier for a small model than ``mq-niah``: its answer is the token after an earlier match of the
+prompt's last tokens (what an induction head copies), while ``mq-niah``'s question form needs the match and then
+a jump past the ``=``. In mk-niah that match is two tokens long (the key's word, then the `` =`` that every line
+shares); in ``kv-niah`` it is the key's last token alone, the one-token match ``A B ... A -> B`` of the simplest
+induction head. The paper reports that Engram frees attention for such global context; these tasks measure it
 on the model at hand. Every prompt has exactly one right answer, which :func:`verify` re-derives from the
 prompt text alone.
 """
@@ -22,9 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("mq-niah", "vt", "mk-niah")  # the order seeds each task's stream: append, never reorder
+TASKS = ("mq-niah", "vt", "mk-niah", "kv-niah")  # the order seeds each task's stream: append, never reorder
 DEFAULT_TASKS = ("mq-niah", "vt")
 # Names that the stdlib BPE encodes as one token after "key_"/"var_", so a line costs few tokens of the context.
+NEEDLE_TASKS = ("mq-niah", "mk-niah", "kv-niah")  # key/value lines; the last two complete one key's line
 _WORDS = "alpha anchor blue box cat day delta field ice left month pear red right star sun top tree week year".split()
 
 
@@ -38,11 +42,11 @@ class Example:
     answer_ids: list[int]
 
 
-def _needle_lines(rng, pairs: int) -> tuple[list[str], dict[str, str]]:
+def _needle_lines(rng, pairs: int, sep: str = " = ") -> tuple[list[str], dict[str, str]]:
     keys = rng.choice(_WORDS, pairs, replace=False)
     values = rng.choice(np.arange(100, 1000), pairs, replace=False)
     truth = {f"key_{k}": str(v) for k, v in zip(keys, values, strict=True)}
-    return [f"\n{k} = {v}\n" for k, v in truth.items()], truth
+    return [f"\n{k}{sep}{v}\n" for k, v in truth.items()], truth
 
 
 def _vt_lines(rng, hops: int) -> tuple[list[str], str, list[str]]:
@@ -60,17 +64,20 @@ def _vt_lines(rng, hops: int) -> tuple[list[str], str, list[str]]:
 
 def query_text(task: str, asked) -> str:
     """The question that ends a prompt: mq-niah, the values of the keys ``asked``; vt, the variables that hold
-    the value ``asked``; mk-niah, the left-hand side of the key ``asked`` (a one-key list or the key)."""
+    the value ``asked``; mk-niah (kv-niah), the left-hand side of the key ``asked`` (a one-key list or the key),
+    with (without) its ``=``."""
     if task == "mq-niah":
         return f"\n# values of {', '.join(asked)}:"
-    if task == "mk-niah":
+    if task in ("mk-niah", "kv-niah"):
         key = asked if isinstance(asked, str) else asked[0]
-        return f"\n{key} ="
+        return f"\n{key} =" if task == "mk-niah" else f"\n{key}"
     return f"\n# variables equal to {asked}:"
 
 
-def assignments(text: str) -> list[tuple[str, str]]:
-    """The ``name = value`` lines of a decoded prompt, in order."""
+def assignments(text: str, task: str | None = None) -> list[tuple[str, str]]:
+    """The ``name = value`` lines of a decoded prompt, in order (kv-niah: its ``key_x NNN`` lines)."""
+    if task == "kv-niah":
+        return re.findall(r"(?m)^(key_\w+) (\d+)$", text)
     return re.findall(r"(?m)^((?:key_|var_)\w+) = (\w+)$", text)
 
 
@@ -83,8 +90,8 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
         asked = list(rng.choice(list(truth), queries, replace=False))
         query = query_text(task, asked)
         answer = " ".join(truth[k] for k in asked)
-    elif task == "mk-niah":
-        lines, truth = _needle_lines(rng, pairs)
+    elif task in ("mk-niah", "kv-niah"):
+        lines, truth = _needle_lines(rng, pairs, " = " if task == "mk-niah" else " ")
         key = str(rng.choice(list(truth)))
         query, answer = query_text(task, key), truth[key]
     elif task == "vt":
@@ -115,15 +122,16 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
 def verify(ex: Example, tok) -> str:
     """Re-derive the one correct answer from the decoded prompt alone; raise if there is none or several."""
     text = tok.decode(ex.ids)
-    assigns = assignments(text)
-    if ex.task == "mk-niah":  # an answered key's line reads like its needle (follow-up questions): one value each
+    completes = ex.task in ("mk-niah", "kv-niah")
+    assigns = assignments(text, ex.task)
+    if completes:  # an answered key's line reads like its needle (follow-up questions): one value each
         assigns = list(dict.fromkeys(assigns))
     lhs = [a for a, _ in assigns]
     if len(set(lhs)) != len(lhs):
         raise ValueError("a name is assigned twice")
     env = dict(assigns)
-    if ex.task == "mk-niah":
-        m = re.search(r"\n(key_\w+) =$", text)
+    if completes:
+        m = re.search(r"\n(key_\w+) =$" if ex.task == "mk-niah" else r"\n(key_\w+)$", text)
         if m is None:
             raise ValueError("no key to complete at the end of the prompt")
         if not env.get(m.group(1), "").isdigit():
@@ -156,10 +164,10 @@ def verify(ex: Example, tok) -> str:
 def chance(task: str, *, pairs: int, queries: int, hops: int) -> float:
     """Exact-match rate of a guesser that knows the format: mq-niah, the values of the ``queries`` asked keys
     drawn from the ``pairs`` values in the prompt; vt, the ``hops+1`` holders drawn (in order) from the
-    ``2*(hops+1)`` variables; mk-niah, one of the ``pairs`` values."""
+    ``2*(hops+1)`` variables; mk-niah and kv-niah, one of the ``pairs`` values."""
     if task == "mq-niah":
         return 1.0 / math.perm(pairs, queries)
-    if task == "mk-niah":
+    if task in ("mk-niah", "kv-niah"):
         return 1.0 / pairs
     return 1.0 / math.perm(2 * (hops + 1), hops + 1)
 

@@ -60,7 +60,10 @@ PRESETS: dict[str, dict] = {
     # copy at all before), 64-token documents (little filler: more steps and a sharper signal per step),
     # the full pretraining rate. On the demo pair (two fine-tunes side by side, one core each) 1400 steps took
     # 39 minutes each and left both below chance: the strongest recipe tried so far, not yet one that works
-    # (benchmarks/science/probes-demo/README.md).
+    # (benchmarks/science/probes-demo/README.md). What holds it back is the induction circuit, and that
+    # waits on the backbone's init: with tied N(0, 0.02) embeddings a fresh model of this architecture does not
+    # learn to copy a span within 300 steps, with untied N(0, 0.1) ones it does by step 150
+    # (benchmarks/bench_induction.py).
     "retrieval": {"tasks": "mk-niah", "supervise": "answer", "follow_ups": 2, "copy_rows": 0.25, "pairs": 3,
                   "queries": 1, "length": 64, "steps": 1400, "seeds": [0, 1],
                   "set": ["train.seq_len=64", "train.lr=3e-3"]},

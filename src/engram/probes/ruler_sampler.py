@@ -59,16 +59,17 @@ def follow_up(ex: R.Example, before: list[int], tok, rng, *, queries: int = 2, *
     answers so far): ``(question_ids, answer_ids)``, the answer re-derived by :func:`ruler.verify` from the
     whole text so far, so it is the one right answer."""
     text = tok.decode(list(before))
-    env = R.assignments(text)
+    env = R.assignments(text, ex.task)
+    completes = ex.task in ("mk-niah", "kv-niah")
     # Unasked keys (values) first: a question asked again could be answered by copying the earlier answer line.
     seen = {w for q in re.findall(r"# (?:values of|variables equal to) ([\w, ]+):", text) for w in q.split(", ")}
-    if ex.task == "mk-niah":  # an answered key's line repeats its needle: a key seen twice was asked
+    if completes:  # an answered key's line repeats its needle: a key seen twice was asked
         names = [k for k, _ in env]
         seen = {k for k in names if names.count(k) > 1}
         env = list(dict.fromkeys(env))
-    if ex.task in ("mq-niah", "mk-niah"):
+    if ex.task in R.NEEDLE_TASKS:
         pool = [k for k, v in env if k.startswith("key_") and v.isdigit()]
-        want = 1 if ex.task == "mk-niah" else min(queries, len(pool))
+        want = 1 if completes else min(queries, len(pool))
     else:
         pool, want = [v for _, v in env if v.isdigit()], 1
     fresh, old = [c for c in pool if c not in seen], [c for c in pool if c in seen]
@@ -112,7 +113,7 @@ class TaskSampler(StepSampler):
 
     def _qa_tokens(self, task: str) -> int:
         sz = {"pairs": 4, "queries": 2, "hops": 1, **self.sizes}
-        if task == "mk-niah":
+        if task in ("mk-niah", "kv-niah"):
             return len(self.tok.encode(R.query_text(task, "key_" + R._WORDS[0]) + " 999\n")) + 2
         if task == "mq-niah":
             keys = [f"key_{w}" for w in R._WORDS[:sz["queries"]]]
