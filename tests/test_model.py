@@ -127,6 +127,19 @@ def test_init_scales_and_tying(build):
     assert abs(untied.blocks[0].engram.table.weight.std().item() - 1.0) < 0.1  # tables keep N(0, 1)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_embed_init_std_scales_the_token_embedding_alone(build, tied):
+    """embed_init_std changes the token embedding's (and a tied head's) std and nothing else: the same draws
+    scaled, every other weight bit-identical, so the default init is the one runs were made with."""
+    base = build(engram=None, tie_embeddings=tied)
+    wide = build(engram=None, tie_embeddings=tied, embed_init_std=0.1)
+    assert torch.allclose(wide.tok_emb.weight, 5 * base.tok_emb.weight, rtol=1e-5, atol=1e-7)
+    a, b = dict(base.named_parameters()), dict(wide.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "tok_emb.weight")  # untied lm_head: still N(0, 0.02)
+    with pytest.raises(ValueError, match="embed_init_std"):
+        tiny_cfg(embed_init_std=0.0)
+
+
 def test_bad_inputs_raise_clear_errors(build):
     model = build()
     with pytest.raises(ValueError, match="out of range"):

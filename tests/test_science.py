@@ -381,3 +381,7 @@ def test_run_ids_survive_config_fields_added_later():
     assert spec.run_id != before
     spec.config.train.init_from = None  # at its default: left out of the id
     assert spec.run_id == before
+    spec.config.model.embed_init_std = 0.1
+    assert spec.run_id != before
+    spec.config.model.embed_init_std = 0.02
+    assert spec.run_id == before

@@ -263,6 +263,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    # The token embedding's init std (linears keep 0.02). Larger and untied, the circuit that copies from the
+    # context (induction) forms far sooner: benchmarks/bench_induction.py.
+    embed_init_std: float = 0.02
     n_routed_experts: int = 0
     n_shared_experts: int = 1
     moe_top_k: int = 2
@@ -292,6 +295,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len", "hc_mult"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.embed_init_std > 0:
+            raise ConfigError(f"embed_init_std must be > 0, got {self.embed_init_std}")
         if self.d_model % self.n_heads or self.head_dim % 2:
             raise ConfigError(f"d_model ({self.d_model}) must split into {self.n_heads} heads of even width")
         if self.n_routed_experts < 0 or self.n_shared_experts < 0:

@@ -197,19 +197,21 @@ class EngramLM(nn.Module):
 
     # -- init / parameter groups ---------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """N(0, 0.02) for linears and embeddings; residual output projections get
+        """N(0, 0.02) for linears, N(0, ``embed_init_std``) for the token embedding (tied: also the output head);
+        residual output projections get
         0.02/sqrt(2*n_layers) (GPT-2), so the residual stream's variance does not grow with depth.
         Engram tables keep their own N(0, 1) init (the reference's); norms start at ones,
         hyper-connections at their static init and the Engram conv at its ``conv_init``."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        emb_w, emb_std = self.tok_emb.weight, self.cfg.embed_init_std
         with torch.no_grad():
-            for mod in self.modules():
-                if isinstance(mod, nn.Linear):
-                    nn.init.normal_(mod.weight, 0.0, std)
+            for mod in self.modules():  # the same draws in the same order whatever the stds
+                if isinstance(mod, nn.Linear):  # a tied output head is the token embedding
+                    nn.init.normal_(mod.weight, 0.0, emb_std if mod.weight is emb_w else std)
                     if mod.bias is not None:
                         mod.bias.zero_()
                 elif isinstance(mod, nn.Embedding):
-                    nn.init.normal_(mod.weight, 0.0, std)
+                    nn.init.normal_(mod.weight, 0.0, emb_std if mod is self.tok_emb else std)
                 elif isinstance(mod, MoE):
                     mod.reset_parameters(std, out_std)
                 elif isinstance(mod, HyperConnection):

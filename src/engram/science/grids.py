@@ -24,7 +24,8 @@ from engram.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 # Config fields added after sweep results were first recorded: left out of a run's id while they hold their
 # default, so adding a field to the config never renames (and so retrains) a finished run.
-LATER_FIELDS: dict[tuple[str, ...], object] = {("train", "init_from"): None, ("model", "engram", "flavour"): "demo"}
+LATER_FIELDS: dict[tuple[str, ...], object] = {("train", "init_from"): None, ("model", "engram", "flavour"): "demo",
+                                               ("model", "embed_init_std"): 0.02}
 
 EXPERIMENTS = ("alloc", "scaling", "layers", "ablations", "tokens")
 PRESETS = ("quick", "full")

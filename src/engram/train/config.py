@@ -181,7 +181,8 @@ def _section_type(tp):
 
 # Model-config fields a fine-tune may change: they shape only the initialisation (overwritten by the
 # loaded weights), the gradients' form, the loss weighting or the RoPE cache, not a weight.
-INIT_FROM_FREE = ("max_seq_len", "router_aux_coef", "engram.sparse", "engram.init_std", "engram.conv_init")
+INIT_FROM_FREE = ("max_seq_len", "router_aux_coef", "embed_init_std", "engram.sparse", "engram.init_std",
+                  "engram.conv_init")
 
 
 def saved_tokenizer(model_dir: str) -> str:
