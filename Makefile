@@ -42,7 +42,7 @@ science-full: $(STAMP)
 
 # benchmarks/science/REPORT.md as committed: both tiers of every sweep and the demo models' probes.
 PROBES := gates engram moe lens cka collisions collisions-demo-preset ruler-engram ruler-moe ruler-finetune \
-	ruler-finetune-600-engram ruler-finetune-600-moe ruler-retrieval
+	ruler-finetune-600-engram ruler-finetune-600-moe ruler-retrieval ruler-untied
 # Sweeps on the prose corpus (engram sweep ... --data benchmarks/science/corpora/man-pages) have folders of their own.
 PROSE_SWEEPS = $(patsubst %/sweep.json,%,$(wildcard $(SCIENCE)/*-man-pages-*/sweep.json))
 report: $(STAMP)
