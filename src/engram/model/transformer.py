@@ -197,9 +197,9 @@ class EngramLM(nn.Module):
 
     # -- init / parameter groups ---------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """N(0, 0.02) for linears, N(0, ``embed_init_std``) for the token embedding (tied: also the output head);
-        residual output projections get
-        0.02/sqrt(2*n_layers) (GPT-2), so the residual stream's variance does not grow with depth.
+        """N(0, 0.02) for linears, N(0, ``embed_init_std``) for the token embedding (tied: also the output
+        head); residual output projections get 0.02/sqrt(2*n_layers) (GPT-2), so the residual stream's variance
+        does not grow with depth.
         Engram tables keep their own N(0, 1) init (the reference's); norms start at ones,
         hyper-connections at their static init and the Engram conv at its ``conv_init``."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)

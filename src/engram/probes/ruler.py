@@ -4,8 +4,8 @@ Three of RULER's synthetic tasks (Hsieh et al. 2024), sized to the model's conte
 haystack (``mq-niah``: several ``key = value`` lines hidden in corpus text, the values of some keys asked for
 in a question), variable tracking (``vt``: ``var_a = 123`` then chains ``var_b = var_a``; which variables hold
 the value?) and multi-key needle-in-a-haystack (``mk-niah``: the same lines, and the prompt ends with one
-key's own left-hand side, ``key_x =``, for the model to complete, as RULER's answer prefix restates the key),
-and ``kv-niah``, mk-niah with ``key_x NNN`` lines, no ``=``: the prompt ends with ``key_x``.
+key's own left-hand side, ``key_x =``, for the model to complete, as RULER's answer prefix restates the key).
+A fourth, ``kv-niah``, is mk-niah with ``key_x NNN`` lines, no ``=``: the prompt ends with ``key_x``.
 ``mk-niah`` is easier for a small model than ``mq-niah``: its answer is the token after an earlier match of the
 prompt's last tokens (what an induction head copies), while ``mq-niah``'s question form needs the match and then
 a jump past the ``=``. In mk-niah that match is two tokens long (the key's word, then the `` =`` that every line
@@ -28,7 +28,8 @@ import numpy as np
 TASKS = ("mq-niah", "vt", "mk-niah", "kv-niah")  # the order seeds each task's stream: append, never reorder
 DEFAULT_TASKS = ("mq-niah", "vt")
 # Names that the stdlib BPE encodes as one token after "key_"/"var_", so a line costs few tokens of the context.
-NEEDLE_TASKS = ("mq-niah", "mk-niah", "kv-niah")  # key/value lines; the last two complete one key's line
+NEEDLE_TASKS = ("mq-niah", "mk-niah", "kv-niah")  # key/value lines
+COMPLETION_TASKS = ("mk-niah", "kv-niah")  # the prompt ends with one key's line for the model to complete
 _WORDS = "alpha anchor blue box cat day delta field ice left month pear red right star sun top tree week year".split()
 
 
@@ -68,7 +69,7 @@ def query_text(task: str, asked) -> str:
     with (without) its ``=``."""
     if task == "mq-niah":
         return f"\n# values of {', '.join(asked)}:"
-    if task in ("mk-niah", "kv-niah"):
+    if task in COMPLETION_TASKS:
         key = asked if isinstance(asked, str) else asked[0]
         return f"\n{key} =" if task == "mk-niah" else f"\n{key}"
     return f"\n# variables equal to {asked}:"
@@ -90,7 +91,7 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
         asked = list(rng.choice(list(truth), queries, replace=False))
         query = query_text(task, asked)
         answer = " ".join(truth[k] for k in asked)
-    elif task in ("mk-niah", "kv-niah"):
+    elif task in COMPLETION_TASKS:
         lines, truth = _needle_lines(rng, pairs, " = " if task == "mk-niah" else " ")
         key = str(rng.choice(list(truth)))
         query, answer = query_text(task, key), truth[key]
@@ -122,7 +123,7 @@ def build_example(task: str, tok, filler: np.ndarray, length: int, rng, *, pairs
 def verify(ex: Example, tok) -> str:
     """Re-derive the one correct answer from the decoded prompt alone; raise if there is none or several."""
     text = tok.decode(ex.ids)
-    completes = ex.task in ("mk-niah", "kv-niah")
+    completes = ex.task in COMPLETION_TASKS
     assigns = assignments(text, ex.task)
     if completes:  # an answered key's line reads like its needle (follow-up questions): one value each
         assigns = list(dict.fromkeys(assigns))
@@ -167,7 +168,7 @@ def chance(task: str, *, pairs: int, queries: int, hops: int) -> float:
     ``2*(hops+1)`` variables; mk-niah and kv-niah, one of the ``pairs`` values."""
     if task == "mq-niah":
         return 1.0 / math.perm(pairs, queries)
-    if task in ("mk-niah", "kv-niah"):
+    if task in COMPLETION_TASKS:
         return 1.0 / pairs
     return 1.0 / math.perm(2 * (hops + 1), hops + 1)
 

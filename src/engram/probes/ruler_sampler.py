@@ -60,7 +60,7 @@ def follow_up(ex: R.Example, before: list[int], tok, rng, *, queries: int = 2, *
     whole text so far, so it is the one right answer."""
     text = tok.decode(list(before))
     env = R.assignments(text, ex.task)
-    completes = ex.task in ("mk-niah", "kv-niah")
+    completes = ex.task in R.COMPLETION_TASKS
     # Unasked keys (values) first: a question asked again could be answered by copying the earlier answer line.
     seen = {w for q in re.findall(r"# (?:values of|variables equal to) ([\w, ]+):", text) for w in q.split(", ")}
     if completes:  # an answered key's line repeats its needle: a key seen twice was asked
@@ -113,7 +113,7 @@ class TaskSampler(StepSampler):
 
     def _qa_tokens(self, task: str) -> int:
         sz = {"pairs": 4, "queries": 2, "hops": 1, **self.sizes}
-        if task in ("mk-niah", "kv-niah"):
+        if task in R.COMPLETION_TASKS:
             return len(self.tok.encode(R.query_text(task, "key_" + R._WORDS[0]) + " 999\n")) + 2
         if task == "mq-niah":
             keys = [f"key_{w}" for w in R._WORDS[:sz["queries"]]]
