@@ -120,7 +120,9 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
     try:
         cfg = RunConfig.from_dict(spec["config"])
         torch.set_num_threads(max(1, cfg.train.threads))
-        t0 = time.time()
+        # wall_s and cpu_s (this process, every thread) of this attempt: runs share the cores, so the CPU time
+        # is what a budget in CPU-hours counts.
+        t0, c0 = time.time(), time.process_time()
         data = prepare_run_data(cfg)
         resume = (run_dir / "config.json").is_file()
         trainer = Trainer(None if resume else cfg, run_dir, resume=resume, data=data, progress=progress)
@@ -134,7 +136,8 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
         result = {"format": "engram-sweep-run-1", "name": spec.get("name"), "val_loss": res.val_loss,
                   "tokens": res.tokens, "steps": res.step, "tokens_per_s": res.tokens_per_s,
                   "params": res.params, "threads": torch.get_num_threads(), "wall_s": time.time() - t0,
-                  "table_usage": usage, "gates": gates, "data": _data_facts(trainer)}
+                  "cpu_s": time.process_time() - c0, "table_usage": usage, "gates": gates,
+                  "data": _data_facts(trainer)}
         if not spec.get("keep_model", False):
             shutil.rmtree(run_dir / "model", ignore_errors=True)
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # a finished run never resumes
