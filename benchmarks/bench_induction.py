@@ -3,8 +3,11 @@
 The demo models score 0 on every in-context probe, and fine-tunes on RULER-style tasks do not grow the
 circuit within their budget. This isolates the backbone: fresh 2-layer models of this package's
 architecture (RoPE, RMSNorm, SwiGLU) learn the copy task below from scratch, with the embedding init as
-the one variable, next to a plain PyTorch ``nn.TransformerEncoder`` (learned positions, N(0, 1)
-embeddings) as the control. With ``--model DIR`` a trained model learns the same task from its weights.
+the variable, next to a plain PyTorch ``nn.TransformerEncoder`` (learned positions, N(0, 1)
+embeddings) as the control. Three more variants move one step at a time towards the demo models: the
+same 2-layer model with the demo's 8192-token vocabulary (the task still uses 64 of its tokens), and the
+demo preset's MoE architecture trained fresh at either init. With ``--model DIR`` a trained model learns
+the same task from its weights. ``--variants WORD...`` runs only the variants whose name contains a word.
 
 Task: each row is a span of 8..30 distinct tokens drawn from a 64-token alphabet, then the span again,
 right-padded to 64 positions; the loss is on the repeat (its second token on), so only copying predicts
@@ -19,6 +22,7 @@ Run: .venv/bin/python benchmarks/bench_induction.py [--steps 300] [--seeds 0 1] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -63,14 +67,33 @@ class Reference(nn.Module):
         return F.cross_entropy(self.out(h_BTD).flatten(0, 1), y_BT.flatten(), ignore_index=-100)
 
 
-def ours(tied: bool, emb_std: float | None) -> EngramLM:
-    m = EngramLM(ModelConfig(vocab_size=V + 1, d_model=D, n_layers=2, n_heads=4, mlp_hidden=3 * D,
+def ours(tied: bool, emb_std: float | None, vocab: int = V + 1, head: str = "full") -> EngramLM:
+    """``head``: "full" (a row per vocabulary id), "cut" (the untied head's first V + 1 rows only: the ids the
+    task uses, the same draws) or "bias" (the full head plus a learned logit bias, zero at the start)."""
+    m = EngramLM(ModelConfig(vocab_size=vocab, d_model=D, n_layers=2, n_heads=4, mlp_hidden=3 * D,
                              max_seq_len=256, tie_embeddings=tied))
     # The same init as model.embed_init_std, drawn again after the package's N(0, 0.02) one (as for the recorded
     # figures), so the other weights are the same draws in every variant.
     if emb_std is not None:
         nn.init.normal_(m.tok_emb.weight, 0.0, emb_std)
+    if head != "full":
+        rows = V + 1 if head == "cut" else vocab
+        lin = nn.Linear(D, rows, bias=head == "bias")
+        with torch.no_grad():
+            lin.weight.copy_(m.lm_head.weight[:rows])
+            if lin.bias is not None:
+                lin.bias.zero_()
+        m.lm_head = lin
+        m.cfg = dataclasses.replace(m.cfg, vocab_size=rows)
     return m
+
+
+def demo_moe(tied: bool, emb_std: float) -> EngramLM:
+    """The demo preset's MoE baseline (4 layers, 32 routed experts, 8192-token vocabulary), fresh."""
+    from engram.train.config import run_preset
+
+    cfg = dataclasses.replace(run_preset("demo").model, engram=None, tie_embeddings=tied, embed_init_std=emb_std)
+    return EngramLM(cfg)
 
 
 VARIANTS = {
@@ -78,6 +101,14 @@ VARIANTS = {
     "ours: untied, N(0, 0.02)": lambda: ours(False, None),
     "ours: untied, N(0, 0.1)": lambda: ours(False, 0.1),
     "control: nn.TransformerEncoder, N(0, 1)": Reference,
+    # The same 64-token task in the demo's 8192-token vocabulary: the plateau before copying lasts longer.
+    "ours: untied, N(0, 0.1), vocabulary 8192": lambda: ours(False, 0.1, vocab=8192),
+    # The same model with its head cut to the task's ids copies like the small vocabulary: the head's size is
+    # what lengthens the plateau. A logit bias (which could hold the unused ids down alone) does not shorten it.
+    "ours: untied, N(0, 0.1), vocabulary 8192, head cut to the task's ids": lambda: ours(False, 0.1, 8192, "cut"),
+    "ours: untied, N(0, 0.1), vocabulary 8192, with a logit bias": lambda: ours(False, 0.1, 8192, "bias"),
+    "demo MoE architecture, fresh: tied, N(0, 0.02)": lambda: demo_moe(True, 0.02),
+    "demo MoE architecture, fresh: untied, N(0, 0.1)": lambda: demo_moe(False, 0.1),
 }
 
 
@@ -107,11 +138,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--model", help="also: a trained model directory learning the task from its weights")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", metavar="WORD",
+                    help="run only the variants whose name contains one of these words (default: all)")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     results = {}
     for name, make in VARIANTS.items():
+        if a.variants and not any(w in name for w in a.variants):
+            continue
         results[name] = {}
         for seed in a.seeds:
             torch.manual_seed(seed)
