@@ -4,9 +4,10 @@ The demo models score 0 on every in-context probe, and fine-tunes on RULER-style
 circuit within their budget. This isolates the backbone: fresh 2-layer models of this package's
 architecture (RoPE, RMSNorm, SwiGLU) learn the copy task below from scratch, with the embedding init as
 the variable, next to a plain PyTorch ``nn.TransformerEncoder`` (learned positions, N(0, 1)
-embeddings) as the control. Three more variants move one step at a time towards the demo models: the
-same 2-layer model with the demo's 8192-token vocabulary (the task still uses 64 of its tokens), and the
-demo preset's MoE architecture trained fresh at either init. With ``--model DIR`` a trained model learns
+embeddings) as the control. More variants move one step at a time towards the demo models: the same
+2-layer model with the demo's 8192-token vocabulary (the task still uses 64 of its tokens), with its head
+then cut to the task's ids or given a logit bias, and the demo preset's MoE architecture trained fresh at
+either init. With ``--model DIR`` a trained model learns
 the same task from its weights. ``--variants WORD...`` runs only the variants whose name contains a word.
 
 Task: each row is a span of 8..30 distinct tokens drawn from a 64-token alphabet, then the span again,
