@@ -6,8 +6,8 @@ architecture (RoPE, RMSNorm, SwiGLU) learn the copy task below from scratch, wit
 the variable, next to a plain PyTorch ``nn.TransformerEncoder`` (learned positions, N(0, 1)
 embeddings) as the control. More variants move one step at a time towards the demo models: the same
 2-layer model with the demo's 8192-token vocabulary (the task still uses 64 of its tokens), with its head
-then cut to the task's ids or given a logit bias, and the demo preset's MoE architecture trained fresh at
-either init. With ``--model DIR`` a trained model learns
+then cut to the task's ids or given a logit bias (from zero, or holding the unused ids down), and the
+demo preset's MoE architecture trained fresh at either init. With ``--model DIR`` a trained model learns
 the same task from its weights. ``--variants WORD...`` runs only the variants whose name contains a word.
 
 Task: each row is a span of 8..30 distinct tokens drawn from a 64-token alphabet, then the span again,
@@ -70,7 +70,8 @@ class Reference(nn.Module):
 
 def ours(tied: bool, emb_std: float | None, vocab: int = V + 1, head: str = "full") -> EngramLM:
     """``head``: "full" (a row per vocabulary id), "cut" (the untied head's first V + 1 rows only: the ids the
-    task uses, the same draws) or "bias" (the full head plus a learned logit bias, zero at the start)."""
+    task uses, the same draws), "bias" (the full head plus a learned logit bias, zero at the start) or "held"
+    (that bias starting at -20 on the ids the task never uses, so they start held down)."""
     m = EngramLM(ModelConfig(vocab_size=vocab, d_model=D, n_layers=2, n_heads=4, mlp_hidden=3 * D,
                              max_seq_len=256, tie_embeddings=tied))
     # The same init as model.embed_init_std, drawn again after the package's N(0, 0.02) one (as for the recorded
@@ -79,11 +80,13 @@ def ours(tied: bool, emb_std: float | None, vocab: int = V + 1, head: str = "ful
         nn.init.normal_(m.tok_emb.weight, 0.0, emb_std)
     if head != "full":
         rows = V + 1 if head == "cut" else vocab
-        lin = nn.Linear(D, rows, bias=head == "bias")
+        lin = nn.Linear(D, rows, bias=head in ("bias", "held"))
         with torch.no_grad():
             lin.weight.copy_(m.lm_head.weight[:rows])
             if lin.bias is not None:
                 lin.bias.zero_()
+                if head == "held":
+                    lin.bias[V + 1:] = -20.0
         m.lm_head = lin
         m.cfg = dataclasses.replace(m.cfg, vocab_size=rows)
     return m
@@ -105,9 +108,13 @@ VARIANTS = {
     # The same 64-token task in the demo's 8192-token vocabulary: the plateau before copying lasts longer.
     "ours: untied, N(0, 0.1), vocabulary 8192": lambda: ours(False, 0.1, vocab=8192),
     # The same model with its head cut to the task's ids copies like the small vocabulary: the head's size is
-    # what lengthens the plateau. A logit bias (which could hold the unused ids down alone) does not shorten it.
+    # what lengthens the plateau. A logit bias (which could hold the unused ids down alone) does not shorten it
+    # when it starts at zero, and does when it starts holding them down: the plateau is what the first steps,
+    # spent pushing the unused ids down, leave behind.
     "ours: untied, N(0, 0.1), vocabulary 8192, head cut to the task's ids": lambda: ours(False, 0.1, 8192, "cut"),
     "ours: untied, N(0, 0.1), vocabulary 8192, with a logit bias": lambda: ours(False, 0.1, 8192, "bias"),
+    "ours: untied, N(0, 0.1), vocabulary 8192, unused ids held down from the start": lambda: ours(False, 0.1, 8192,
+                                                                                                 "held"),
     "demo MoE architecture, fresh: tied, N(0, 0.02)": lambda: demo_moe(True, 0.02),
     "demo MoE architecture, fresh: untied, N(0, 0.1)": lambda: demo_moe(False, 0.1),
 }

@@ -64,7 +64,7 @@ PRESETS: dict[str, dict] = {
     # waits on the backbone's init: with tied N(0, 0.02) embeddings a fresh model of this architecture does not
     # learn to copy a span within 300 steps, with untied N(0, 0.1) ones it does by step 150, but only with a
     # 64-id vocabulary: with the demo's 8192 ids it does not within 300 steps unless its head is cut to the
-    # task's ids (benchmarks/bench_induction.py).
+    # task's ids or a logit bias holds the unused ids down from the first step (benchmarks/bench_induction.py).
     "retrieval": {"tasks": "mk-niah", "supervise": "answer", "follow_ups": 2, "copy_rows": 0.25, "pairs": 3,
                   "queries": 1, "length": 64, "steps": 1400, "seeds": [0, 1],
                   "set": ["train.seq_len=64", "train.lr=3e-3"]},
