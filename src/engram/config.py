@@ -36,6 +36,7 @@ ConvInit = Literal["zero", "default"]
 GateMode = Literal["context", "fixed"]
 BranchGates = Literal["per_branch", "shared"]
 Flavour = Literal["demo", "v41"]
+HeadBias = Literal["none", "zero", "log_prior"]
 
 
 @dataclass
@@ -275,6 +276,10 @@ class ModelConfig:
     router_aux_coef: float = 0.01
     hc_mult: int = 1
     hc_dynamic: bool = False
+    # A learned bias on the output logits. "log_prior" starts it at the train split's log unigram frequencies
+    # (add-one, centred; set by the trainer), so step 0 already predicts the unigram distribution: a baseline
+    # that does not spend its first steps learning token frequencies (benchmarks/science/head-bias).
+    head_bias: HeadBias = "none"
     engram: EngramConfig | None = None
 
     def __post_init__(self) -> None:
@@ -315,6 +320,9 @@ class ModelConfig:
             raise ConfigError(f"first_dense_layers must be >= 0, got {self.first_dense_layers}")
         if self.router_aux_coef < 0:
             raise ConfigError(f"router_aux_coef must be >= 0, got {self.router_aux_coef}")
+        if self.head_bias not in get_args(HeadBias):
+            raise ConfigError(f"head_bias must be one of {', '.join(map(repr, get_args(HeadBias)))}, "
+                              f"got {self.head_bias!r}")
         if self.engram is not None:
             bad = [i for i in self.engram.layer_ids if not 0 <= i < self.n_layers]
             if bad:

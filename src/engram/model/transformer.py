@@ -170,6 +170,8 @@ class EngramLM(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, V, bias=False)
+        if cfg.head_bias != "none":  # made here, not by nn.Linear: its init would draw and shift every later draw
+            self.lm_head.bias = nn.Parameter(torch.zeros(V))  # 0, or the prior (set_head_prior)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.set_memory(None)
@@ -230,6 +232,21 @@ class EngramLM(nn.Module):
                     outs.append(blk.engram.value_proj)  # also writes into the residual stream
                 for lin in outs:
                     nn.init.normal_(lin.weight, 0.0, out_std)
+
+    def set_head_prior(self, counts_V) -> EngramLM:
+        """Set the output bias to the log unigram prior of token ``counts_V`` (one count per id; add-one
+        smoothed, centred so the bias sums to 0). With the weights at init the logits are then ~the
+        log prior: step 0 predicts the corpus's token frequencies. Returns ``self``."""
+        if self.lm_head.bias is None:
+            raise ValueError("this model has no output bias (model.head_bias='none')")
+        counts = torch.as_tensor(counts_V, dtype=torch.float64).reshape(-1)
+        if counts.numel() != self.lm_head.out_features or not bool((counts >= 0).all()):
+            raise ValueError(f"set_head_prior needs {self.lm_head.out_features} non-negative counts, one per id; "
+                             f"got {counts.numel()}")
+        logp = torch.log((counts + 1) / (counts.sum() + counts.numel()))
+        with torch.no_grad():
+            self.lm_head.bias.copy_((logp - logp.mean()).to(self.lm_head.bias.dtype))
+        return self
 
     def compile_engram(self, on: bool = True) -> EngramLM:
         """Run every Engram layer's post-lookup math through ``torch.compile`` while gradients are

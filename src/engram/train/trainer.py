@@ -147,6 +147,11 @@ class Trainer(TrainLoop, DeferredReads):
         model = EngramLM(cfg.model, vocab)
         if tc.init_from is not None and state is None:  # step 0 of a fine-tune; a checkpoint supersedes it
             model.load_state_dict(EngramLM.from_pretrained(tc.init_from).state_dict())
+        elif cfg.model.head_bias == "log_prior" and state is None:  # (a checkpoint holds the trained bias)
+            import numpy as np
+
+            V = cfg.model.vocab_size
+            model.set_head_prior(np.bincount(np.asarray(self.data.train).reshape(-1), minlength=V)[:V])
         self.model = self._build_model(model.to(self.device).compile_engram(tc.compile_engram))
         self.opt, self.table_opt = self._build_optimizers()
         from engram.data import BatchSampler, val_batches
