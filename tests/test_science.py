@@ -165,6 +165,48 @@ def test_a_sweep_on_another_corpus_gets_its_own_folder(tmp_path, make_corpus, mo
         plan("sci", "alloc", "tiny", seeds=[0], data=["prose"], out=quiet)
 
 
+def test_sweep_overrides_reach_every_run_and_get_their_own_folder(tmp_path, monkeypatch, capsys):
+    """``--set`` changes every run of the grid (both models of each pair) and nothing else, plans into a folder
+    of its own (the plain sweep's record untouched), and refuses the settings a sweep fixes itself."""
+    from engram.cli import main
+    from engram.config import UserError
+    from engram.science.sweep import sweep_name
+
+    monkeypatch.chdir(tmp_path)
+    quiet = lambda *_: None  # noqa: E731
+    plain_dir, plain = plan("sci", "alloc", "tiny", seeds=[0], out=quiet)
+    before = (plain_dir / "sweep.json").read_bytes()
+    sets = ["model.head_bias=log_prior", "train.lr=0.002"]
+    set_dir, changed = plan("sci", "alloc", "tiny", seeds=[0], overrides=sets, out=quiet)
+    assert set_dir != plain_dir and set_dir.name.startswith("alloc-tiny-set-head_bias-log_prior-lr-0.002-")
+    assert set_dir.name == sweep_name("alloc", "tiny", None, sets)
+    assert (plain_dir / "sweep.json").read_bytes() == before
+    assert json.loads((set_dir / "sweep.json").read_text())["overrides"] == sets
+    assert [s.name for s in changed] == [s.name for s in plain]
+    for a, b in zip(plain, changed, strict=True):
+        assert a.run_id != b.run_id
+        assert b.config.model.head_bias == "log_prior" and b.config.train.lr == 0.002
+        da, db = a.config.to_dict(), b.config.to_dict()
+        da["model"]["head_bias"], da["train"]["lr"], da["preset"] = "log_prior", 0.002, db["preset"]
+        assert da == db  # nothing else moved
+    assert count_params(changed[0].config.model)["total"] - count_params(plain[0].config.model)["total"] == \
+        plain[0].config.model.vocab_size
+    for bad in ("train.threads=2", "data.vocab_size=256", "data.data=['x']"):
+        with pytest.raises(ConfigError, match="a sweep sets"):
+            plan("sci", "alloc", "tiny", seeds=[0], overrides=[bad], out=quiet)
+    with pytest.raises(ConfigError, match="no config field"):
+        plan("sci", "alloc", "tiny", seeds=[0], overrides=["model.head_biass=zero"], out=quiet)
+    rec = json.loads((set_dir / "sweep.json").read_text())
+    rec["overrides"] = ["model.head_bias=zero"]
+    (set_dir / "sweep.json").write_text(json.dumps(rec))
+    with pytest.raises(UserError, match="with the settings"):
+        plan("sci", "alloc", "tiny", seeds=[0], overrides=sets, out=quiet)
+    quick_dir, quick = plan("sci", "alloc", "quick", seeds=[0], overrides=["model.head_bias=zero"], out=quiet)
+    assert main(["sweep", "alloc", "--preset", "quick", "--out", "sci", "--set", "model.head_bias=zero",
+                 "--status"]) == 0  # reads the folder of the sweep with these settings
+    assert f"pending: {len(quick)}" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, monkeypatch):
     from engram.train.config import RunConfig
@@ -302,8 +344,13 @@ def test_report_keeps_a_sweep_per_corpus_apart(tmp_path):
     a = _fake_sweep(tmp_path, "alloc", runs, seeds=(0, 1))
     b = _fake_sweep(tmp_path, "alloc", [(n, p, s, loss + 1, x) for n, p, s, loss, x in runs], seeds=(0, 1),
                     folder="alloc-fake-prose-abc123", data=["corpora/prose"])
-    md = report.build_report([a, b], tmp_path / "out", out=lambda *_: None).read_text()
+    c = _fake_sweep(tmp_path, "alloc", [(n, p, s, loss - 1, x) for n, p, s, loss, x in runs], seeds=(0, 1),
+                    folder="alloc-fake-set-head_bias-log_prior-def456")
+    rec = json.loads((c / "sweep.json").read_text())
+    (c / "sweep.json").write_text(json.dumps({**rec, "overrides": ["model.head_bias=log_prior"]}))
+    md = report.build_report([a, b, c], tmp_path / "out", out=lambda *_: None).read_text()
     assert "(fake)\n" in md and "(fake, prose)\n" in md and "- data: corpora/prose" in md
+    assert "(fake, model.head_bias=log_prior)\n" in md
     csv_a, csv_b = ((tmp_path / "out" / f"{d.name}.csv").read_text() for d in (a, b))
     assert csv_a != csv_b and (tmp_path / "out" / "alloc-fake-prose-abc123.png").is_file()
 

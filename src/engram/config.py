@@ -278,7 +278,7 @@ class ModelConfig:
     hc_dynamic: bool = False
     # A learned bias on the output logits. "log_prior" starts it at the train split's log unigram frequencies
     # (add-one, centred; set by the trainer), so step 0 already predicts the unigram distribution: a baseline
-    # that does not spend its first steps learning token frequencies (benchmarks/science/head-bias).
+    # that does not spend its first steps learning token frequencies (benchmarks/RESULTS.md, the demo pair).
     head_bias: HeadBias = "none"
     engram: EngramConfig | None = None
 

@@ -13,7 +13,7 @@ def _sweep(args) -> int:
     args_given = [a for a in sys.argv[1:] if a not in ("--status", "--dry-run")]
     command = "engram " + shlex.join(args_given) if sys.argv[1:2] == ["sweep"] else None
     if args.status:  # reads the sweep as planned; changes no file
-        sweep_dir = Path(args.out) / sweep_name(args.experiment, args.preset, args.data)
+        sweep_dir = Path(args.out) / sweep_name(args.experiment, args.preset, args.data, args.set or ())
         if not (sweep_dir / SWEEP_FILE).is_file():
             print(f"{sweep_dir}: not planned yet (run the sweep, or --dry-run to list its runs)")
             return 0
@@ -23,7 +23,7 @@ def _sweep(args) -> int:
             print(f"{k}: {len(names)}" + (f"  ({', '.join(names[:6])}{more})" if names else ""))
         return 0
     left = sweep(args.experiment, args.preset, root=args.out, seeds=args.seeds, data=args.data, prose=args.prose,
-                 jobs=args.jobs, command=command, dry_run=args.dry_run)
+                 overrides=args.set or (), jobs=args.jobs, command=command, dry_run=args.dry_run)
     if left:
         print(f"{left} run(s) unfinished: run the same command again to continue", file=sys.stderr)
         return 1
@@ -61,6 +61,9 @@ def add_parsers(sub, formatter, at_least) -> None:
     s.add_argument("--prose", nargs="+",
                    help="the tokens experiment's prose corpus (default: this machine's manual pages, built "
                         "once under --out)")
+    s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a setting of every run (repeatable), e.g. --set model.head_bias=log_prior; "
+                        "the sweep gets a folder of its own")
     s.add_argument("--out", default="science", help="sweep root: runs/, one folder per sweep, corpora/")
     s.add_argument("--jobs", type=at_least(1), help="runs at a time (default: one per core, at most 2)")
     s.add_argument("--dry-run", action="store_true", help="list the runs and their ids, train nothing")

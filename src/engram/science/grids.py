@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 
 from engram.config import ConfigError, EngramConfig
-from engram.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from engram.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides
 
 # Config fields added after sweep results were first recorded: left out of a run's id while they hold their
 # default, so adding a field to the config never renames (and so retrains) a finished run.
@@ -288,13 +288,29 @@ def _tokens(sc: Scale, data: DataConfig, prose: DataConfig | None) -> list[RunSp
     return out
 
 
+def sweep_overrides(base: RunConfig, overrides) -> RunConfig:
+    """``base`` with ``overrides`` applied. The data and the thread count are the sweep's own (``--data``,
+    ``--prose``, `SWEEP_THREADS`): overriding them would be silently undone, so it is refused."""
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        if key == "data" or key.startswith("data.") or key == "train.threads":
+            raise ConfigError(f"sweep override {ov!r}: a sweep sets {key} itself (use --data / --prose for the "
+                              f"corpus; every run trains on {SWEEP_THREADS} thread(s))")
+    return apply_overrides(base, list(overrides))
+
+
 def build_grid(experiment: str, preset: str, *, seeds: list[int] | None = None, data: list[str] | None = None,
-               prose: list[str] | None = None, vocab_size: int | None = None) -> list[RunSpec]:
+               prose: list[str] | None = None, vocab_size: int | None = None,
+               overrides: list[str] | tuple[str, ...] = ()) -> list[RunSpec]:
     """Every run of ``experiment`` at ``preset``; ``seeds`` replaces the preset's, ``data`` the default corpus
-    (the Python standard library), ``prose`` the tokens experiment's second corpus."""
+    (the Python standard library), ``prose`` the tokens experiment's second corpus. ``overrides``
+    (``section.field=value``) change the preset's base config before any point is derived from it, so every
+    run of the grid carries them (e.g. ``model.head_bias=log_prior`` for both models of every pair)."""
     if experiment not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
     sc = scale(preset)
+    if overrides:
+        sc.base = sweep_overrides(sc.base, overrides)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ConfigError(f"--seeds must be distinct non-negative integers, got {seeds}")

@@ -115,6 +115,7 @@ def section(rec: dict, out_dir: Path) -> str:
     write_csv(rs, out_dir / f"{name}.csv")
     missing = [r["name"] for r in rec["runs"] if r["result"] is None]
     on = f", {Path(rec['data'][0]).name}" if rec.get("data") else ""
+    on += "".join(f", {ov}" for ov in rec.get("overrides") or ())  # a sweep with --set is told apart by its title
     head = [f"## {TITLES.get(exp, exp)} ({rec['preset']}{on})", "",
             f"- command: `{rec['command']}`",
             f"- git SHA: `{rec.get('git_sha_first') or rec.get('git_sha')}` (sweep planned {rec.get('created')})",

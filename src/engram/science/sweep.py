@@ -5,6 +5,7 @@ Layout under the sweep root (``--out``, default ``science/``)::
     ROOT/runs/<run_id>/            one training run: spec.json, the trainer's files, result.json when done
     ROOT/<experiment>-<preset>/sweep.json   the grid: command, git SHA, data, seeds, and each run's point + id
     ROOT/<experiment>-<preset>-<corpus>/    the same with ``--data``: one folder per corpus, none overwritten
+    ROOT/<experiment>-<preset>[-<corpus>]-set-<settings>/   the same with ``--set`` overrides
     ROOT/corpora/man-pages/        the prose corpus, built once when the tokens experiment needs it
 
 A run's id hashes its whole config, so experiments that share a point share its run (trained once). Run
@@ -63,23 +64,31 @@ def _portable(path: str | Path) -> str:
     return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
 
 
-def sweep_name(experiment: str, preset: str, data=None) -> str:
+def _label(text: str, limit: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:limit]
+
+
+def sweep_name(experiment: str, preset: str, data=None, overrides=()) -> str:
     """The sweep's folder name: ``<experiment>-<preset>`` on the default corpus; with ``data`` a suffix of the
     corpus's folder or file name and a hash of its recorded paths, so a sweep on another corpus never reuses
-    (and overwrites) the default corpus's record, and two corpora that share a folder name stay apart."""
-    base = f"{experiment}-{preset}"
-    if not data:
-        return base
-    paths = [_portable(p) for p in data]
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(paths[0]).stem or "data").strip("-.")[:32] or "data"
-    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:6]
-    return f"{base}-{label}-{digest}"
+    (and overwrites) the default corpus's record, and two corpora that share a folder name stay apart. With
+    ``overrides`` a further suffix, ``set-<the settings, shortened>-<hash>``, for the same reason."""
+    name = f"{experiment}-{preset}"
+    if data:
+        paths = [_portable(p) for p in data]
+        label = _label(Path(paths[0]).stem or "data", 32) or "data"
+        name += f"-{label}-{hashlib.sha256(chr(10).join(paths).encode()).hexdigest()[:6]}"
+    if overrides:
+        sets = [ov.strip() for ov in overrides]
+        short = _label("-".join(ov.split("=", 1)[0].split(".")[-1] + "-" + ov.split("=", 1)[-1] for ov in sets), 40)
+        name += f"-set-{short}-{hashlib.sha256(chr(10).join(sets).encode()).hexdigest()[:6]}"
+    return name
 
 
-def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None,
+def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=None, prose=None, overrides=(),
          command: str | None = None, out=print, write: bool = True) -> tuple[Path, list[RunSpec]]:
     """Write the sweep's ``sweep.json`` and each run's ``spec.json`` (existing runs untouched); with
-    ``write=False`` only compute them (a dry run changes no file)."""
+    ``write=False`` only compute them (a dry run changes no file). ``overrides`` see `build_grid`."""
     from engram.train.run import git_sha, versions
 
     root = Path(root)
@@ -90,8 +99,9 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
     for p in (data or []) + (prose or []):
         if not Path(p).exists():
             raise UserError(f"data path {p} does not exist")
-    specs = build_grid(experiment, preset, seeds=seeds, data=data, prose=prose)
-    sweep_dir = root / sweep_name(experiment, preset, data)
+    overrides = [ov.strip() for ov in overrides]
+    specs = build_grid(experiment, preset, seeds=seeds, data=data, prose=prose, overrides=overrides)
+    sweep_dir = root / sweep_name(experiment, preset, data, overrides)
     old = sweep_dir / SWEEP_FILE
     if old.is_file():  # a folder planned before per-corpus names, or edited by hand: never mix two corpora
         prev = json.loads(old.read_text())
@@ -99,6 +109,9 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
             raise UserError(f"{sweep_dir} holds a sweep on data {prev.get('data') or 'default'}"
                             f"{', prose ' + str(prev['prose']) if prev.get('prose') else ''}; this one is on "
                             f"{data or 'default'}{', prose ' + str(prose) if prose else ''}: use another --out")
+        if (prev.get("overrides") or []) != overrides:
+            raise UserError(f"{sweep_dir} holds a sweep with the settings {prev.get('overrides') or 'of the preset'}, "
+                            f"not {overrides or 'those of the preset'}: use another --out")
     if not write:
         return sweep_dir, specs
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +131,7 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
     record = {"format": "engram-sweep-1", "experiment": experiment, "preset": preset,
               "command": command or "engram sweep " + shlex.join([experiment, "--preset", preset]),
               "git_sha": git_sha(), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "data": data, "prose": prose, "vocab_size": specs[0].config.data.vocab_size,
+              "data": data, "prose": prose, "overrides": overrides, "vocab_size": specs[0].config.data.vocab_size,
               "seeds": sorted({s.seed for s in specs}), "threads": SWEEP_THREADS,
               "runs": [{"name": s.name, "point": s.point, "seed": s.seed, "corpus": s.corpus,
                         "run": f"../{RUNS}/{s.run_id}"} for s in specs]}
@@ -225,12 +238,12 @@ def _warm_data(rec: dict, out) -> None:
         prepare_data(list(c) if c else None, vocab_size=rec.get("vocab_size", 8192), progress=False)
 
 
-def sweep(experiment: str, preset: str, *, root="science", seeds=None, data=None, prose=None, jobs=None,
-          command=None, dry_run=False, out=print) -> int:
+def sweep(experiment: str, preset: str, *, root="science", seeds=None, data=None, prose=None, overrides=(),
+          jobs=None, command=None, dry_run=False, out=print) -> int:
     """Plan and run a sweep (see the module docstring); the number of runs left unfinished."""
     try:
-        sweep_dir, specs = plan(root, experiment, preset, seeds=seeds, data=data, prose=prose, command=command,
-                                out=out, write=not dry_run)
+        sweep_dir, specs = plan(root, experiment, preset, seeds=seeds, data=data, prose=prose, overrides=overrides,
+                                command=command, out=out, write=not dry_run)
     except ConfigError:
         raise
     if dry_run:
