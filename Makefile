@@ -45,8 +45,10 @@ PROBES := gates engram moe lens cka collisions collisions-demo-preset ruler-engr
 	ruler-finetune-600-engram ruler-finetune-600-moe ruler-retrieval ruler-untied
 # Sweeps on the prose corpus (engram sweep ... --data benchmarks/science/corpora/man-pages) have folders of their own.
 PROSE_SWEEPS = $(patsubst %/sweep.json,%,$(wildcard $(SCIENCE)/*-man-pages-*/sweep.json))
+# Sweeps with --set overrides (e.g. the token sweep against a baseline started at the unigram prior) too.
+SET_SWEEPS = $(filter-out $(PROSE_SWEEPS),$(patsubst %/sweep.json,%,$(wildcard $(SCIENCE)/*-set-*/sweep.json)))
 report: $(STAMP)
-	$(BIN)/engram report $(foreach t,quick full,$(foreach e,$(EXPERIMENTS),$(SCIENCE)/$(e)-$(t))) $(PROSE_SWEEPS) \
+	$(BIN)/engram report $(foreach t,quick full,$(foreach e,$(EXPERIMENTS),$(SCIENCE)/$(e)-$(t))) $(PROSE_SWEEPS) $(SET_SWEEPS) \
 		$(foreach p,$(PROBES),$(SCIENCE)/probes-demo/$(p)) --out $(SCIENCE)
 
 clean:
