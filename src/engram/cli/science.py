@@ -22,8 +22,12 @@ def _sweep(args) -> int:
             more = " ..." if len(names) > 6 else ""
             print(f"{k}: {len(names)}" + (f"  ({', '.join(names[:6])}{more})" if names else ""))
         return 0
-    left = sweep(args.experiment, args.preset, root=args.out, seeds=args.seeds, data=args.data, prose=args.prose,
-                 overrides=args.set or (), jobs=args.jobs, command=command, dry_run=args.dry_run)
+    try:
+        left = sweep(args.experiment, args.preset, root=args.out, seeds=args.seeds, data=args.data,
+                     prose=args.prose, overrides=args.set or (), jobs=args.jobs, command=command,
+                     dry_run=args.dry_run)
+    except KeyboardInterrupt:  # the sweep has stopped its workers and said how to go on: no traceback
+        return 130
     if left:
         print(f"{left} run(s) unfinished: run the same command again to continue", file=sys.stderr)
         return 1

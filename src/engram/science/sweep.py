@@ -21,17 +21,21 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from engram.atomic import write_json_atomic
 from engram.config import ConfigError, UserError
 from engram.science.grids import SWEEP_THREADS, RunSpec, build_grid
-from engram.science.worker import RESULT, SPEC
+from engram.science.worker import EXIT_BUSY, EXIT_INTERRUPTED, RESULT, SPEC
 
 RUNS, CORPORA, SWEEP_FILE = "runs", "corpora", "sweep.json"
+# The command that trains one run (a module-level name so a test can put a stand-in in its place).
+WORKER = (sys.executable, "-m", "engram.science.worker")
 
 
 def default_jobs(mem_gib_per_run: float = 4.0) -> int:
@@ -193,13 +197,18 @@ def execute(sweep_dir: str | Path, *, jobs: int | None = None, out=print, max_ru
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     running: list[tuple[str, Path, subprocess.Popen, float]] = []
     failed = 0
+    # Ctrl-C reaches the sweep alone: each worker runs in a session of its own, so the terminal's SIGINT does
+    # not hit it beside the one the sweep forwards (two would stop it at once, past its checkpoint). A
+    # SIGTERM to the sweep stops it the same way.
+    own_session = os.name == "posix"
+    prev_term = _on_sigterm_interrupt()
     try:
         while todo or running:
             while todo and len(running) < jobs:
                 name, d = todo.pop(0)
                 log = open(d / "worker.log", "a")
-                p = subprocess.Popen([sys.executable, "-m", "engram.science.worker", str(d)], stdout=log,
-                                     stderr=subprocess.STDOUT, env=env)
+                p = subprocess.Popen([*WORKER, str(d)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=own_session)
                 log.close()
                 running.append((name, d, p, time.time()))
                 out(f"  started {name} ({d.name})")
@@ -212,19 +221,54 @@ def execute(sweep_dir: str | Path, *, jobs: int | None = None, out=print, max_ru
                 if p.returncode == 0 and (d / RESULT).is_file():  # the worker writes no result without a loss
                     res = json.loads((d / RESULT).read_text())
                     out(f"  done {name}: val loss {res['val_loss']:.4f} ({(time.time() - t0) / 60:.1f} min)")
+                    continue
+                failed += 1
+                if p.returncode == EXIT_INTERRUPTED:
+                    out(f"  stopped {name}: interrupted from outside the sweep; it resumes on the next sweep")
+                elif p.returncode == EXIT_BUSY:
+                    out(f"  skipped {name}: another process is training it")
                 else:
-                    failed += 1
                     out(f"  FAILED {name} (exit {p.returncode}); see {d / 'worker.log'}")
     except KeyboardInterrupt:
-        for _, _, p, _ in running:
-            p.send_signal(2)  # each worker checkpoints and stops (a second Ctrl-C stops at once)
-        for _, _, p, _ in running:
-            p.wait()
-        out("interrupted: run the same command again to continue")
+        _stop_workers(running, out)
         raise
+    finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
     st = status(sweep_dir)
     out(f"{sweep_dir.name}: {len(st['done'])} of {len(rec['runs'])} run entries done")
     return failed + len(st["started"]) + len(st["pending"]) if max_runs is None else failed
+
+
+def _on_sigterm_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt (in the main thread); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _stop_workers(running, out) -> None:
+    """One SIGINT per worker: it checkpoints and stops. Interrupted again while waiting, a second one
+    stops them at once (their newest checkpoint still resumes)."""
+    if running:
+        out(f"  stopping {len(running)} run(s) at their next step (they checkpoint first; interrupt again to "
+            "stop them at once)")
+    for _, _, p, _ in running:
+        p.send_signal(signal.SIGINT)
+    try:
+        for _, _, p, _ in running:
+            p.wait()
+    except KeyboardInterrupt:
+        for _, _, p, _ in running:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for _, _, p, _ in running:
+            p.wait()
+    out("interrupted: run the same command again to continue")
 
 
 def _warm_data(rec: dict, out) -> None:

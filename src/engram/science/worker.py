@@ -103,20 +103,31 @@ def gate_stats(model, batches, max_batches: int = 8) -> dict:
     return out
 
 
+# The worker's exit status says why a run did not finish, so the sweep can say it too.
+EXIT_INTERRUPTED, EXIT_BUSY = 3, 4
+
+
 def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
-    """Train, measure and record the run in ``run_dir``; its result (None if another process holds it)."""
+    """Train, measure and record the run in ``run_dir``; its result (None if interrupted, or if another
+    process holds it)."""
+    return _run(run_dir, progress)[1]
+
+
+def _run(run_dir: str | Path, progress: bool) -> tuple[str, dict | None]:
+    """``("done", result)``, ``("interrupted", None)`` or ``("busy", None)`` (another process trains it)."""
     from engram.train.config import RunConfig
     from engram.train.trainer import Trainer, prepare_run_data
 
     run_dir = Path(run_dir)
     if (run_dir / RESULT).is_file():
-        return json.loads((run_dir / RESULT).read_text())
+        return "done", json.loads((run_dir / RESULT).read_text())
     spec = json.loads((run_dir / SPEC).read_text())
     lock = open(run_dir / LOCK, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return None
+        lock.close()
+        return "busy", None
     try:
         cfg = RunConfig.from_dict(spec["config"])
         torch.set_num_threads(max(1, cfg.train.threads))
@@ -128,7 +139,7 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
         trainer = Trainer(None if resume else cfg, run_dir, resume=resume, data=data, progress=progress)
         res = trainer.train()
         if res.status != "finished":
-            return None
+            return "interrupted", None
         if res.val_loss is None:  # a result is its validation loss: never write one without it
             raise RuntimeError(f"{run_dir}: training finished without a validation loss")
         usage = table_usage(trainer.model, trainer.sampler, trainer.cfg.train.steps)
@@ -142,7 +153,7 @@ def run(run_dir: str | Path, *, progress: bool = False) -> dict | None:
             shutil.rmtree(run_dir / "model", ignore_errors=True)
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # a finished run never resumes
         write_json_atomic(run_dir / RESULT, result)
-        return result
+        return "done", result
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
@@ -164,10 +175,13 @@ def main(argv=None) -> int:
     threads = os.environ.get("ENGRAM_SWEEP_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    res = run(args.run_dir, progress=args.progress)
+    state, res = _run(args.run_dir, args.progress)
+    if state == "busy":
+        print(f"{args.run_dir}: another process is training this run", file=sys.stderr)
+        return EXIT_BUSY
     if res is None:
-        print(f"{args.run_dir}: not finished (interrupted, or trained by another process)", file=sys.stderr)
-        return 1
+        print(f"{args.run_dir}: interrupted; its checkpoint resumes on the next sweep", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps({"run": str(args.run_dir), "val_loss": res["val_loss"]}))
     return 0
 
