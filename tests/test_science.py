@@ -240,6 +240,7 @@ def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, mo
     assert res_b["threads"] == grids.SWEEP_THREADS and not (run_b / "ckpt").exists()
     assert res_b["table_usage"]["rows_touched_per_step"] > 0 and res_b["gates"]
     assert 0 < res_b["cpu_s"] and 0 < res_b["wall_s"]
+    assert 0 < res_b["start_step"] == tr.step < 6  # its times cover the resumed attempt only, and it says so
 
     # The resumed run ends where an uninterrupted one does.
     clean = tmp_path / "clean"

@@ -137,6 +137,7 @@ def _run(run_dir: str | Path, progress: bool) -> tuple[str, dict | None]:
         data = prepare_run_data(cfg)
         resume = (run_dir / "config.json").is_file()
         trainer = Trainer(None if resume else cfg, run_dir, resume=resume, data=data, progress=progress)
+        start_step = trainer.step  # > 0 for a resumed attempt: its wall_s and cpu_s cover only the rest
         res = trainer.train()
         if res.status != "finished":
             return "interrupted", None
@@ -147,7 +148,7 @@ def _run(run_dir: str | Path, progress: bool) -> tuple[str, dict | None]:
         result = {"format": "engram-sweep-run-1", "name": spec.get("name"), "val_loss": res.val_loss,
                   "tokens": res.tokens, "steps": res.step, "tokens_per_s": res.tokens_per_s,
                   "params": res.params, "threads": torch.get_num_threads(), "wall_s": time.time() - t0,
-                  "cpu_s": time.process_time() - c0, "table_usage": usage, "gates": gates,
+                  "cpu_s": time.process_time() - c0, "start_step": start_step, "table_usage": usage, "gates": gates,
                   "data": _data_facts(trainer)}
         if not spec.get("keep_model", False):
             shutil.rmtree(run_dir / "model", ignore_errors=True)
