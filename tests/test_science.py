@@ -207,6 +207,23 @@ def test_sweep_overrides_reach_every_run_and_get_their_own_folder(tmp_path, monk
     assert f"pending: {len(quick)}" in capsys.readouterr().out
 
 
+def test_a_sweep_planned_again_with_other_seeds_keeps_every_run_it_had(tmp_path, monkeypatch):
+    """``--seeds 1`` after ``--seeds 0`` adds seed 1 to the record and drops nothing; the command shown is
+    one that plans every run."""
+    monkeypatch.chdir(tmp_path)
+    quiet = lambda *_: None  # noqa: E731
+    d, s0 = plan("sci", "alloc", "tiny", seeds=[0], command="engram sweep alloc --seeds 0", out=quiet)
+    _, s1 = plan("sci", "alloc", "tiny", seeds=[1], command="engram sweep alloc --seeds 1", out=quiet)
+    rec = json.loads((d / "sweep.json").read_text())
+    assert sorted(r["run"].split("/")[-1] for r in rec["runs"]) == sorted(s.run_id for s in s0 + s1)
+    assert rec["seeds"] == [0, 1] and rec["command"] == "engram sweep alloc --seeds 0"
+    assert rec["commands"] == ["engram sweep alloc --seeds 0", "engram sweep alloc --seeds 1"]
+    _, s01 = plan("sci", "alloc", "tiny", seeds=[0, 1], command="engram sweep alloc --seeds 0 1", out=quiet)
+    rec = json.loads((d / "sweep.json").read_text())
+    assert len(rec["runs"]) == len(s01) and rec["command"] == "engram sweep alloc --seeds 0 1"
+    assert {r["name"] for r in rec["runs"]} == {s.name for s in s01}
+
+
 @pytest.mark.slow
 def test_sweep_skips_done_and_resumes_interrupted_runs(tmp_path, make_corpus, monkeypatch):
     from engram.train.config import RunConfig

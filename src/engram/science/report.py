@@ -117,7 +117,8 @@ def section(rec: dict, out_dir: Path) -> str:
     on = f", {Path(rec['data'][0]).name}" if rec.get("data") else ""
     on += "".join(f", {ov}" for ov in rec.get("overrides") or ())  # a sweep with --set is told apart by its title
     head = [f"## {TITLES.get(exp, exp)} ({rec['preset']}{on})", "",
-            f"- command: `{rec['command']}`",
+            f"- command: `{rec['command']}`" + "".join(
+                f"; also `{c}`" for c in rec.get("commands") or () if c != rec["command"]),
             f"- git SHA: `{rec.get('git_sha_first') or rec.get('git_sha')}` (sweep planned {rec.get('created')})",
             f"- data: {', '.join(rec['data']) if rec.get('data') else 'the Python standard library source (default)'}"
             + (f"; prose: {', '.join(rec['prose'])}" if rec.get("prose") else ""),

@@ -142,7 +142,17 @@ def plan(root: str | Path, experiment: str, preset: str, *, seeds=None, data=Non
     if old.is_file():
         prev = json.loads(old.read_text())
         record["created"] = prev.get("created", record["created"])
-        record["command"] = prev.get("command", record["command"])  # the command that planned the sweep
+        # Runs an earlier command planned and this one does not (its other seeds) stay in the record.
+        planned = {r["run"] for r in record["runs"]}
+        record["runs"] += [r for r in prev.get("runs", []) if r["run"] not in planned]
+        prev_seeds = set(prev.get("seeds", []))
+        # The command shown is one that plans every run: a later one planning all the earlier seeds (say,
+        # --seeds 0 1 after --seeds 0) replaces the first; else the first stays, and each is listed.
+        if not prev_seeds <= set(record["seeds"]) or command is None:
+            record["command"] = prev.get("command", record["command"])
+        record["seeds"] = sorted(prev_seeds | set(record["seeds"]))
+        cmds = prev.get("commands", [prev.get("command")])
+        record["commands"] = [c for c in cmds if c] + ([command] if command and command not in cmds else [])
         record["git_sha_first"] = prev.get("git_sha_first", prev.get("git_sha"))
     write_json_atomic(old, record)
     return sweep_dir, specs
