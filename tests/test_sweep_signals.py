@@ -32,7 +32,10 @@ FAKE_WORKER = textwrap.dedent("""
 """)
 
 DRIVER = textwrap.dedent("""
-    import sys
+    import signal, sys
+    # Python's own Ctrl-C handler, as in a terminal: a test runner started in the background (nohup, `&`)
+    # hands its children SIGINT ignored, and Python then keeps it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import engram.science.sweep as S
     S.WORKER = (sys.executable, sys.argv[2])
     S._warm_data = lambda rec, out: None  # the stand-ins read no corpus
