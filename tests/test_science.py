@@ -392,6 +392,15 @@ def test_verdicts_need_two_standard_errors():
     assert fit["slope"] == pytest.approx(-0.1) and fit["r2"] == pytest.approx(1.0)
 
 
+def test_a_gain_trend_is_called_only_outside_its_interval():
+    x = [0.0, 1.0, 2.0, 3.0]
+    assert "the gain widens with tokens (-0.0500" in verdicts._trend(x, [-0.1, -0.15, -0.2, -0.25])
+    assert "the gain narrows" in verdicts._trend(x, [-0.25, -0.2, -0.15, -0.1])
+    # the token sweep's default corpus against the prior-started baseline: -0.001 nats per doubling is no trend
+    assert "no trend with tokens resolved" in verdicts._trend(x, [-0.171, -0.134, -0.1625, -0.1651])
+    assert "no trend judged" in verdicts._trend(x[:2], [-0.1, -0.2]) and verdicts._trend(x[:1], [-0.1]) == ""
+
+
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     from engram.config import UserError
 

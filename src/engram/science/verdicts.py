@@ -196,6 +196,22 @@ def token_gains(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _trend(doublings: list[float], gains: list[float]) -> str:
+    """The gain's slope per doubling of tokens, called a widening or a narrowing only when it is outside its
+    95% interval (the fit's residuals over the budgets; three budgets at least)."""
+    if len(gains) < 2:
+        return ""
+    x, y = np.asarray(doublings), np.asarray(gains)
+    slope, icept = np.polyfit(x, y, 1)
+    if len(y) < 3:
+        return f"; slope {slope:+.4f} nats per doubling of tokens (two budgets: no trend judged)"
+    resid = y - (icept + slope * x)
+    se = math.sqrt(float(resid @ resid) / (len(y) - 2) / float(((x - x.mean()) ** 2).sum()))
+    if abs(slope) <= t95(len(y) - 2) * se:
+        return f"; no trend with tokens resolved ({slope:+.4f} ± {se:.4f} nats per doubling)"
+    return f"; the gain {'widens' if slope < 0 else 'narrows'} with tokens ({slope:+.4f} ± {se:.4f} nats per doubling)"
+
+
 def tokens(gains: list[dict]) -> str:
     out = []
     for corpus in sorted({g["corpus"] for g in gains}):
@@ -207,11 +223,7 @@ def tokens(gains: list[dict]) -> str:
             parts.append(f"{tokens_str(g['tokens'])}: {g['gain']:+.4f} ({verdict})")
         first = next((g for g in gs if g["n"] > 1 and g["gain"] < -t95(g["n"] - 1) * g["sd"] / math.sqrt(g["n"])),
                      None)
-        trend = ""
-        if len(gs) >= 2:
-            slope = np.polyfit([math.log(g["tokens"]) for g in gs], [g["gain"] for g in gs], 1)[0]
-            trend = (f"; the gain {'widens' if slope < 0 else 'narrows'} with tokens "
-                     f"({slope * math.log(2):+.4f} nats per doubling)")
+        trend = _trend([math.log2(g["tokens"]) for g in gs], [g["gain"] for g in gs])
         out.append(f"{corpus} corpus: " + "; ".join(parts) + trend + (
             f"; memory first pays (resolved) at {tokens_str(first['tokens'])} tokens." if first else
             "; never resolved in Engram's favour over these budgets."))
