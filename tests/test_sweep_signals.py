@@ -101,3 +101,23 @@ def test_the_cli_ends_an_interrupted_sweep_with_status_130_and_no_traceback(monk
     assert main(["sweep", "tokens", "--out", str(tmp_path)]) == 130
     out = capsys.readouterr()
     assert "run the same command again" in out.out and "Traceback" not in out.out + out.err
+
+
+def test_a_worker_listens_to_sigint_even_when_started_with_it_ignored(monkeypatch, tmp_path):
+    """A sweep run in the background hands its workers SIGINT ignored; a worker restores Python's handler
+    first, so a stop asked for during its start-up ends it as interrupted instead of being lost."""
+    from engram.science import worker
+
+    seen = []
+
+    def interrupted_during_start_up(run_dir, progress):
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "_run", interrupted_during_start_up)
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert worker.main([str(tmp_path)]) == worker.EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    assert seen == [signal.default_int_handler]

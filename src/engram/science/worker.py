@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,15 @@ def main(argv=None) -> int:
     threads = os.environ.get("ENGRAM_SWEEP_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    state, res = _run(args.run_dir, args.progress)
+    # The sweep stops a worker with SIGINT. A sweep started in the background hands its children SIGINT
+    # ignored, and Python keeps it so: restore the handler, or a SIGINT sent before the trainer installs its
+    # own (during start-up) would be lost and the run trained to its end.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        state, res = _run(args.run_dir, args.progress)
+    except KeyboardInterrupt:  # before training began, or a second SIGINT: the newest checkpoint resumes
+        print(f"{args.run_dir}: interrupted; its checkpoint resumes on the next sweep", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if state == "busy":
         print(f"{args.run_dir}: another process is training this run", file=sys.stderr)
         return EXIT_BUSY
