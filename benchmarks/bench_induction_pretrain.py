@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from engram.data import prepare_data
 from engram.model import EngramLM
 from engram.train.config import run_preset
+from engram.train.loop import lr_at
 
 from common import emit, machine_info
 
@@ -130,11 +130,8 @@ def main() -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95))
 
-    def lr_at(step: int) -> float:  # the demo preset's schedule: linear warmup, cosine to 10%
-        if step < WARMUP:
-            return a.lr * (step + 1) / WARMUP
-        p = (step - WARMUP) / max(1, a.steps - WARMUP)
-        return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    # The trainer's schedule under the demo preset's warmup and floor (linear warmup, cosine to 10%).
+    schedule = dataclasses.replace(run_preset("demo").train, steps=a.steps, lr=a.lr, warmup_steps=WARMUP)
 
     rng = np.random.default_rng(a.seed)
     curve, t0 = {}, time.perf_counter()
@@ -147,7 +144,7 @@ def main() -> None:
         x_BT, y_BT, _ = rows(rng, train, a.batch, int(round(a.copy * a.batch)), alphabet=a.alphabet and step % 2 == 0)
         loss = model(x_BT, y_BT).loss
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
