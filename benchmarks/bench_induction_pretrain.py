@@ -136,7 +136,7 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     curve, t0 = {}, time.perf_counter()
     for step in range(a.steps + 1):
-        if step % 25 == 0:
+        if step % 25 == 0 or step == a.steps:
             curve[step] = evaluate()
             print(step, curve[step], round(time.perf_counter() - t0), flush=True)
         if step == a.steps:
